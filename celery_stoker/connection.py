@@ -1,0 +1,107 @@
+"""Redis clients from Celery-style URLs, and URL masking for logs.
+
+One place turns a ``stoker_url`` (``redis://``, ``rediss://``, ``unix://`` or a
+``sentinel://`` list in Celery's broker-URL form) into a :class:`redis.Redis`
+client, so the lease, the activators and the command line all connect the same
+way.  It knows nothing of Celery: the settings module hands it a URL and the
+transport options.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import redis
+from redis.sentinel import Sentinel
+
+REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")
+
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@;]*:)(?P<secret>[^@/;]+)(?=@)", re.I)
+
+
+def mask_url(url: str | None) -> str:
+    """Return ``url`` with every password replaced by ``***``; safe for any log line."""
+    if not url:
+        return str(url)
+    masked = _PASSWORD_IN_URL.sub(lambda m: m.group("head") + "***", url)
+    return re.sub(r"(?i)([?&]password=)[^&;]*", r"\1***", masked)
+
+
+def url_scheme(url: str) -> str:
+    """The scheme of ``url`` in lower case (``''`` when it has none)."""
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def is_redis_url(url: str) -> bool:
+    """True when ``url`` names a Redis server (or a Sentinel group) this package can use."""
+    return url_scheme(url) in REDIS_SCHEMES
+
+
+def redis_client(
+    url: str,
+    *,
+    transport_options: Mapping[str, Any] | None = None,
+    socket_timeout: float | None = None,
+    socket_connect_timeout: float | None = None,
+) -> redis.Redis:
+    """A client for ``url``; ``sentinel://`` URLs resolve the master through Sentinel.
+
+    ``socket_timeout`` bounds every command: a lease holder must learn that
+    Redis is unreachable before its lease could be handed to someone else, so
+    it may never block longer than its validity allows.
+    """
+    options = dict(transport_options or {})
+    timeouts: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_connect_timeout or socket_timeout,
+    }
+    if url_scheme(url) == "sentinel":
+        return _sentinel_client(url, options, timeouts)
+    if not is_redis_url(url):
+        raise ValueError(
+            f"{mask_url(url)!r} is not a Redis URL: use redis://, rediss://, unix:// or sentinel://"
+        )
+    return redis.Redis.from_url(url, **timeouts)
+
+
+def _sentinel_client(url: str, options: dict[str, Any], timeouts: dict[str, Any]) -> redis.Redis:
+    """Resolve the master of a ``sentinel://h1:26379;sentinel://h2:26379/0`` group."""
+    master_name = options.get("master_name")
+    if not master_name:
+        raise ValueError(
+            f"{mask_url(url)!r} is a sentinel:// URL but no master_name was given: set "
+            "stoker_transport_options = {'master_name': '...'} (or broker_transport_options "
+            "when the broker is the same Sentinel group)"
+        )
+    sentinels: list[tuple[str, int]] = []
+    username = password = None
+    db = 0
+    for part in url.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        split = urlsplit(part)
+        sentinels.append((split.hostname or "127.0.0.1", split.port or 26379))
+        username = username or (unquote(split.username) if split.username else None)
+        password = password or (unquote(split.password) if split.password else None)
+        if split.path.strip("/").isdigit():
+            db = int(split.path.strip("/"))
+        query = dict(parse_qsl(split.query))
+        if "db" in query and query["db"].isdigit():
+            db = int(query["db"])
+    master_kwargs: dict[str, Any] = {"db": db, **timeouts}
+    if username:
+        master_kwargs["username"] = username
+    if password:
+        master_kwargs["password"] = password
+    sentinel_kwargs = options.get("sentinel_kwargs") or {}
+    sentinel = Sentinel(
+        sentinels,
+        min_other_sentinels=options.get("min_other_sentinels", 0),
+        sentinel_kwargs={**timeouts, **sentinel_kwargs},
+        **{k: v for k, v in timeouts.items() if v is not None},
+    )
+    return sentinel.master_for(str(master_name), redis_class=redis.Redis, **master_kwargs)

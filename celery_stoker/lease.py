@@ -1,0 +1,454 @@
+"""The fenced lease in Redis: acquire, renew, release, observe, and wait for a release.
+
+This module knows nothing of Celery.  One lease exists per name; its holder is
+the leader.  The design follows client-go's ``leaderelection`` and the usual
+Redis lock recipe, with two additions that make it safe to act on:
+
+* **Fencing tokens.**  Every term gets a token greater than every earlier one.
+  The counter lives in Redis next to the lease; when Redis has lost it (a
+  restart without persistence), the new counter starts above both the highest
+  token the caller has seen and the server's clock in milliseconds, so a term
+  after the restart still outranks every term before it.
+* **Holder-side validity on a monotonic clock.**  The holder counts its lease
+  from *before* it sent the command that set or renewed it, minus a drift
+  allowance, so its own view always ends before Redis can hand the lease to
+  anyone else.
+
+Waiting is cheap: a waiter blocks on a pub/sub message that ``release`` sends,
+and otherwise wakes only when the lease it saw would expire.  It sends one
+command per lease period and none in between.
+
+What it does not promise (as client-go says of itself): a process paused longer
+than its remaining validity (a GC or VM stall) may act after its lease ended;
+the fencing token is what lets a downstream system refuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+#: Fraction of the TTL (plus a fixed part) a holder gives up to cover clock-rate
+#: drift between its machine and the Redis server, as in the Redlock analysis.
+CLOCK_DRIFT_FACTOR = 0.01
+CLOCK_DRIFT_FIXED = 0.002
+#: How long past a lease's expiry a waiter wakes, so its attempt arrives after it.
+WAKE_MARGIN = 0.005
+
+_ACQUIRE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  return {0, current, redis.call('PTTL', KEYS[1])}
+end
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local floor = tonumber(ARGV[4])
+local token
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  token = math.max(floor, now_ms) + 1
+  redis.call('SET', KEYS[2], string.format('%d', token))
+else
+  token = redis.call('INCR', KEYS[2])
+  if token <= floor then
+    token = floor + 1
+    redis.call('SET', KEYS[2], string.format('%d', token))
+  end
+end
+local value = string.format('{"v":1,"token":%d,"since":%d,"holder":%s,"host":%s}',
+  token, now_ms, cjson.encode(ARGV[1]), cjson.encode(ARGV[2]))
+redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+return {1, value, tonumber(ARGV[3])}
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+_OBSERVE = """
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+"""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease, as Redis says at one moment.
+
+    ``foreign`` is true when the key holds a value this package did not write;
+    then only ``raw`` and ``ttl_left`` mean anything.
+    """
+
+    hostname: str | None
+    holder_id: str | None
+    token: int | None
+    since: float | None
+    ttl_left: float | None
+    raw: bytes
+    foreign: bool = False
+
+    @classmethod
+    def parse(cls, raw: bytes, pttl_ms: int | None) -> Holder:
+        """Read a lease value; never raises, a foreign value is flagged instead."""
+        ttl_left = pttl_ms / 1000.0 if pttl_ms is not None and pttl_ms >= 0 else None
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict) or data.get("v") != 1:
+                raise ValueError("not a celery-stoker lease")
+            return cls(
+                hostname=str(data["host"]),
+                holder_id=str(data["holder"]),
+                token=int(data["token"]),
+                since=int(data["since"]) / 1000.0,
+                ttl_left=ttl_left,
+                raw=raw,
+            )
+        except (ValueError, KeyError, TypeError):
+            return cls(None, None, None, None, ttl_left, raw, foreign=True)
+
+    @classmethod
+    def foreign_error(cls, exc: Exception) -> Holder:
+        """A holder standing for a key Redis could not even read as ours (wrong type)."""
+        return cls(None, None, None, None, None, f"<{exc}>".encode(), foreign=True)
+
+
+def _is_foreign_data_error(exc: redis.ResponseError) -> bool:
+    """True when Redis refused because a key holds a value of someone else's making."""
+    text = str(exc)
+    return "WRONGTYPE" in text or "not an integer" in text
+
+
+@dataclass
+class Term:
+    """One holder's tenure: the token, the exact value written, and how long it is valid.
+
+    ``valid_until`` is on :func:`time.monotonic`; the holder may act only while
+    ``time.monotonic() < valid_until``.
+    """
+
+    token: int
+    value: str
+    valid_until: float
+
+    def time_left(self) -> float:
+        """Seconds of validity left on this holder's own clock (negative once over)."""
+        return self.valid_until - time.monotonic()
+
+    def is_valid(self) -> bool:
+        """True while the holder may still act on this term."""
+        return self.time_left() > 0
+
+
+@dataclass(frozen=True)
+class AcquireResult:
+    """What an acquire attempt found: our new term, or the current holder."""
+
+    term: Term | None
+    holder: Holder | None
+
+
+class Lease(Protocol):
+    """The seam a different store (RabbitMQ, Postgres) could implement later."""
+
+    name: str
+
+    def acquire(self, min_token: int = 0) -> AcquireResult: ...
+    def renew(self, term: Term) -> bool: ...
+    def release(self, term: Term) -> bool: ...
+    def holder(self) -> Holder | None: ...
+    def wait(self, timeout: float) -> bool: ...
+
+
+def validity(ttl: float) -> float:
+    """How long a holder may act after sending a set/renew command with this TTL."""
+    return ttl - ttl * CLOCK_DRIFT_FACTOR - CLOCK_DRIFT_FIXED
+
+
+def lease_key(prefix: str, name: str) -> str:
+    """The key of ``name``'s lease; braces keep one Stoker's keys in one Cluster slot."""
+    return f"{prefix}:{{{name}}}:lease"
+
+
+def token_key(prefix: str, name: str) -> str:
+    """The key of ``name``'s fencing-token counter (never expires)."""
+    return f"{prefix}:{{{name}}}:token"
+
+
+def release_channel(prefix: str) -> str:
+    """The pub/sub channel every release under ``prefix`` is announced on."""
+    return f"{prefix}:released"
+
+
+class ReleaseListener:
+    """One pub/sub connection that wakes every local waiter when a lease is released.
+
+    A worker runs one of these per key prefix, whatever the number of leases:
+    releases are rare, so one shared channel carrying the lease name costs less
+    than a subscription per lease.  If the connection drops, waiters still wake
+    at the expiry they observed; the listener reconnects with backoff.
+    """
+
+    def __init__(
+        self,
+        client_factory: Callable[[], redis.Redis],
+        channel: str,
+        *,
+        thread_name: str = "stoker-release-listener",
+    ) -> None:
+        self._client_factory = client_factory
+        self.channel = channel
+        self._thread_name = thread_name
+        self._waiters: dict[str, set[threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._subscribed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, wait_subscribed: float = 1.0) -> None:
+        """Start listening; wait up to ``wait_subscribed`` for the subscription to be live."""
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
+        self._thread.start()
+        self._subscribed.wait(wait_subscribed)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread and close its connection."""
+        self._stopping.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    @property
+    def subscribed(self) -> bool:
+        """True while the subscription is live (a release now wakes waiters at once)."""
+        return self._subscribed.is_set()
+
+    def register(self, name: str, event: threading.Event) -> None:
+        """Set ``event`` whenever the lease called ``name`` is released."""
+        with self._lock:
+            self._waiters.setdefault(name, set()).add(event)
+
+    def unregister(self, name: str, event: threading.Event) -> None:
+        """Stop waking ``event`` for ``name``."""
+        with self._lock:
+            self._waiters.get(name, set()).discard(event)
+
+    def _wake(self, name: str) -> None:
+        with self._lock:
+            events = list(self._waiters.get(name, ()))
+        for event in events:
+            event.set()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            events = [e for group in self._waiters.values() for e in group]
+        for event in events:
+            event.set()
+
+    def _run(self) -> None:
+        backoff = 0.05
+        logged_down = False
+        while not self._stopping.is_set():
+            pubsub = None
+            try:
+                pubsub = self._client_factory().pubsub(ignore_subscribe_messages=False)
+                pubsub.subscribe(self.channel)
+                while not self._stopping.is_set():
+                    message = pubsub.get_message(timeout=0.25)
+                    if message is None:
+                        continue
+                    if message["type"] == "subscribe":
+                        self._subscribed.set()
+                        if logged_down:
+                            logger.info("release listener on %s is back", self.channel)
+                            logged_down = False
+                        backoff = 0.05
+                        # Anything released while we were away: let waiters look again.
+                        self._wake_all()
+                    elif message["type"] == "message":
+                        data = message["data"]
+                        self._wake(data.decode() if isinstance(data, bytes) else str(data))
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                self._subscribed.clear()
+                if not logged_down:
+                    logger.warning(
+                        "release listener lost Redis (%s); waiters fall back to lease expiry "
+                        "until it is back",
+                        exc.__class__.__name__,
+                    )
+                    logged_down = True
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:  # noqa: BLE001 - closing a broken socket
+                        pass
+        self._subscribed.clear()
+
+
+class RedisLease:
+    """A fenced lease for one ``name`` in one Redis, held by one ``holder_id``.
+
+    Thread-safe for one caller at a time per method; an activator drives it from
+    its own thread.  ``listener`` makes :meth:`wait` wake on releases; without
+    one, :meth:`wait` simply sleeps its timeout.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        name: str,
+        *,
+        holder_id: str,
+        hostname: str,
+        ttl: float,
+        key_prefix: str = "stoker",
+        listener: ReleaseListener | None = None,
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.holder_id = holder_id
+        self.hostname = hostname
+        self.ttl = ttl
+        self.key_prefix = key_prefix
+        self.lease_key = lease_key(key_prefix, name)
+        self.token_key = token_key(key_prefix, name)
+        self.channel = release_channel(key_prefix)
+        self._ttl_ms = max(1, round(ttl * 1000))
+        self._listener = listener
+        self._woken = threading.Event()
+        if listener is not None:
+            listener.register(name, self._woken)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._observe = client.register_script(_OBSERVE)
+
+    def close(self) -> None:
+        """Stop being woken by the listener (the client is the caller's to close)."""
+        if self._listener is not None:
+            self._listener.unregister(self.name, self._woken)
+
+    def acquire(self, min_token: int = 0) -> AcquireResult:
+        """Take the lease if nobody holds it.
+
+        ``min_token`` is the highest token the caller has seen; a new term's
+        token is above it even when Redis lost its counter.  Arms :meth:`wait`
+        before asking, so a release that lands between this call and the wait
+        is not missed.
+        """
+        self._woken.clear()
+        started = time.monotonic()
+        try:
+            ok, raw, pttl = self._acquire(
+                keys=[self.lease_key, self.token_key],
+                args=[self.holder_id, self.hostname, self._ttl_ms, int(min_token)],
+            )
+        except redis.ResponseError as exc:
+            if not _is_foreign_data_error(exc):
+                raise
+            return AcquireResult(None, Holder.foreign_error(exc))
+        raw_bytes = raw if isinstance(raw, bytes) else str(raw).encode()
+        holder = Holder.parse(raw_bytes, int(pttl))
+        if int(ok) == 1 and holder.token is not None:
+            value = raw_bytes.decode()
+            return AcquireResult(Term(holder.token, value, started + validity(self.ttl)), holder)
+        return AcquireResult(None, holder)
+
+    def renew(self, term: Term) -> bool:
+        """Extend ``term``; False if the lease is no longer ours (then stop acting)."""
+        started = time.monotonic()
+        renewed = int(self._renew(keys=[self.lease_key], args=[term.value, self._ttl_ms]))
+        if renewed == 1:
+            term.valid_until = started + validity(self.ttl)
+            return True
+        return False
+
+    def release(self, term: Term) -> bool:
+        """Give the lease up and wake every waiter; False if it was not ours any more."""
+        term.valid_until = min(term.valid_until, time.monotonic())
+        released = self._release(keys=[self.lease_key], args=[term.value, self.channel, self.name])
+        return int(released) == 1
+
+    def holder(self) -> Holder | None:
+        """The current holder, or None when the lease is free."""
+        try:
+            raw, pttl = self._observe(keys=[self.lease_key])
+        except redis.ResponseError as exc:
+            if not _is_foreign_data_error(exc):
+                raise
+            return Holder.foreign_error(exc)
+        if raw is None:
+            return None
+        raw_bytes = raw if isinstance(raw, bytes) else str(raw).encode()
+        return Holder.parse(raw_bytes, int(pttl))
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a release of this lease is announced or ``timeout`` passes.
+
+        Returns True when woken by a release (or a listener reconnect).
+        """
+        if timeout <= 0:
+            return self._woken.is_set()
+        return self._woken.wait(timeout)
+
+    def wake(self) -> None:
+        """Interrupt a :meth:`wait` from another thread (used to stop an activator)."""
+        self._woken.set()
+
+    def wait_timeout(self, holder: Holder | None) -> float:
+        """How long a waiter that saw ``holder`` may sleep before trying again.
+
+        Until the observed lease would expire (plus a small margin); a lease
+        with no expiry (a foreign value) is looked at again after one TTL.
+        """
+        if holder is None:
+            return 0.0
+        if holder.ttl_left is None:
+            return self.ttl
+        return holder.ttl_left + WAKE_MARGIN
+
+
+def describe_holder(holder: Holder | None) -> dict[str, Any]:
+    """A JSON-friendly view of ``holder`` for dumps and logs."""
+    if holder is None:
+        return {"leader": None, "token": None, "since": None, "lease_time_left": None}
+    if holder.foreign:
+        return {
+            "leader": None,
+            "token": None,
+            "since": None,
+            "lease_time_left": holder.ttl_left,
+            "foreign_value": holder.raw[:80].decode(errors="replace"),
+        }
+    return {
+        "leader": holder.hostname,
+        "token": holder.token,
+        "since": holder.since,
+        "lease_time_left": holder.ttl_left,
+    }

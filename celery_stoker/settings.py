@@ -1,0 +1,160 @@
+"""The ``stoker_*`` Celery settings: defaults, validation and clear errors, in one place.
+
+Every knob is read from ``app.conf`` with one prefix (as RedBeat does), so a
+user configures the package in one block, and checked here once, at worker
+start, so that a bad value stops the worker with the setting's name, the value
+and the allowed range instead of failing later inside a thread.
+
+A Stoker may override ``lease_ttl``, ``renew_interval`` and ``key_prefix``;
+the overrides go through the same checks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery.exceptions import ImproperlyConfigured
+
+from .connection import is_redis_url, mask_url
+
+DEFAULT_LEASE_TTL = 10.0
+MIN_LEASE_TTL = 0.2
+MAX_LEASE_TTL = 3600.0
+DEFAULT_KEY_PREFIX = "stoker"
+_KEY_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+
+
+class StokerConfigurationError(ImproperlyConfigured):
+    """A ``stoker_*`` setting (or a Stoker's override of one) is missing or out of range."""
+
+
+@dataclass(frozen=True)
+class StokerSettings:
+    """The validated settings one activator runs with."""
+
+    url: str
+    lease_ttl: float = DEFAULT_LEASE_TTL
+    renew_interval: float = DEFAULT_LEASE_TTL / 3
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    transport_options: Mapping[str, Any] = field(default_factory=dict)
+    state_serializer: str = "json"
+
+    @property
+    def masked_url(self) -> str:
+        """The URL with its password hidden, for logs and status output."""
+        return mask_url(self.url)
+
+    @property
+    def socket_timeout(self) -> float:
+        """How long one Redis command may block an activator.
+
+        A holder renews ``renew_interval`` after its last renewal and must have
+        an answer before its lease runs out, ``lease_ttl - renew_interval``
+        later; a third of that leaves room for two more tries.
+        """
+        return max(0.05, (self.lease_ttl - self.renew_interval) / 3)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise StokerConfigurationError(
+            f"{name} must be a number of seconds, got {value!r} ({type(value).__name__})"
+        )
+    number = float(value)
+    if number != number or number in (float("inf"), float("-inf")):
+        raise StokerConfigurationError(f"{name} must be a finite number of seconds, got {value!r}")
+    return number
+
+
+def broker_url_of(conf: Any) -> str:
+    """The first URL of the app's write broker (Celery's default when none is set)."""
+    raw = conf.get("broker_write_url") or conf.get("broker_url") or "amqp://guest@localhost//"
+    if isinstance(raw, (list, tuple)):
+        raw = raw[0] if raw else ""
+    return str(raw)
+
+
+def resolve_url(conf: Any) -> tuple[str, dict[str, Any]]:
+    """``stoker_url`` and its transport options, falling back to a Redis broker."""
+    explicit = conf.get("stoker_url")
+    options = dict(conf.get("stoker_transport_options") or {})
+    if explicit:
+        url = str(explicit)
+        if not is_redis_url(url):
+            raise StokerConfigurationError(
+                f"stoker_url={mask_url(url)!r} is not a Redis URL: it must start with redis://, "
+                "rediss://, unix:// or sentinel://"
+            )
+        return url, options
+    broker = broker_url_of(conf)
+    if is_redis_url(broker):
+        broker_options = dict(conf.get("broker_transport_options") or {})
+        return broker, {**broker_options, **options}
+    raise StokerConfigurationError(
+        f"the broker {mask_url(broker)!r} is not Redis, so celery-stoker has no Redis to elect in: "
+        "set stoker_url = 'redis://host:6379/0' (any Redis the workers reach)"
+    )
+
+
+def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> StokerSettings:
+    """Read and check the ``stoker_*`` settings; ``overrides`` are a Stoker's own values.
+
+    Raises :class:`StokerConfigurationError` naming the setting, the value and the
+    allowed range.
+    """
+    overrides = dict(overrides or {})
+    unknown = set(overrides) - {"lease_ttl", "renew_interval", "key_prefix"}
+    if unknown:
+        raise StokerConfigurationError(
+            f"unknown Stoker option(s) {sorted(unknown)}: a Stoker may override lease_ttl, "
+            "renew_interval and key_prefix"
+        )
+    url, options = resolve_url(conf)
+
+    ttl_name = "lease_ttl" if "lease_ttl" in overrides else "stoker_lease_ttl"
+    ttl_value = overrides.get("lease_ttl", conf.get("stoker_lease_ttl"))
+    ttl = DEFAULT_LEASE_TTL if ttl_value is None else _number(ttl_name, ttl_value)
+    if not MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL:
+        raise StokerConfigurationError(
+            f"{ttl_name}={ttl_value!r} is out of range: it must be between {MIN_LEASE_TTL} and "
+            f"{MAX_LEASE_TTL:.0f} seconds"
+        )
+
+    renew_name = "renew_interval" if "renew_interval" in overrides else "stoker_renew_interval"
+    renew_value = overrides.get("renew_interval", conf.get("stoker_renew_interval"))
+    renew = ttl / 3 if renew_value is None else _number(renew_name, renew_value)
+    if not 0 < renew < ttl / 2:
+        raise StokerConfigurationError(
+            f"{renew_name}={renew_value!r} is out of range: it must be greater than 0 and less "
+            f"than half the lease TTL ({ttl:g} s / 2 = {ttl / 2:g} s), so a holder gets a "
+            "second try before its lease runs out"
+        )
+
+    prefix_name = "key_prefix" if "key_prefix" in overrides else "stoker_key_prefix"
+    prefix = overrides.get("key_prefix", conf.get("stoker_key_prefix")) or DEFAULT_KEY_PREFIX
+    if not isinstance(prefix, str) or not _KEY_PREFIX_PATTERN.match(prefix):
+        raise StokerConfigurationError(
+            f"{prefix_name}={prefix!r} is not a valid key prefix: use 1-64 characters from "
+            "letters, digits and _ . : / -"
+        )
+
+    serializer = conf.get("stoker_state_serializer") or "json"
+    from kombu.serialization import registry
+
+    if serializer not in registry._encoders:
+        raise StokerConfigurationError(
+            f"stoker_state_serializer={serializer!r} is not a registered kombu serializer: "
+            f"use one of {sorted(registry._encoders)}"
+        )
+
+    return StokerSettings(
+        url=url,
+        lease_ttl=ttl,
+        renew_interval=renew,
+        key_prefix=prefix,
+        transport_options=options,
+        state_serializer=serializer,
+    )
