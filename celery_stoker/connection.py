@@ -19,7 +19,9 @@ from redis.sentinel import Sentinel
 
 REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")
 
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@;]*:)(?P<secret>[^@/;]+)(?=@)", re.I)
+_PASSWORD_IN_URL = re.compile(
+    r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@;]*:)(?P<secret>[^@/;]+)(?=@)", re.I
+)
 
 
 def mask_url(url: str | None) -> str:

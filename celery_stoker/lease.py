@@ -25,6 +25,7 @@ the fencing token is what lets a downstream system refuse it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -304,10 +305,8 @@ class ReleaseListener:
                 backoff = min(backoff * 2, 2.0)
             finally:
                 if pubsub is not None:
-                    try:
+                    with contextlib.suppress(Exception):  # closing a broken socket
                         pubsub.close()
-                    except Exception:  # noqa: BLE001 - closing a broken socket
-                        pass
         self._subscribed.clear()
 
 
