@@ -105,6 +105,34 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
     Raises :class:`StokerConfigurationError` naming the setting, the value and the
     allowed range.
     """
+    url, options = resolve_url(conf)
+    ttl, renew, prefix = check_timing(conf, overrides)
+    serializer = conf.get("stoker_state_serializer") or "json"
+    from kombu.serialization import registry
+
+    if serializer not in registry._encoders:
+        raise StokerConfigurationError(
+            f"stoker_state_serializer={serializer!r} is not a registered kombu serializer: "
+            f"use one of {sorted(registry._encoders)}"
+        )
+    return StokerSettings(
+        url=url,
+        lease_ttl=ttl,
+        renew_interval=renew,
+        key_prefix=prefix,
+        transport_options=options,
+        state_serializer=serializer,
+    )
+
+
+def check_timing(
+    conf: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> tuple[float, float, str]:
+    """Check lease TTL, renew interval and key prefix; a Stoker's ``overrides`` win.
+
+    Needs no broker and no Redis, so ``@stoker(app, lease_ttl=...)`` can call it at
+    import time and a typo fails there, not at worker start.
+    """
     overrides = dict(overrides or {})
     unknown = set(overrides) - {"lease_ttl", "renew_interval", "key_prefix"}
     if unknown:
@@ -112,7 +140,6 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
             f"unknown Stoker option(s) {sorted(unknown)}: a Stoker may override lease_ttl, "
             "renew_interval and key_prefix"
         )
-    url, options = resolve_url(conf)
 
     ttl_name = "lease_ttl" if "lease_ttl" in overrides else "stoker_lease_ttl"
     ttl_value = overrides.get("lease_ttl", conf.get("stoker_lease_ttl"))
@@ -140,21 +167,4 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
             f"{prefix_name}={prefix!r} is not a valid key prefix: use 1-64 characters from "
             "letters, digits and _ . : / -"
         )
-
-    serializer = conf.get("stoker_state_serializer") or "json"
-    from kombu.serialization import registry
-
-    if serializer not in registry._encoders:
-        raise StokerConfigurationError(
-            f"stoker_state_serializer={serializer!r} is not a registered kombu serializer: "
-            f"use one of {sorted(registry._encoders)}"
-        )
-
-    return StokerSettings(
-        url=url,
-        lease_ttl=ttl,
-        renew_interval=renew,
-        key_prefix=prefix,
-        transport_options=options,
-        state_serializer=serializer,
-    )
+    return ttl, renew, prefix

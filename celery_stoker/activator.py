@@ -1,0 +1,508 @@
+"""One activator per (worker, Stoker): the follower/leader state machine.
+
+It is ``Stoker.Activator`` with a Redis lease in place of ``:global``:
+
+* **follower**: try the lease; if someone holds it, note who and wait until
+  that lease is released (woken at once) or would expire;
+* **leader**: renew every ``renew_interval``; raise ``now_leader`` first, then
+  ``cluster_change`` and ``timer`` events, sent one at a time to the pool;
+* **step down**: on a failed or late renewal (``lease_lost``) or a stop
+  (``worker_stopping``): stop sending events, run ``shutdown`` here, and
+  release the lease (when it is still ours) so a follower takes over at once.
+
+Two named threads per activator: ``stoker-lease:<name>`` runs the election and
+never waits on the broker or the pool, so renewals are never late because the
+worker is busy; ``stoker-events:<name>`` sends events and keeps the timer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from .dispatch import DISPATCH_TASK, EVENT_MESSAGE_EXPIRES, Outcome, run_event
+from .lease import Holder, RedisLease, ReleaseListener, Term
+from .settings import StokerSettings
+from .stoker import StokerSpec
+from .store import StokerStore, done_key
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger("celery_stoker.activator")
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Backoff while Redis is unreachable: first try, and the most between tries.
+BACKOFF_START = 0.05
+BACKOFF_MAX = 0.5
+#: Longest a stopping leader waits for the event already in the pool before it
+#: runs ``shutdown`` and releases.
+STOP_GRACE = 2.0
+#: Longest time an activator waits for one event's report before it moves on.
+EVENT_REPORT_TIMEOUT = 300.0
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
+
+
+@dataclass
+class PendingEvent:
+    """An event waiting to be sent: it belongs to the term whose token it carries."""
+
+    seq: int
+    token: int
+    event: str
+    reason: Any
+
+
+class Activator:
+    """Elects, holds and hands over the lease of one Stoker on one worker."""
+
+    def __init__(
+        self,
+        app: Celery,
+        spec: StokerSpec,
+        settings: StokerSettings,
+        *,
+        hostname: str,
+        queue_name: str,
+        listener: ReleaseListener | None,
+        members: Callable[[], frozenset[str]],
+        holder_id: str,
+    ) -> None:
+        self.app = app
+        self.spec = spec
+        self.name = spec.name
+        self.settings = settings
+        self.hostname = hostname
+        self.queue_name = queue_name
+        self._members = members
+        self.client = _client(settings, settings.socket_timeout)
+        # BLPOP blocks up to a second; its socket must wait longer than that.
+        self._report_client = _client(settings, settings.socket_timeout + 1.5)
+        self.lease = RedisLease(
+            self.client,
+            spec.name,
+            holder_id=holder_id,
+            hostname=hostname,
+            ttl=settings.lease_ttl,
+            key_prefix=settings.key_prefix,
+            listener=listener,
+        )
+        self.store = StokerStore(
+            self.client,
+            spec.name,
+            key_prefix=settings.key_prefix,
+            serializer=settings.state_serializer,
+        )
+        self.done_key = done_key(settings.key_prefix, spec.name, hostname)
+
+        # What dump() shows, as in the original's state map.
+        self.state = "unk"
+        self.created_at = time.time()
+        self.active_from: float | None = None
+        self.leader: str | None = None
+        self.leader_token: int | None = None
+        self.last_event: str | None = None
+        self.last_event_at: float | None = None
+        self.last_error: str | None = None
+        self.highest_token = 0
+        self.terms_won = 0
+
+        self._term: Term | None = None
+        self._stop = threading.Event()
+        self._stop_reason = "worker_stopping"
+        self._inbox: queue.Queue[PendingEvent | None] = queue.Queue()
+        self._seq = itertools.count(1)
+        self._idle = threading.Event()
+        self._idle.set()
+        self._redis_down_since: float | None = None
+        self._foreign_logged: bytes | None = None
+        self._threads: list[threading.Thread] = []
+
+    # ----------------------------------------------------------------- control
+
+    def start(self) -> None:
+        """Start the election and event threads."""
+        for target, role in ((self._run_election, "lease"), (self._run_events, "events")):
+            thread = threading.Thread(target=target, name=f"stoker-{role}:{self.name}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def request_stop(self, reason: str = "worker_stopping") -> None:
+        """Begin stepping down now, without waiting (safe from a signal handler)."""
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+            self.lease.wake()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Step down (release if leader) and stop both threads."""
+        self.request_stop(self._stop_reason)
+        deadline = time.monotonic() + timeout
+        lease_thread = self._threads[0] if self._threads else None
+        if lease_thread is not None:
+            lease_thread.join(max(0.0, deadline - time.monotonic()))
+        self._inbox.put(None)
+        self._wake_event_thread()
+        for thread in self._threads[1:]:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.lease.close()
+
+    @property
+    def is_leader(self) -> bool:
+        """True while this worker holds a lease it may act on."""
+        term = self._term
+        return term is not None and term.is_valid()
+
+    def on_cluster_change(self, node: str, change: str) -> None:
+        """A worker joined, left or was lost: the leader's Stoker hears of it."""
+        self._submit("cluster_change", {"node": node, "change": change})
+
+    def snapshot(self) -> dict[str, Any]:
+        """This activator's fields, as the original's ``dump/1`` shows them."""
+        term = self._term
+        return {
+            "name": self.name,
+            "state": self.state,
+            "current_node": self.hostname,
+            "created_at": _iso(self.created_at),
+            "active_from": _iso(self.active_from),
+            "leader": self.leader,
+            "token": term.token if term else self.leader_token,
+            "lease_time_left": round(term.time_left(), 3) if term else None,
+            "last_event": self.last_event,
+            "last_event_at": _iso(self.last_event_at),
+            "last_error": self.last_error,
+            "terms_won": self.terms_won,
+            "lease_ttl": self.settings.lease_ttl,
+            "renew_interval": self.settings.renew_interval,
+        }
+
+    # ---------------------------------------------------------------- election
+
+    def _run_election(self) -> None:
+        backoff = BACKOFF_START
+        while not self._stop.is_set():
+            try:
+                if self._term is None:
+                    self._follow()
+                else:
+                    self._hold()
+                backoff = BACKOFF_START
+                self._redis_back()
+            except REDIS_DOWN as exc:
+                self._redis_down(exc)
+                if (
+                    self._term is not None
+                    and self._term.time_left() <= self.settings.socket_timeout
+                ):
+                    self._step_down("lease_lost", release=False)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            except Exception:
+                logger.exception("Stoker %s: election loop error; retrying", self.name)
+                self._stop.wait(BACKOFF_MAX)
+        if self._term is not None:
+            self._step_down(self._stop_reason, release=True)
+        self.state = "unk"
+
+    def _follow(self) -> None:
+        result = self.lease.acquire(min_token=self.highest_token)
+        if result.term is not None:
+            self._become_leader(result.term)
+            return
+        holder = result.holder
+        self._note_holder(holder)
+        self.state = "follower"
+        self.lease.wait(self.lease.wait_timeout(holder))
+
+    def _note_holder(self, holder: Holder | None) -> None:
+        if holder is None:
+            return
+        if holder.foreign:
+            if holder.raw != self._foreign_logged:
+                logger.error(
+                    "Stoker %s: the lease key %s holds a value celery-stoker did not write "
+                    "(%r); no worker can lead until it expires or is deleted",
+                    self.name,
+                    self.lease.lease_key,
+                    holder.raw[:80],
+                )
+                self._foreign_logged = holder.raw
+            self.leader = None
+            return
+        self._foreign_logged = None
+        if holder.hostname != self.leader:
+            logger.info(
+                "Stoker %s: following %s (token %s)", self.name, holder.hostname, holder.token
+            )
+        self.leader = holder.hostname
+        self.leader_token = holder.token
+        self.highest_token = max(self.highest_token, holder.token or 0)
+
+    def _become_leader(self, term: Term) -> None:
+        self._term = term
+        self.highest_token = max(self.highest_token, term.token)
+        self.state = "leader"
+        self.leader = self.hostname
+        self.leader_token = term.token
+        self.active_from = time.time()
+        self.terms_won += 1
+        logger.warning(
+            "Stoker %s: %s became leader (token %d)", self.name, self.hostname, term.token
+        )
+        members = sorted(self._members())
+        self._record(
+            {
+                "leader": self.hostname,
+                "token": term.token,
+                "active_from": self.active_from,
+                "followers": [m for m in members if m != self.hostname],
+            },
+            transition={
+                "at": self.active_from,
+                "event": "elected",
+                "node": self.hostname,
+                "token": term.token,
+            },
+        )
+        self._submit("now_leader", None)
+
+    def _hold(self) -> None:
+        term = self._term
+        assert term is not None
+        renew_at = time.monotonic() + self.settings.renew_interval
+        while not self._stop.is_set():
+            left = term.time_left()
+            if left <= self.settings.socket_timeout:
+                # A renewal sent now might answer after our lease ends: stop acting first.
+                self._step_down("lease_lost", release=False)
+                return
+            now = time.monotonic()
+            if now >= renew_at:
+                break
+            self._stop.wait(min(renew_at - now, left - self.settings.socket_timeout))
+        if self._stop.is_set():
+            return
+        if not self.lease.renew(term):
+            self._step_down("lease_lost", release=False)
+
+    def _step_down(self, reason: str, *, release: bool) -> None:
+        """Stop acting on the current term: no more events, ``shutdown`` here, then release."""
+        term = self._term
+        if term is None:
+            return
+        self._term = None
+        self.state = "follower"
+        self.active_from = None
+        logger.warning("Stoker %s: %s steps down (%s)", self.name, self.hostname, reason)
+        if release:
+            # Let an event already in the pool finish (events run one at a time), but
+            # briefly: the point of a clean stop is a fast handover.
+            grace = min(STOP_GRACE, term.time_left() - 2 * self.settings.socket_timeout)
+            self._idle.wait(max(0.0, grace))
+            with contextlib.suppress(*REDIS_DOWN):
+                self.lease.renew(term)
+        self._wake_event_thread()
+        self._deliver_shutdown(term, reason)
+        if release:
+            try:
+                if self.lease.release(term):
+                    logger.info("Stoker %s: lease released (token %d)", self.name, term.token)
+            except REDIS_DOWN as exc:
+                logger.warning(
+                    "Stoker %s: could not release the lease (%s); it expires in %.1f s",
+                    self.name,
+                    exc.__class__.__name__,
+                    self.settings.lease_ttl,
+                )
+        self._record(
+            None,
+            transition={
+                "at": time.time(),
+                "event": "stepped_down",
+                "node": self.hostname,
+                "token": term.token,
+                "reason": reason,
+            },
+        )
+
+    def _deliver_shutdown(self, term: Term, reason: str) -> None:
+        """Run ``shutdown`` in this process: the pool may be draining, the broker gone."""
+        self.last_event, self.last_event_at = "shutdown", time.time()
+        try:
+            outcome = run_event(
+                self.app,
+                self.spec,
+                seq=next(self._seq),
+                token=term.token,
+                event="shutdown",
+                reason=reason,
+                hostname=self.hostname,
+                members=self._members(),
+                # Delivered even when the term just ran out: it tells the Stoker to
+                # stop acting.  Its state write is still fenced by the token.
+                check_current=False,
+            )
+            self.last_error = outcome.error or self.last_error
+        except REDIS_DOWN as exc:
+            logger.warning(
+                "Stoker %s: shutdown not delivered, Redis unreachable (%s)",
+                self.name,
+                exc.__class__.__name__,
+            )
+
+    def _record(self, info: dict[str, Any] | None, transition: dict[str, Any]) -> None:
+        try:
+            if info is not None and self._term is not None:
+                self.store.commit(self._term.token, None, info)
+            self.store.record_transition(transition)
+        except REDIS_DOWN:
+            pass
+
+    def _redis_down(self, exc: BaseException) -> None:
+        if self._redis_down_since is None:
+            self._redis_down_since = time.monotonic()
+            logger.warning(
+                "Stoker %s: Redis at %s unreachable (%s: %s); retrying with backoff",
+                self.name,
+                self.settings.masked_url,
+                exc.__class__.__name__,
+                exc,
+            )
+
+    def _redis_back(self) -> None:
+        if self._redis_down_since is not None:
+            logger.warning(
+                "Stoker %s: Redis reachable again after %.1f s",
+                self.name,
+                time.monotonic() - self._redis_down_since,
+            )
+            self._redis_down_since = None
+
+    # ------------------------------------------------------------------ events
+
+    def _submit(self, event: str, reason: Any) -> None:
+        term = self._term
+        if term is None:
+            return
+        self._inbox.put(PendingEvent(next(self._seq), term.token, event, reason))
+
+    def _wake_event_thread(self) -> None:
+        """Interrupt the event thread's wait for a report (the term ended)."""
+        with contextlib.suppress(redis.RedisError):
+            self._report_client.lpush(self.done_key, '{"wake": true}')
+
+    def _run_events(self) -> None:
+        timer_due: float | None = None
+        timer_token: int | None = None
+        last_interval: float | None = None
+        while not self._stop.is_set():
+            term = self._term
+            if term is None or timer_token != term.token:
+                timer_due, timer_token = None, None
+            wait = None if timer_due is None else max(0.0, timer_due - time.monotonic())
+            try:
+                item = self._inbox.get(timeout=wait)
+            except queue.Empty:
+                if term is None or timer_token != term.token:
+                    continue
+                item = PendingEvent(next(self._seq), term.token, "timer", None)
+                timer_due = None
+            if item is None:
+                break
+            term = self._term
+            if term is None or item.token != term.token or not term.is_valid():
+                continue
+            outcome = self._send_and_wait(item)
+            if outcome is None or self._term is not term:
+                continue
+            if outcome.timer_error:
+                interval = last_interval
+            else:
+                interval = last_interval = outcome.next_timer
+            timer_token = term.token
+            timer_due = None if interval is None else time.monotonic() + interval
+
+    def _send_and_wait(self, item: PendingEvent) -> Outcome | None:
+        """Send ``item`` to this worker's queue and wait for its report."""
+        self._idle.clear()
+        try:
+            self.last_event, self.last_event_at = item.event, time.time()
+            try:
+                self.app.send_task(
+                    DISPATCH_TASK,
+                    args=[
+                        self.name,
+                        item.token,
+                        item.seq,
+                        item.event,
+                        item.reason,
+                        sorted(self._members()),
+                        self.hostname,
+                    ],
+                    queue=self.queue_name,
+                    expires=EVENT_MESSAGE_EXPIRES,
+                    ignore_result=True,
+                )
+            except Exception as exc:
+                logger.warning(
+                    "Stoker %s: could not send %s event (%s: %s)",
+                    self.name,
+                    item.event,
+                    exc.__class__.__name__,
+                    exc,
+                )
+                return None
+            return self._wait_report(item)
+        finally:
+            self._idle.set()
+
+    def _wait_report(self, item: PendingEvent) -> Outcome | None:
+        deadline = time.monotonic() + EVENT_REPORT_TIMEOUT
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                popped = self._report_client.blpop([self.done_key], timeout=1)
+            except REDIS_DOWN:
+                self._stop.wait(0.2)
+                continue
+            if popped is None:
+                continue
+            outcome = Outcome.from_json(popped[1])
+            if outcome is None:
+                if self._term is None or self._term.token != item.token:
+                    return None  # woken: the term ended
+                continue
+            if outcome.seq == item.seq and outcome.token == item.token:
+                self.last_error = outcome.error or self.last_error
+                return outcome
+        if not self._stop.is_set():
+            logger.warning(
+                "Stoker %s: no report for %s event after %.0f s; moving on",
+                self.name,
+                item.event,
+                EVENT_REPORT_TIMEOUT,
+            )
+        return None
+
+
+def _client(settings: StokerSettings, socket_timeout: float) -> redis.Redis:
+    from .connection import redis_client
+
+    return redis_client(
+        settings.url,
+        transport_options=settings.transport_options,
+        socket_timeout=socket_timeout,
+    )

@@ -1,0 +1,155 @@
+"""``StokerStep``: the one bootstep a user adds; it runs the activators inside ``celery worker``.
+
+It reads like Celery's own steps: it checks the settings when the worker is
+built (a bad value stops the worker at start with the setting's name), starts
+one activator per registered Stoker after the pool, and stops them before the
+pool drains.  Because it starts before the consumer, it also makes the worker
+consume its own event queue, ``<stoker_key_prefix>.<hostname>``, from the
+first message on.
+
+Shutdown: Celery sends ``worker_shutting_down`` from the signal handler of a
+warm, soft or cold shutdown; the activators begin stepping down right there, so
+a follower elsewhere takes over while this worker is still finishing tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any
+
+from celery import bootsteps, signals
+
+from .activator import Activator
+from .connection import redis_client
+from .lease import ReleaseListener, release_channel
+from .membership import Membership
+from .settings import StokerSettings, check_timing, load_settings
+from .stoker import registry_of
+
+logger = logging.getLogger("celery_stoker.bootstep")
+
+#: Longest a stopping worker waits for all its activators to step down.
+STOP_TIMEOUT = 15.0
+
+
+def event_queue_name(conf: Any, hostname: str) -> str:
+    """The queue this worker's Stoker events travel on; only this worker consumes it."""
+    _, _, prefix = check_timing(conf)
+    return f"{prefix}.{hostname}"
+
+
+class StokerStep(bootsteps.StartStopStep):
+    """Run one activator per registered Stoker in this worker (the only wiring needed)."""
+
+    label = "Stoker"
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.worker = worker
+        self.app = worker.app
+        self.hostname: str = worker.hostname
+        self.registry = registry_of(self.app)
+        self.activators: dict[str, Activator] = {}
+        self.listeners: dict[tuple[str, str], ReleaseListener] = {}
+        self.membership = Membership(self.hostname)
+        self._stopped = threading.Event()
+        # Check every setting now: a bad value stops the worker before it starts.
+        self.settings: dict[str, StokerSettings] = {
+            name: load_settings(self.app.conf, spec.options) for name, spec in self.registry.items()
+        }
+        self.queue_name = event_queue_name(self.app.conf, self.hostname)
+        if self.registry:
+            self.app.amqp.queues.select_add(self.queue_name)
+        worker.stoker = self
+
+    def start(self, worker: Any) -> None:
+        if not self.registry:
+            logger.info("celery-stoker: no Stokers registered in this app; nothing to run")
+            return
+        self.membership.attach_gossip(worker.consumer)
+        holder_prefix = f"{self.hostname}/{uuid.uuid4().hex[:12]}"
+        for name, spec in self.registry.items():
+            settings = self.settings[name]
+            activator = Activator(
+                self.app,
+                spec,
+                settings,
+                hostname=self.hostname,
+                queue_name=self.queue_name,
+                listener=self._listener(settings),
+                members=self.membership.members,
+                holder_id=f"{holder_prefix}/{name}",
+            )
+            self.membership.subscribe(activator.on_cluster_change)
+            self.activators[name] = activator
+        for activator in self.activators.values():
+            activator.start()
+        signals.worker_shutting_down.connect(self._on_shutting_down, weak=False)
+        logger.info(
+            "celery-stoker: %d activator(s) on %s: %s",
+            len(self.activators),
+            self.hostname,
+            ", ".join(sorted(self.activators)),
+        )
+
+    def _listener(self, settings: StokerSettings) -> ReleaseListener:
+        key = (settings.url, settings.key_prefix)
+        listener = self.listeners.get(key)
+        if listener is None:
+
+            def client_factory() -> Any:
+                return redis_client(
+                    settings.url,
+                    transport_options=settings.transport_options,
+                    socket_timeout=None,
+                    socket_connect_timeout=settings.socket_timeout,
+                )
+
+            listener = ReleaseListener(
+                client_factory,
+                release_channel(settings.key_prefix),
+                thread_name=f"stoker-release-listener:{settings.key_prefix}",
+            )
+            listener.start()
+            self.listeners[key] = listener
+        return listener
+
+    def _on_shutting_down(self, sender: Any = None, **kwargs: Any) -> None:
+        if sender is not None and str(sender) != self.hostname:
+            return
+        for activator in self.activators.values():
+            activator.request_stop("worker_stopping")
+
+    def stop(self, worker: Any) -> None:
+        """Step every activator down (releasing held leases), then stop the listeners."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        signals.worker_shutting_down.disconnect(self._on_shutting_down)
+        for activator in self.activators.values():
+            activator.request_stop("worker_stopping")
+        for activator in self.activators.values():
+            activator.stop(STOP_TIMEOUT)
+        for listener in self.listeners.values():
+            listener.stop()
+
+    def shutdown(self, worker: Any) -> None:
+        self.stop(worker)
+
+    def terminate(self, worker: Any) -> None:
+        self.stop(worker)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every activator's fields, for ``celery inspect stoker``."""
+        return {
+            "hostname": self.hostname,
+            "members": sorted(self.membership.members()),
+            "membership_source": self.membership.source,
+            "activators": {name: a.snapshot() for name, a in self.activators.items()},
+        }
+
+
+from . import control as _control  # noqa: E402,F401  (registers `celery inspect stoker`)

@@ -1,0 +1,175 @@
+"""The callback contract: the :class:`Stoker` base class, the ``@stoker`` decorator, the registry.
+
+A Stoker is the user's code that must run on exactly one worker at a time.  As
+in the Elixir original, it is a small state machine: ``init()`` gives the first
+state, ``event(state, event, reason)`` returns the next one, and
+``next_timer_in(state)`` says when the next ``timer`` event is due.  The state
+is stored in Redis, so a new leader carries on where the old one stopped.
+
+The registry lives on the Celery app (``app._stoker_registry``), so two apps in
+one process never see each other's Stokers, and a client process that imports
+the app knows the same names as the workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from celery.exceptions import ImproperlyConfigured
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+#: The four events a Stoker receives, as in ``Stoker.Activator``.
+EVENTS = ("now_leader", "cluster_change", "timer", "shutdown")
+
+
+class StokerRegistrationError(ImproperlyConfigured):
+    """A Stoker class cannot be registered (duplicate name, missing callback, bad option)."""
+
+
+@dataclass(frozen=True)
+class StokerContext:
+    """What a callback knows about where and under which term it runs.
+
+    ``token`` is the fencing token of the current leadership term: pass it to
+    any external system that can refuse writes from an older term.
+    """
+
+    name: str
+    hostname: str
+    token: int
+    members: frozenset[str] = field(default_factory=frozenset)
+
+
+class Stoker:
+    """Base class of a leader-only job.
+
+    Subclass it, implement :meth:`event`, and decorate the class with
+    :func:`stoker`.  The callbacks run as Celery tasks on the leader worker, one
+    at a time and in order; ``self.context`` is set before each call.  Keep
+    anything that must survive a failover in the returned state (it is
+    serialized with ``stoker_state_serializer``, JSON by default).
+    """
+
+    #: Set by the dispatcher before each callback.
+    context: StokerContext
+
+    def init(self) -> Any:
+        """The first state, used when Redis holds no state for this Stoker yet."""
+        return None
+
+    def event(self, state: Any, event: str, reason: Any) -> Any:
+        """Handle ``event`` (one of :data:`EVENTS`) and return the new state."""
+        raise NotImplementedError
+
+    def next_timer_in(self, state: Any) -> float | None:
+        """Seconds until the next ``timer`` event, or None for no timer."""
+        return None
+
+
+@dataclass(frozen=True)
+class StokerSpec:
+    """A registered Stoker: its name, its class and its own setting overrides."""
+
+    name: str
+    cls: type[Stoker]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def instantiate(self) -> Stoker:
+        """A fresh instance of the user's class."""
+        return self.cls()
+
+
+class StokerRegistry(Mapping[str, StokerSpec]):
+    """The Stokers registered on one Celery app, by name."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, StokerSpec] = {}
+
+    def add(self, spec: StokerSpec) -> None:
+        """Register ``spec``; a second class under one name is an error."""
+        existing = self._specs.get(spec.name)
+        if existing is not None and _qualname(existing.cls) != _qualname(spec.cls):
+            raise StokerRegistrationError(
+                f"two Stokers are named {spec.name!r}: {_qualname(existing.cls)} and "
+                f"{_qualname(spec.cls)}; give one of them another name with "
+                "@stoker(app, name='...')"
+            )
+        self._specs[spec.name] = spec
+
+    def __getitem__(self, name: str) -> StokerSpec:
+        return self._specs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+def registry_of(app: Celery) -> StokerRegistry:
+    """The app's registry, created on first use."""
+    registry = app.__dict__.get("_stoker_registry")
+    if registry is None:
+        registry = StokerRegistry()
+        app.__dict__["_stoker_registry"] = registry
+        from .dispatch import register_dispatch_task
+
+        register_dispatch_task(app)
+    return registry
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+_OPTION_NAMES = ("lease_ttl", "renew_interval", "key_prefix")
+S = TypeVar("S", bound=type)
+
+
+def stoker(app: Celery, name: str | None = None, **options: Any) -> Callable[[S], S]:
+    """Register the decorated class as a Stoker of ``app``.
+
+    ``name`` defaults to ``"<module>.<QualName>"``.  ``options`` may override
+    ``lease_ttl``, ``renew_interval`` and ``key_prefix`` for this Stoker alone.
+    """
+    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    if unknown:
+        raise StokerRegistrationError(
+            f"@stoker got unknown option(s) {unknown}; it accepts name= and "
+            f"{', '.join(_OPTION_NAMES)}"
+        )
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise StokerRegistrationError(f"@stoker name must be a non-empty string, got {name!r}")
+
+    def register(cls: S) -> S:
+        if not isinstance(cls, type):
+            raise StokerRegistrationError(f"@stoker decorates a class, got {cls!r}")
+        event = getattr(cls, "event", None)
+        if not callable(event) or event is Stoker.event:
+            raise StokerRegistrationError(
+                f"{_qualname(cls)} has no event(self, state, event, reason) method: a Stoker "
+                "must implement event() and return the new state"
+            )
+        spec_name = name or _qualname(cls)
+        if any(ch.isspace() for ch in spec_name) or "{" in spec_name or "}" in spec_name:
+            raise StokerRegistrationError(
+                f"Stoker name {spec_name!r} may not contain white space or braces"
+            )
+        if options and ("lease_ttl" in options or "renew_interval" not in options):
+            from .settings import check_timing
+
+            # Check the overrides alone now (no app.conf: it may not be configured
+            # yet), so a typo fails at import, not at worker start.
+            try:
+                check_timing({}, options)
+            except ImproperlyConfigured as exc:
+                raise StokerRegistrationError(f"@stoker({spec_name!r}): {exc}") from exc
+        registry_of(app).add(StokerSpec(spec_name, cls, dict(options)))
+        cls.stoker_name = spec_name  # type: ignore[attr-defined]
+        return cls
+
+    return register

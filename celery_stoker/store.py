@@ -1,0 +1,179 @@
+"""A Stoker's stored state and its cluster-wide record, beside its lease in Redis.
+
+The state is what ``event`` returned last; it is written back only while the
+writer's fencing token is still the lease's token (one Lua script checks and
+writes), so a callback that outlived its term cannot overwrite the new
+leader's state.  The record (``info``) is what ``dump`` and ``celery stoker
+status`` show: the leader, its token, since when, the last event, the last
+error and the last few transitions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from kombu.serialization import dumps as kombu_dumps
+from kombu.serialization import loads as kombu_loads
+
+from .lease import lease_key
+
+#: How many leadership transitions the record keeps.
+TRANSITIONS_KEPT = 20
+
+# Compares the token as digits in the lease's JSON, so no float rounding applies.
+_COMMIT = """
+local lease = redis.call('GET', KEYS[1])
+if not lease then return 0 end
+local token = string.match(lease, '"token":(%d+)')
+if token ~= ARGV[1] then return 0 end
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[2], 'body', ARGV[3], 'content_type', ARGV[4],
+             'content_encoding', ARGV[5], 'token', ARGV[1], 'updated_at', ARGV[6])
+end
+for i = 7, #ARGV, 2 do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+end
+return 1
+"""
+
+
+def state_key(prefix: str, name: str) -> str:
+    """The hash that holds ``name``'s serialized state."""
+    return f"{prefix}:{{{name}}}:state"
+
+
+def info_key(prefix: str, name: str) -> str:
+    """The hash that holds ``name``'s cluster-wide record."""
+    return f"{prefix}:{{{name}}}:info"
+
+
+def transitions_key(prefix: str, name: str) -> str:
+    """The capped list of ``name``'s recent leadership transitions (newest first)."""
+    return f"{prefix}:{{{name}}}:transitions"
+
+
+def done_key(prefix: str, name: str, hostname: str) -> str:
+    """The list a finished callback reports to, read by the activator on ``hostname``."""
+    return f"{prefix}:{{{name}}}:done:{hostname}"
+
+
+class StateError(ValueError):
+    """The state cannot be stored or read back (not serializable, foreign bytes)."""
+
+
+@dataclass(frozen=True)
+class StoredState:
+    """A state as read from Redis: ``found`` is False when nothing is stored yet."""
+
+    found: bool
+    value: Any = None
+    token: int | None = None
+
+
+class StokerStore:
+    """Read and fenced-write one Stoker's state and record."""
+
+    def __init__(
+        self, client: redis.Redis, name: str, *, key_prefix: str, serializer: str = "json"
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.serializer = serializer
+        self.lease_key = lease_key(key_prefix, name)
+        self.state_key = state_key(key_prefix, name)
+        self.info_key = info_key(key_prefix, name)
+        self.transitions_key = transitions_key(key_prefix, name)
+        self._commit = client.register_script(_COMMIT)
+
+    def load(self) -> StoredState:
+        """The stored state; raises :class:`StateError` if it cannot be decoded."""
+        raw = self.client.hgetall(self.state_key)
+        if not raw or b"body" not in raw:
+            return StoredState(found=False)
+        try:
+            value = kombu_loads(
+                raw[b"body"],
+                raw.get(b"content_type", b"application/json").decode(),
+                raw.get(b"content_encoding", b"utf-8").decode(),
+                accept=None,
+            )
+        except Exception as exc:
+            raise StateError(
+                f"the stored state of Stoker {self.name!r} ({self.state_key}) cannot be decoded: "
+                f"{exc.__class__.__name__}: {exc}"
+            ) from exc
+        token = raw.get(b"token")
+        return StoredState(True, value, int(token) if token and token.isdigit() else None)
+
+    def encode(self, value: Any) -> tuple[str, str, bytes | str]:
+        """Serialize ``value``; raises :class:`StateError` naming the Stoker and serializer."""
+        try:
+            content_type, encoding, body = kombu_dumps(value, serializer=self.serializer)
+        except Exception as exc:
+            raise StateError(
+                f"the state returned by Stoker {self.name!r} cannot be serialized with "
+                f"{self.serializer!r} ({exc.__class__.__name__}: {exc}); return plain data "
+                "or set stoker_state_serializer"
+            ) from exc
+        return content_type, encoding, body
+
+    def commit(
+        self, token: int, encoded: tuple[str, str, bytes | str] | None, info: dict[str, Any]
+    ) -> bool:
+        """Write the state (if ``encoded``) and ``info`` fields, only under ``token``.
+
+        Returns False, writing nothing, when ``token`` is no longer the lease's.
+        """
+        content_type, encoding, body = encoded or ("", "", "")
+        args: list[Any] = [
+            str(token),
+            "1" if encoded is not None else "0",
+            body,
+            content_type,
+            encoding,
+            repr(time.time()),
+        ]
+        for key, value in info.items():
+            args.extend([key, _field(value)])
+        return (
+            int(self._commit(keys=[self.lease_key, self.state_key, self.info_key], args=args)) == 1
+        )
+
+    def record_transition(self, transition: dict[str, Any]) -> None:
+        """Append one leadership transition to the capped list (not fenced: it is a log)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lpush(self.transitions_key, json.dumps(transition))
+        pipe.ltrim(self.transitions_key, 0, TRANSITIONS_KEPT - 1)
+        pipe.execute()
+
+    def read_info(self) -> dict[str, Any]:
+        """The record, with JSON fields decoded."""
+        raw = self.client.hgetall(self.info_key)
+        info: dict[str, Any] = {}
+        for key, value in raw.items():
+            text = value.decode(errors="replace")
+            try:
+                info[key.decode()] = json.loads(text)
+            except ValueError:
+                info[key.decode()] = text
+        return info
+
+    def read_transitions(self, count: int = 5) -> list[dict[str, Any]]:
+        """The newest ``count`` transitions, newest first (foreign entries skipped)."""
+        out = []
+        for raw in self.client.lrange(self.transitions_key, 0, max(0, count - 1)):
+            try:
+                item = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(item, dict):
+                out.append(item)
+        return out
+
+
+def _field(value: Any) -> str:
+    return json.dumps(value, default=str)
