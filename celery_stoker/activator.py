@@ -121,6 +121,8 @@ class Activator:
         self.terms_won = 0
 
         self._term: Term | None = None
+        #: False from the moment a leader starts stepping down: no new events.
+        self._accepting = False
         self._stop = threading.Event()
         self._stop_reason = "worker_stopping"
         self._inbox: queue.Queue[PendingEvent | None] = queue.Queue()
@@ -254,6 +256,7 @@ class Activator:
 
     def _become_leader(self, term: Term) -> None:
         self._term = term
+        self._accepting = True
         self.highest_token = max(self.highest_token, term.token)
         self.state = "leader"
         self.leader = self.hostname
@@ -304,9 +307,7 @@ class Activator:
         term = self._term
         if term is None:
             return
-        self._term = None
-        self.state = "follower"
-        self.active_from = None
+        self._accepting = False
         logger.warning("Stoker %s: %s steps down (%s)", self.name, self.hostname, reason)
         if release:
             # Let an event already in the pool finish (events run one at a time), but
@@ -315,6 +316,9 @@ class Activator:
             self._idle.wait(max(0.0, grace))
             with contextlib.suppress(*REDIS_DOWN):
                 self.lease.renew(term)
+        self._term = None
+        self.state = "follower"
+        self.active_from = None
         self._wake_event_thread()
         self._deliver_shutdown(term, reason)
         if release:
@@ -396,7 +400,7 @@ class Activator:
 
     def _submit(self, event: str, reason: Any) -> None:
         term = self._term
-        if term is None:
+        if term is None or not self._accepting:
             return
         self._inbox.put(PendingEvent(next(self._seq), term.token, event, reason))
 
@@ -424,7 +428,9 @@ class Activator:
             if item is None:
                 break
             term = self._term
-            if term is None or item.token != term.token or not term.is_valid():
+            if term is None or item.token != term.token or not self._accepting:
+                continue
+            if not term.is_valid():
                 continue
             outcome = self._send_and_wait(item)
             if outcome is None or self._term is not term:
@@ -473,6 +479,8 @@ class Activator:
     def _wait_report(self, item: PendingEvent) -> Outcome | None:
         deadline = time.monotonic() + EVENT_REPORT_TIMEOUT
         while not self._stop.is_set() and time.monotonic() < deadline:
+            if self._term is None or self._term.token != item.token:
+                return None  # the term ended while Redis was away: nothing to wait for
             try:
                 popped = self._report_client.blpop([self.done_key], timeout=1)
             except REDIS_DOWN:
@@ -482,8 +490,9 @@ class Activator:
                 continue
             outcome = Outcome.from_json(popped[1])
             if outcome is None:
+                # A wake-up: stop waiting if the term this event belongs to is over.
                 if self._term is None or self._term.token != item.token:
-                    return None  # woken: the term ended
+                    return None
                 continue
             if outcome.seq == item.seq and outcome.token == item.token:
                 self.last_error = outcome.error or self.last_error

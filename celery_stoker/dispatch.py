@@ -302,20 +302,35 @@ def register_dispatch_task(app: Celery) -> None:
                 name,
             )
             return
-        outcome = run_event(
-            task.app,
-            spec,
-            seq=seq,
-            token=token,
-            event=event,
-            reason=reason,
-            hostname=hostname,
-            members=frozenset(members),
-        )
         settings = resources.settings(task.app, spec)
+        outcome = Outcome(seq=seq, token=token, ran=False, timer_error=True)
         try:
-            report(
-                resources.client(settings), done_key(settings.key_prefix, name, hostname), outcome
+            outcome = run_event(
+                task.app,
+                spec,
+                seq=seq,
+                token=token,
+                event=event,
+                reason=reason,
+                hostname=hostname,
+                members=frozenset(members),
             )
         except redis.RedisError as exc:
-            logger.warning("Stoker %s: could not report the end of %s (%s)", name, event, exc)
+            outcome.error = f"Redis unreachable while running {event}: {exc}"
+            logger.warning("Stoker %s: %s", name, outcome.error)
+        finally:
+            # Always report, so the activator sends the next event: retry briefly
+            # through a Redis blip (this holds one pool slot for at most that long).
+            key = done_key(settings.key_prefix, name, hostname)
+            deadline = time.monotonic() + 2 * settings.lease_ttl
+            while True:
+                try:
+                    report(resources.client(settings), key, outcome)
+                    break
+                except redis.RedisError as exc:
+                    if time.monotonic() > deadline:
+                        logger.warning(
+                            "Stoker %s: could not report the end of %s (%s)", name, event, exc
+                        )
+                        break
+                    time.sleep(0.1)

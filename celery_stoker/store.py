@@ -91,7 +91,13 @@ class StokerStore:
 
     def load(self) -> StoredState:
         """The stored state; raises :class:`StateError` if it cannot be decoded."""
-        raw = self.client.hgetall(self.state_key)
+        try:
+            raw = self.client.hgetall(self.state_key)
+        except redis.ResponseError as exc:
+            raise StateError(
+                f"the state key {self.state_key} of Stoker {self.name!r} holds a value "
+                f"celery-stoker did not write ({exc}); delete it to start from init()"
+            ) from exc
         if not raw or b"body" not in raw:
             return StoredState(found=False)
         try:

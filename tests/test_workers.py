@@ -1,0 +1,350 @@
+"""Election, failover and dispatch with real ``celery worker`` processes and a real Redis.
+
+The workers run ``tests/apps/recorder.py``, whose Stoker records every
+callback (event, host, token, members, time) in Redis; the tests read those
+records and check the promises of DESIGN.md on them.  Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.redis_server import RedisServer
+from tests.support.workers import ROOT, Fleet, Records, check_terms, wait_for
+
+pytestmark = pytest.mark.workers
+
+TTL = 1.5
+RENEW = TTL / 3
+APP = "tests.apps.recorder"
+
+
+@pytest.fixture
+def records(redis_server: RedisServer) -> Records:
+    return Records(redis_server.client())
+
+
+def make_fleet(redis_server: RedisServer, pool: str, **env: str) -> Fleet:
+    return Fleet(
+        APP,
+        env={
+            "STOKER_TEST_BROKER": redis_server.url_for(0),
+            "STOKER_TEST_TTL": str(env.pop("ttl", TTL)),
+            **env,
+        },
+        pool=pool,
+    )
+
+
+@pytest.fixture(params=["solo", "prefork"])
+def fleet(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[Fleet]:
+    fleet = make_fleet(redis_server, request.param, STOKER_TEST_TIMER="0.25")
+    yield fleet
+    fleet.cleanup()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        print(fleet.logs())
+
+
+def leader_of(records: Records) -> str | None:
+    now_leaders = records.of("now_leader")
+    return now_leaders[-1].host if now_leaders else None
+
+
+def whereis(redis_server: RedisServer) -> str | None:
+    from celery import Celery
+
+    from celery_stoker import whereis as _whereis
+
+    app = Celery("client", broker=redis_server.url_for(0))
+    app.conf.stoker_lease_ttl = TTL
+    return _whereis(app, "recorder")
+
+
+def test_one_leader_of_three_and_whereis_agrees(
+    fleet: Fleet, records: Records, redis_server: RedisServer
+) -> None:
+    for i in (1, 2, 3):
+        fleet.start(f"w{i}@%h")
+    first = wait_for(lambda: records.of("now_leader"), 30, what="a now_leader callback")
+    # Let the fleet settle for several renew periods, then look again: still one.
+    wait_for(lambda: len(records.of("timer")) >= 8, 30, what="timer events")
+    events = records.events()
+    now_leaders = records.of("now_leader", events)
+    assert len(now_leaders) == 1, now_leaders
+    assert now_leaders[0] == first[0]
+    assert whereis(redis_server) == now_leaders[0].host
+    assert {r.host for r in records.of("timer", events)} == {now_leaders[0].host}
+    check_terms(events)
+
+
+def test_sigterm_hands_over_at_once_with_higher_token_and_state(
+    redis_server: RedisServer, records: Records
+) -> None:
+    # A long TTL: a handover that waited for expiry instead of the release wake-up
+    # would take seconds, so "well under a second" tests the mechanism.
+    fleet = make_fleet(redis_server, "solo", ttl="6", STOKER_TEST_TIMER="0.25")
+    try:
+        for i in (1, 2, 3):
+            fleet.start(f"w{i}@%h")
+        first = wait_for(lambda: records.of("now_leader"), 30, what="first leader")[0]
+        wait_for(lambda: len(records.of("timer")) >= 3, 30, what="timers on the first leader")
+        fleet.by_node(first.host).sigterm()
+        killed_at = time.time()
+        second = wait_for(
+            lambda: [r for r in records.of("now_leader") if r.host != first.host],
+            10,
+            what="a second leader",
+        )[0]
+        fleet.by_node(first.host).wait_exit(30)
+        events = records.events()
+        shutdowns = [r for r in records.of("shutdown", events) if r.token == first.token]
+        assert [s.reason for s in shutdowns] == ["worker_stopping"]
+        assert second.token > first.token
+        assert second.at - killed_at < 1.0, f"handover took {second.at - killed_at:.3f}s"
+        assert second.at >= shutdowns[0].at
+        # The old leader did nothing after the new one started.
+        assert not [r for r in events if r.host == first.host and r.at > second.at]
+        # State carried over: the new term continued the count instead of init() again.
+        assert len(records.inits()) == 1
+        before = [r for r in events if r.token == first.token]
+        assert second.events == max(r.events for r in before) + 1
+        check_terms(events)
+    finally:
+        fleet.cleanup()
+
+
+def test_sigkill_fails_over_within_ttl_plus_renew(fleet: Fleet, records: Records) -> None:
+    for i in (1, 2, 3):
+        fleet.start(f"w{i}@%h")
+    first = wait_for(lambda: records.of("now_leader"), 30, what="first leader")[0]
+    wait_for(lambda: len(records.of("timer")) >= 2, 30, what="timers")
+    fleet.by_node(first.host).sigkill()
+    killed_at = time.time()
+    second = wait_for(
+        lambda: [r for r in records.of("now_leader") if r.host != first.host],
+        15,
+        what="a new leader after SIGKILL",
+    )[0]
+    took = second.at - killed_at
+    # Bound: the lease expires at most one TTL after the last renewal; the waiter
+    # wakes at expiry; the task then goes through the broker (a generous 0.5 s).
+    assert took <= TTL + RENEW + 0.5, f"crash failover took {took:.3f}s"
+    assert second.token > first.token
+    check_terms(records.events())
+
+
+def test_cluster_change_on_join_and_on_sigkill(fleet: Fleet, records: Records) -> None:
+    w1 = fleet.start("w1@%h")
+    wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
+    w2 = fleet.start("w2@%h")
+    joined = wait_for(
+        lambda: [
+            r
+            for r in records.of("cluster_change")
+            if r.reason == {"node": w2.node, "change": "joined"}
+        ],
+        30,
+        what="cluster_change joined",
+    )[0]
+    assert joined.host == w1.node
+    assert set(joined.members) == {w1.node, w2.node}
+    w2.sigkill()
+    lost = wait_for(
+        lambda: [
+            r
+            for r in records.of("cluster_change")
+            if r.reason == {"node": w2.node, "change": "lost"}
+        ],
+        40,
+        what="cluster_change lost (heartbeats stopped)",
+    )[0]
+    assert lost.host == w1.node
+    assert set(lost.members) == {w1.node}
+
+
+def test_cluster_change_on_clean_leave(fleet: Fleet, records: Records) -> None:
+    w1 = fleet.start("w1@%h")
+    wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
+    w2 = fleet.start("w2@%h")
+    wait_for(
+        lambda: [r for r in records.of("cluster_change") if r.reason["node"] == w2.node],
+        30,
+        what="w2 joined",
+    )
+    w2.sigterm()
+    left = wait_for(
+        lambda: [
+            r
+            for r in records.of("cluster_change")
+            if r.reason == {"node": w2.node, "change": "left"}
+        ],
+        30,
+        what="cluster_change left",
+    )[0]
+    assert left.host == w1.node
+
+
+def test_raising_callback_keeps_worker_and_timer_alive(
+    redis_server: RedisServer, records: Records
+) -> None:
+    import socket
+
+    node = f"w1@{socket.gethostname()}"
+    fleet = make_fleet(
+        redis_server, "solo", STOKER_TEST_TIMER="0.2", STOKER_TEST_RAISE_ON_TIMER=node
+    )
+    try:
+        worker = fleet.start("w1@%h")
+        wait_for(lambda: len(records.of("timer")) >= 5, 30, what="timers keep firing")
+        assert worker.alive()
+        assert "boom in timer" in worker.log()
+        assert "RuntimeError" in worker.log()
+        events = records.events()
+        # Every timer raised, so the stored count never moved past now_leader's.
+        assert {r.events for r in records.of("timer", events)} == {1}
+        client = redis_server.client()
+        info = client.hgetall("stoker:{recorder}:info")
+        assert b"boom in timer" in info[b"last_error"]
+    finally:
+        fleet.cleanup()
+
+
+def test_inspect_and_status_commands(redis_server: RedisServer, records: Records) -> None:
+    fleet = make_fleet(redis_server, "solo")
+    try:
+        w1 = fleet.start("w1@%h")
+        wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
+        w2 = fleet.start("w2@%h")
+        env = {**fleet.env, "PYTHONPATH": str(ROOT)}
+
+        def inspect() -> dict | None:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    APP,
+                    "inspect",
+                    "stoker",
+                    "--json",
+                    "--timeout",
+                    "2",
+                ],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            try:
+                replies = json.loads(out.stdout)
+            except ValueError:
+                return None
+            return replies if len(replies) == 2 else None
+
+        replies = wait_for(inspect, 40, interval=0.5, what="two workers answer inspect stoker")
+        states = {node: r["activators"]["recorder"]["state"] for node, r in replies.items()}
+        assert states == {w1.node: "leader", w2.node: "follower"}
+        assert replies[w2.node]["activators"]["recorder"]["leader"] == w1.node
+
+        out = subprocess.run(
+            [sys.executable, "-m", "celery", "-A", APP, "stoker", "status"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].split()[:3] == ["STOKER", "LEADER", "TOKEN"]
+        row = next(line for line in lines if line.startswith("recorder"))
+        assert w1.node in row and w2.node in row
+    finally:
+        fleet.cleanup()
+
+
+def test_dump_from_a_client_process(redis_server: RedisServer, records: Records) -> None:
+    from celery import Celery
+
+    from celery_stoker import dump
+
+    fleet = make_fleet(redis_server, "solo", STOKER_TEST_TIMER="0.3")
+    try:
+        w1 = fleet.start("w1@%h")
+        wait_for(lambda: records.of("timer"), 30, what="w1 leads and ticks")
+        app = Celery("client", broker=redis_server.url_for(0))
+        app.conf.stoker_lease_ttl = TTL
+        view = wait_for(
+            lambda: (d := dump(app, "recorder", timeout=2.0))["workers"] and d,
+            30,
+            interval=0.3,
+            what="a dump with workers",
+        )
+        assert view["leader"] == w1.node
+        assert view["token"] == records.of("now_leader")[0].token
+        assert view["last_event"] in ("timer", "now_leader")
+        assert 0 < view["lease_time_left"] <= TTL
+        worker_view = view["workers"][w1.node]
+        assert worker_view["state"] == "leader"
+        assert worker_view["current_node"] == w1.node
+        assert worker_view["active_from"] and worker_view["created_at"]
+    finally:
+        fleet.cleanup()
+
+
+def test_stale_event_is_skipped_with_one_log_line(
+    redis_server: RedisServer, records: Records
+) -> None:
+    """A dispatch task whose term is over does nothing (it reaches the pool late)."""
+    fleet = make_fleet(redis_server, "solo")
+    try:
+        w1 = fleet.start("w1@%h")
+        leader = wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")[0]
+        from celery import Celery
+
+        app = Celery("client", broker=redis_server.url_for(0))
+        stale = leader.token - 1
+        app.send_task(
+            "celery_stoker.dispatch",
+            args=["recorder", stale, 999, "timer", None, [w1.node], w1.node],
+            queue=f"stoker.{w1.node}",
+        )
+        wait_for(
+            lambda: f"skipped timer event of term {stale}" in w1.log(), 20, what="the skip log line"
+        )
+        assert not [r for r in records.events() if r.token == stale]
+        assert w1.log().count(f"term {stale}") == 1
+    finally:
+        fleet.cleanup()
+
+
+def test_fenced_commit_rejects_stale_token(redis_server: RedisServer) -> None:
+    """The state write checks the lease's token in the same script (no workers needed)."""
+    from celery_stoker.lease import RedisLease
+    from celery_stoker.store import StateError, StokerStore
+
+    client = redis_server.client()
+    lease = RedisLease(client, "fenced", holder_id="a", hostname="a@h", ttl=5)
+    term = lease.acquire().term
+    assert term is not None
+    store = StokerStore(client, "fenced", key_prefix="stoker")
+    assert store.commit(term.token, store.encode({"n": 1}), {"last_event": "timer"})
+    assert store.load().value == {"n": 1}
+    assert lease.release(term)
+    newer = RedisLease(client, "fenced", holder_id="b", hostname="b@h", ttl=5).acquire().term
+    assert newer is not None and newer.token > term.token
+    assert not store.commit(term.token, store.encode({"n": 99}), {"last_event": "late"})
+    assert store.load().value == {"n": 1}
+    # A foreign value under the state key is reported by name, never used.
+    client.delete("stoker:{fenced}:state")
+    client.set("stoker:{fenced}:state", "x")
+    with pytest.raises(StateError, match="fenced"):
+        store.load()
