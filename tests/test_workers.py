@@ -14,9 +14,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-
-from tests.support.redis_server import RedisServer
-from tests.support.workers import ROOT, Fleet, Records, check_terms, wait_for
+from support.redis_server import RedisServer
+from support.workers import ROOT, Fleet, Records, check_terms, wait_for
 
 pytestmark = pytest.mark.workers
 

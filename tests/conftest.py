@@ -1,0 +1,81 @@
+"""Shared fixtures: private Redis servers and fault-injecting TCP proxies.
+
+The logic lives in ``tests/support`` (importable as ``support`` because pytest puts this
+directory on ``sys.path``); this file only wires lifetimes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from support.redis_server import RedisServer
+from support.tcp_proxy import TcpProxy
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A server owned by one test, so it may kill/restart/pause it freely."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def make_redis_server() -> Iterator[Callable[..., RedisServer]]:
+    """Factory for extra servers (password, replica, valkey...), all closed at teardown."""
+    servers: list[RedisServer] = []
+
+    def make(**kwargs: Any) -> RedisServer:
+        server = RedisServer(**kwargs)
+        servers.append(server)
+        server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_session_server() -> Iterator[RedisServer]:
+    """One server for the whole run, for tests that only need *a* Redis (cheaper to start)."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fresh_redis_url(redis_session_server: RedisServer) -> str:
+    """URL of the session server, FLUSHALLed first so tests can't see each other's keys.
+
+    Tests using this must not kill or restart the server; if one did anyway, it is restarted
+    here rather than failing every later test.
+    """
+    if not redis_session_server.is_running:
+        redis_session_server.start()
+    redis_session_server.flushall()
+    return redis_session_server.url
+
+
+@pytest.fixture
+def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
+    """Factory ``make_proxy(port) -> TcpProxy`` (started, loopback target); stopped at teardown."""
+    proxies: list[TcpProxy] = []
+
+    def make_proxy(port: int, host: str = "127.0.0.1") -> TcpProxy:
+        proxy = TcpProxy(host, port).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make_proxy
+    for proxy in proxies:
+        proxy.stop()
