@@ -50,7 +50,7 @@ def measure(kind: str, rounds: int, ttl: float, pool: str) -> list[float]:
                 victim.sigterm()
             else:
                 victim.sigkill()
-            new = wait_for(lambda: records.of("now_leader")[seen:], ttl * 4 + 10, what="next")
+            new = wait_for(lambda s=seen: records.of("now_leader")[s:], ttl * 4 + 10, what="next")
             times.append(new[0].at - t0)
             if kind == "sigterm":
                 victim.wait_exit(30)
