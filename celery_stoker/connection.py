@@ -15,21 +15,46 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel")
+REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel", "redis+socket")
 
-_PASSWORD_IN_URL = re.compile(
-    r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@;]*:)(?P<secret>[^@/;]+)(?=@)", re.I
-)
+#: Our loops retry on their own schedule; redis-py's own retries (with backoff)
+#: would let one command block far longer than its socket timeout.
+NO_RETRY = Retry(NoBackoff(), 0)
+
+_NEXT_URL = re.compile(r";(?=\s*[a-z][a-z0-9+.-]*://)", re.I)
+
+
+def _mask_one(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    # The authority runs to the first / ? or #; user info ends at its *last* @,
+    # which is how urllib and redis-py read a password holding a raw @ or ;.
+    end = min(
+        (i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest)
+    )
+    authority, tail = rest[:end], rest[end:]
+    userinfo, at, host = authority.rpartition("@")
+    if at and ":" in userinfo:
+        user = userinfo.split(":", 1)[0]
+        authority = f"{user}:***@{host}"
+    tail = re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", tail)
+    return f"{scheme}://{authority}{tail}"
 
 
 def mask_url(url: str | None) -> str:
-    """Return ``url`` with every password replaced by ``***``; safe for any log line."""
+    """Return ``url`` with every password replaced by ``***``; safe for any log line.
+
+    Handles Celery's ``;``-separated URL lists and passwords that hold a raw
+    ``@`` or ``;`` (redis-py accepts both unencoded).
+    """
     if not url:
         return str(url)
-    masked = _PASSWORD_IN_URL.sub(lambda m: m.group("head") + "***", url)
-    return re.sub(r"(?i)([?&]password=)[^&;]*", r"\1***", masked)
+    return ";".join(_mask_one(part) for part in _NEXT_URL.split(url))
 
 
 def url_scheme(url: str) -> str:
@@ -59,6 +84,7 @@ def redis_client(
     timeouts: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_connect_timeout or socket_timeout,
+        "retry": NO_RETRY,
     }
     if url_scheme(url) == "sentinel":
         return _sentinel_client(url, options, timeouts)
@@ -66,7 +92,22 @@ def redis_client(
         raise ValueError(
             f"{mask_url(url)!r} is not a Redis URL: use redis://, rediss://, unix:// or sentinel://"
         )
-    return redis.Redis.from_url(url, **timeouts)
+    return redis.Redis.from_url(normalize_url(url), **timeouts)
+
+
+def normalize_url(url: str) -> str:
+    """Kombu's ``redis+socket:///path?virtual_host=N`` as redis-py's ``unix:///path?db=N``."""
+    if url_scheme(url) != "redis+socket":
+        return url
+    rest = url.split("://", 1)[1]
+    path, _, query = rest.partition("?")
+    params = [
+        ("db" if key == "virtual_host" else key, value)
+        for key, value in parse_qsl(query, keep_blank_values=True)
+    ]
+    from urllib.parse import urlencode
+
+    return f"unix://{path}" + (f"?{urlencode(params)}" if params else "")
 
 
 def _sentinel_client(url: str, options: dict[str, Any], timeouts: dict[str, Any]) -> redis.Redis:
@@ -100,6 +141,7 @@ def _sentinel_client(url: str, options: dict[str, Any], timeouts: dict[str, Any]
     if password:
         master_kwargs["password"] = password
     sentinel_kwargs = options.get("sentinel_kwargs") or {}
+    # A dead sentinel in the list must cost one timeout, not redis-py's retries.
     sentinel = Sentinel(
         sentinels,
         min_other_sentinels=options.get("min_other_sentinels", 0),

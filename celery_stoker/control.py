@@ -66,7 +66,7 @@ def _holder(client: redis.Redis, settings: StokerSettings, name: str) -> Holder 
         return Holder.foreign_error(exc)
     if raw is None:
         return None
-    return Holder.parse(raw, pttl)
+    return Holder.parse(raw if isinstance(raw, bytes) else str(raw).encode(), pttl)
 
 
 def whereis(app: Celery, name: str) -> str | None:

@@ -7,8 +7,10 @@ Redis lock recipe, with two additions that make it safe to act on:
 * **Fencing tokens.**  Every term gets a token greater than every earlier one.
   The counter lives in Redis next to the lease; when Redis has lost it (a
   restart without persistence), the new counter starts above both the highest
-  token the caller has seen and the server's clock in milliseconds, so a term
-  after the restart still outranks every term before it.
+  token the caller has seen and the server's clock in microseconds, so a term
+  after the restart still outranks every term before it unless terms came
+  faster than one per microsecond on average (they cannot: each is a round
+  trip), or the server's clock went backwards.
 * **Holder-side validity on a monotonic clock.**  The holder counts its lease
   from *before* it sent the command that set or renewed it, minus a drift
   allowance, so its own view always ends before Redis can hand the lease to
@@ -44,6 +46,8 @@ CLOCK_DRIFT_FACTOR = 0.01
 CLOCK_DRIFT_FIXED = 0.002
 #: How long past a lease's expiry a waiter wakes, so its attempt arrives after it.
 WAKE_MARGIN = 0.005
+#: Our lease values are ~150 bytes; anything far larger is someone else's.
+MAX_LEASE_VALUE = 4096
 
 _ACQUIRE = """
 local current = redis.call('GET', KEYS[1])
@@ -53,10 +57,11 @@ end
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local floor = tonumber(ARGV[4])
 local token
 if redis.call('EXISTS', KEYS[2]) == 0 then
-  token = math.max(floor, now_ms) + 1
+  token = math.max(floor, now_us) + 1
   redis.call('SET', KEYS[2], string.format('%d', token))
 else
   token = redis.call('INCR', KEYS[2])
@@ -113,6 +118,8 @@ class Holder:
     def parse(cls, raw: bytes, pttl_ms: int | None) -> Holder:
         """Read a lease value; never raises, a foreign value is flagged instead."""
         ttl_left = pttl_ms / 1000.0 if pttl_ms is not None and pttl_ms >= 0 else None
+        if len(raw) > MAX_LEASE_VALUE:
+            return cls(None, None, None, None, ttl_left, raw[:MAX_LEASE_VALUE], foreign=True)
         try:
             data = json.loads(raw)
             if not isinstance(data, dict) or data.get("v") != 1:
@@ -125,7 +132,7 @@ class Holder:
                 ttl_left=ttl_left,
                 raw=raw,
             )
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             return cls(None, None, None, None, ttl_left, raw, foreign=True)
 
     @classmethod
@@ -137,7 +144,7 @@ class Holder:
 def _is_foreign_data_error(exc: redis.ResponseError) -> bool:
     """True when Redis refused because a key holds a value of someone else's making."""
     text = str(exc)
-    return "WRONGTYPE" in text or "not an integer" in text
+    return any(mark in text for mark in ("WRONGTYPE", "not an integer", "would overflow"))
 
 
 @dataclass
@@ -382,7 +389,12 @@ class RedisLease:
     def renew(self, term: Term) -> bool:
         """Extend ``term``; False if the lease is no longer ours (then stop acting)."""
         started = time.monotonic()
-        renewed = int(self._renew(keys=[self.lease_key], args=[term.value, self._ttl_ms]))
+        try:
+            renewed = int(self._renew(keys=[self.lease_key], args=[term.value, self._ttl_ms]))
+        except redis.ResponseError as exc:
+            if not _is_foreign_data_error(exc):
+                raise
+            return False  # someone replaced our lease with a value of another type
         if renewed == 1:
             term.valid_until = started + validity(self.ttl)
             return True
@@ -391,7 +403,14 @@ class RedisLease:
     def release(self, term: Term) -> bool:
         """Give the lease up and wake every waiter; False if it was not ours any more."""
         term.valid_until = min(term.valid_until, time.monotonic())
-        released = self._release(keys=[self.lease_key], args=[term.value, self.channel, self.name])
+        try:
+            released = self._release(
+                keys=[self.lease_key], args=[term.value, self.channel, self.name]
+            )
+        except redis.ResponseError as exc:
+            if not _is_foreign_data_error(exc):
+                raise
+            return False
         return int(released) == 1
 
     def holder(self) -> Holder | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from celery.exceptions import ImproperlyConfigured
 
-from .connection import is_redis_url, mask_url
+from .connection import is_redis_url, mask_url, normalize_url
 
 DEFAULT_LEASE_TTL = 10.0
 MIN_LEASE_TTL = 0.2
@@ -88,11 +88,11 @@ def resolve_url(conf: Any) -> tuple[str, dict[str, Any]]:
                 f"stoker_url={mask_url(url)!r} is not a Redis URL: it must start with redis://, "
                 "rediss://, unix:// or sentinel://"
             )
-        return url, options
+        return normalize_url(url), options
     broker = broker_url_of(conf)
     if is_redis_url(broker):
         broker_options = dict(conf.get("broker_transport_options") or {})
-        return broker, {**broker_options, **options}
+        return normalize_url(broker), {**broker_options, **options}
     raise StokerConfigurationError(
         f"the broker {mask_url(broker)!r} is not Redis, so celery-stoker has no Redis to elect in: "
         "set stoker_url = 'redis://host:6379/0' (any Redis the workers reach)"
@@ -161,7 +161,9 @@ def check_timing(
         )
 
     prefix_name = "key_prefix" if "key_prefix" in overrides else "stoker_key_prefix"
-    prefix = overrides.get("key_prefix", conf.get("stoker_key_prefix")) or DEFAULT_KEY_PREFIX
+    prefix = overrides.get("key_prefix", conf.get("stoker_key_prefix"))
+    if prefix is None:
+        prefix = DEFAULT_KEY_PREFIX
     if not isinstance(prefix, str) or not _KEY_PREFIX_PATTERN.match(prefix):
         raise StokerConfigurationError(
             f"{prefix_name}={prefix!r} is not a valid key prefix: use 1-64 characters from "

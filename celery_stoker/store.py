@@ -103,8 +103,8 @@ class StokerStore:
         try:
             value = kombu_loads(
                 raw[b"body"],
-                raw.get(b"content_type", b"application/json").decode(),
-                raw.get(b"content_encoding", b"utf-8").decode(),
+                _text(raw.get(b"content_type", b"application/json")),
+                _text(raw.get(b"content_encoding", b"utf-8")),
                 accept=None,
             )
         except Exception as exc:
@@ -161,11 +161,11 @@ class StokerStore:
         raw = self.client.hgetall(self.info_key)
         info: dict[str, Any] = {}
         for key, value in raw.items():
-            text = value.decode(errors="replace")
+            text = _text(value)
             try:
-                info[key.decode()] = json.loads(text)
+                info[_text(key)] = json.loads(text)
             except ValueError:
-                info[key.decode()] = text
+                info[_text(key)] = text
         return info
 
     def read_transitions(self, count: int = 5) -> list[dict[str, Any]]:
@@ -179,6 +179,10 @@ class StokerStore:
             if isinstance(item, dict):
                 out.append(item)
         return out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 def _field(value: Any) -> str:
