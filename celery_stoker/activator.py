@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from .dispatch import DISPATCH_TASK, EVENT_MESSAGE_EXPIRES, Outcome, run_event
-from .lease import Holder, RedisLease, ReleaseListener, Term
+from .lease import Holder, LeaseListener, RedisLease, Term
 from .settings import StokerSettings
 from .stoker import StokerSpec
 from .store import StokerStore, done_key
@@ -77,7 +77,7 @@ class Activator:
         *,
         hostname: str,
         queue_name: str,
-        listener: ReleaseListener | None,
+        listener: LeaseListener | None,
         members: Callable[[], frozenset[str]],
         holder_id: str,
     ) -> None:

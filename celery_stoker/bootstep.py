@@ -23,7 +23,7 @@ from celery import bootsteps, signals
 
 from .activator import Activator
 from .connection import redis_client
-from .lease import ReleaseListener, release_channel
+from .lease import LeaseListener, lease_channel
 from .membership import Membership
 from .settings import StokerSettings, check_timing, load_settings
 from .stoker import registry_of
@@ -53,7 +53,7 @@ class StokerStep(bootsteps.StartStopStep):
         self.hostname: str = worker.hostname
         self.registry = registry_of(self.app)
         self.activators: dict[str, Activator] = {}
-        self.listeners: dict[tuple[str, str], ReleaseListener] = {}
+        self.listeners: dict[tuple[str, str], LeaseListener] = {}
         self.membership = Membership(self.hostname)
         self._stopped = threading.Event()
         # Check every setting now: a bad value stops the worker before it starts.
@@ -95,7 +95,7 @@ class StokerStep(bootsteps.StartStopStep):
             ", ".join(sorted(self.activators)),
         )
 
-    def _listener(self, settings: StokerSettings) -> ReleaseListener:
+    def _listener(self, settings: StokerSettings) -> LeaseListener:
         key = (settings.url, settings.key_prefix)
         listener = self.listeners.get(key)
         if listener is None:
@@ -108,10 +108,10 @@ class StokerStep(bootsteps.StartStopStep):
                     socket_connect_timeout=settings.socket_timeout,
                 )
 
-            listener = ReleaseListener(
+            listener = LeaseListener(
                 client_factory,
-                release_channel(settings.key_prefix),
-                thread_name=f"stoker-release-listener:{settings.key_prefix}",
+                lease_channel(settings.key_prefix),
+                thread_name=f"stoker-lease-listener:{settings.key_prefix}",
             )
             listener.start()
             self.listeners[key] = listener

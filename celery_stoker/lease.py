@@ -16,9 +16,11 @@ Redis lock recipe, with two additions that make it safe to act on:
   allowance, so its own view always ends before Redis can hand the lease to
   anyone else.
 
-Waiting is cheap: a waiter blocks on a pub/sub message that ``release`` sends,
-and otherwise wakes only when the lease it saw would expire.  It sends one
-command per lease period and none in between.
+Waiting is cheap: every release and every renewal is announced on one pub/sub
+channel per key prefix.  A waiter blocks until the lease it saw would expire;
+a release wakes it at once, and a renewal moves its wake-up to the new expiry
+without it sending anything.  So a follower sends no command at all while the
+leader keeps renewing, and one when the lease is released or expires.
 
 What it does not promise (as client-go says of itself): a process paused longer
 than its remaining validity (a GC or VM stall) may act after its lease ended;
@@ -79,6 +81,7 @@ return {1, value, tonumber(ARGV[3])}
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PUBLISH', ARGV[3], 'renewed ' .. ARGV[2] .. ' ' .. ARGV[4])
   return 1
 end
 return 0
@@ -87,7 +90,7 @@ return 0
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  redis.call('PUBLISH', ARGV[2], 'released 0 ' .. ARGV[3])
   return 1
 end
 return 0
@@ -185,7 +188,7 @@ class Lease(Protocol):
     def renew(self, term: Term) -> bool: ...
     def release(self, term: Term) -> bool: ...
     def holder(self) -> Holder | None: ...
-    def wait(self, timeout: float) -> bool: ...
+    def wait(self, timeout: float, *, max_wait: float | None = None) -> bool: ...
 
 
 def validity(ttl: float) -> float:
@@ -203,18 +206,28 @@ def token_key(prefix: str, name: str) -> str:
     return f"{prefix}:{{{name}}}:token"
 
 
-def release_channel(prefix: str) -> str:
-    """The pub/sub channel every release under ``prefix`` is announced on."""
-    return f"{prefix}:released"
+def lease_channel(prefix: str) -> str:
+    """The pub/sub channel every release and renewal under ``prefix`` is announced on.
+
+    Messages read ``released 0 <name>`` and ``renewed <ttl ms> <name>``.
+    """
+    return f"{prefix}:lease-events"
 
 
-class ReleaseListener:
-    """One pub/sub connection that wakes every local waiter when a lease is released.
+class LeaseWaiter(Protocol):
+    """What the listener tells: ``kind`` is released, renewed or reconnected."""
+
+    def notify(self, kind: str, ttl_ms: int) -> None: ...
+
+
+class LeaseListener:
+    """One pub/sub connection that tells every local waiter about releases and renewals.
 
     A worker runs one of these per key prefix, whatever the number of leases:
-    releases are rare, so one shared channel carrying the lease name costs less
-    than a subscription per lease.  If the connection drops, waiters still wake
-    at the expiry they observed; the listener reconnects with backoff.
+    one shared channel carrying the lease name costs less than a subscription
+    per lease.  If the connection drops, waiters still wake at the expiry they
+    observed; the listener reconnects with backoff and then wakes every waiter
+    so it looks again.
     """
 
     def __init__(
@@ -222,12 +235,12 @@ class ReleaseListener:
         client_factory: Callable[[], redis.Redis],
         channel: str,
         *,
-        thread_name: str = "stoker-release-listener",
+        thread_name: str = "stoker-lease-listener",
     ) -> None:
         self._client_factory = client_factory
         self.channel = channel
         self._thread_name = thread_name
-        self._waiters: dict[str, set[threading.Event]] = {}
+        self._waiters: dict[str, set[LeaseWaiter]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._subscribed = threading.Event()
@@ -254,27 +267,32 @@ class ReleaseListener:
         """True while the subscription is live (a release now wakes waiters at once)."""
         return self._subscribed.is_set()
 
-    def register(self, name: str, event: threading.Event) -> None:
-        """Set ``event`` whenever the lease called ``name`` is released."""
+    def register(self, name: str, waiter: LeaseWaiter) -> None:
+        """Tell ``waiter`` about every release and renewal of the lease called ``name``."""
         with self._lock:
-            self._waiters.setdefault(name, set()).add(event)
+            self._waiters.setdefault(name, set()).add(waiter)
 
-    def unregister(self, name: str, event: threading.Event) -> None:
-        """Stop waking ``event`` for ``name``."""
+    def unregister(self, name: str, waiter: LeaseWaiter) -> None:
+        """Stop telling ``waiter`` about ``name``."""
         with self._lock:
-            self._waiters.get(name, set()).discard(event)
+            self._waiters.get(name, set()).discard(waiter)
 
-    def _wake(self, name: str) -> None:
+    def _dispatch(self, data: bytes | str) -> None:
+        text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+        parts = text.split(" ", 2)
+        if len(parts) != 3 or not parts[1].isdigit():
+            return
+        kind, ttl_ms, name = parts[0], int(parts[1]), parts[2]
         with self._lock:
-            events = list(self._waiters.get(name, ()))
-        for event in events:
-            event.set()
+            waiters = list(self._waiters.get(name, ()))
+        for waiter in waiters:
+            waiter.notify(kind, ttl_ms)
 
     def _wake_all(self) -> None:
         with self._lock:
-            events = [e for group in self._waiters.values() for e in group]
-        for event in events:
-            event.set()
+            waiters = [w for group in self._waiters.values() for w in group]
+        for waiter in waiters:
+            waiter.notify("reconnected", 0)
 
     def _run(self) -> None:
         backoff = 0.05
@@ -297,8 +315,7 @@ class ReleaseListener:
                         # Anything released while we were away: let waiters look again.
                         self._wake_all()
                     elif message["type"] == "message":
-                        data = message["data"]
-                        self._wake(data.decode() if isinstance(data, bytes) else str(data))
+                        self._dispatch(message["data"])
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 self._subscribed.clear()
                 if not logged_down:
@@ -334,7 +351,7 @@ class RedisLease:
         hostname: str,
         ttl: float,
         key_prefix: str = "stoker",
-        listener: ReleaseListener | None = None,
+        listener: LeaseListener | None = None,
     ) -> None:
         self.client = client
         self.name = name
@@ -344,12 +361,14 @@ class RedisLease:
         self.key_prefix = key_prefix
         self.lease_key = lease_key(key_prefix, name)
         self.token_key = token_key(key_prefix, name)
-        self.channel = release_channel(key_prefix)
+        self.channel = lease_channel(key_prefix)
         self._ttl_ms = max(1, round(ttl * 1000))
         self._listener = listener
-        self._woken = threading.Event()
+        self._woken = threading.Event()  # released (or the listener reconnected)
+        self._nudged = threading.Event()  # anything happened: look at the deadline again
+        self._renewed_until: float | None = None
         if listener is not None:
-            listener.register(name, self._woken)
+            listener.register(name, self)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
@@ -358,7 +377,7 @@ class RedisLease:
     def close(self) -> None:
         """Stop being woken by the listener (the client is the caller's to close)."""
         if self._listener is not None:
-            self._listener.unregister(self.name, self._woken)
+            self._listener.unregister(self.name, self)
 
     def acquire(self, min_token: int = 0) -> AcquireResult:
         """Take the lease if nobody holds it.
@@ -369,6 +388,7 @@ class RedisLease:
         is not missed.
         """
         self._woken.clear()
+        self._renewed_until = None
         started = time.monotonic()
         try:
             ok, raw, pttl = self._acquire(
@@ -390,7 +410,11 @@ class RedisLease:
         """Extend ``term``; False if the lease is no longer ours (then stop acting)."""
         started = time.monotonic()
         try:
-            renewed = int(self._renew(keys=[self.lease_key], args=[term.value, self._ttl_ms]))
+            renewed = int(
+                self._renew(
+                    keys=[self.lease_key], args=[term.value, self._ttl_ms, self.channel, self.name]
+                )
+            )
         except redis.ResponseError as exc:
             if not _is_foreign_data_error(exc):
                 raise
@@ -426,18 +450,41 @@ class RedisLease:
         raw_bytes = raw if isinstance(raw, bytes) else str(raw).encode()
         return Holder.parse(raw_bytes, int(pttl))
 
-    def wait(self, timeout: float) -> bool:
-        """Block until a release of this lease is announced or ``timeout`` passes.
+    def notify(self, kind: str, ttl_ms: int) -> None:
+        """Called by the listener's thread: a release wakes :meth:`wait`, a renewal defers it."""
+        if kind == "renewed":
+            self._renewed_until = time.monotonic() + ttl_ms / 1000.0
+        else:
+            self._woken.set()
+        self._nudged.set()
 
-        Returns True when woken by a release (or a listener reconnect).
+    def wait(self, timeout: float, *, max_wait: float | None = None) -> bool:
+        """Block until a release of this lease is announced or the lease would expire.
+
+        ``timeout`` is the expiry the caller observed; each renewal announced
+        meanwhile moves it to the renewed expiry, so a waiter sends nothing while
+        the holder keeps renewing.  Returns True when woken by a release (or a
+        listener reconnect), False when the (possibly moved) deadline passed or
+        ``max_wait`` seconds went by, whichever is first.
         """
-        if timeout <= 0:
-            return self._woken.is_set()
-        return self._woken.wait(timeout)
+        started = time.monotonic()
+        deadline = started + timeout
+        cap = started + max_wait if max_wait is not None else float("inf")
+        while not self._woken.is_set():
+            left = min(deadline, cap) - time.monotonic()
+            if left <= 0:
+                return False
+            self._nudged.wait(left)
+            self._nudged.clear()
+            renewed_until, self._renewed_until = self._renewed_until, None
+            if renewed_until is not None:
+                deadline = max(deadline, renewed_until + WAKE_MARGIN)
+        return True
 
     def wake(self) -> None:
         """Interrupt a :meth:`wait` from another thread (used to stop an activator)."""
         self._woken.set()
+        self._nudged.set()
 
     def wait_timeout(self, holder: Holder | None) -> float:
         """How long a waiter that saw ``holder`` may sleep before trying again.

@@ -27,12 +27,12 @@ from celery_stoker.connection import mask_url, redis_client
 from celery_stoker.lease import (
     AcquireResult,
     Holder,
+    LeaseListener,
     RedisLease,
-    ReleaseListener,
     Term,
     describe_holder,
+    lease_channel,
     lease_key,
-    release_channel,
     token_key,
     validity,
 )
@@ -61,7 +61,7 @@ class Leases:
         self.url = url
         self._clients: list[redis.Redis] = []
         self._leases: list[RedisLease] = []
-        self._listeners: list[ReleaseListener] = []
+        self._listeners: list[LeaseListener] = []
 
     def client(self, url: str | None = None) -> redis.Redis:
         client = redis_client(url or self.url, socket_timeout=5)
@@ -74,7 +74,7 @@ class Leases:
         ttl: float,
         *,
         name: str = "job",
-        listener: ReleaseListener | None = None,
+        listener: LeaseListener | None = None,
         url: str | None = None,
     ) -> RedisLease:
         lease = RedisLease(
@@ -89,9 +89,9 @@ class Leases:
         self._leases.append(lease)
         return lease
 
-    def listener(self, url: str | None = None) -> ReleaseListener:
-        listener = ReleaseListener(
-            lambda: redis_client(url or self.url, socket_timeout=5), release_channel(PREFIX)
+    def listener(self, url: str | None = None) -> LeaseListener:
+        listener = LeaseListener(
+            lambda: redis_client(url or self.url, socket_timeout=5), lease_channel(PREFIX)
         )
         self._listeners.append(listener)
         listener.start(wait_subscribed=5)
@@ -406,10 +406,18 @@ class CommandCounter:
         self._client.close()
 
 
-def test_waiter_sends_about_one_command_per_lease_period(leases: Leases) -> None:
+@pytest.mark.parametrize("with_listener", [True, False], ids=["listener", "no-listener"])
+def test_waiter_command_count_while_the_leader_renews(leases: Leases, with_listener: bool) -> None:
+    """A follower sends nothing while renewals are announced, and ~one per period without.
+
+    With the listener, each renewal moves the waiter's wake-up to the new expiry, so
+    it sends only its first look.  Without one (pub/sub down), it looks once per
+    observed expiry: never more often than once per ``ttl - renew_interval``.
+    """
     ttl, renew_interval, duration = 1.0, 0.33, 3.0
     holder = leases.lease("leader", ttl)
-    waiter = leases.lease("follower", ttl)
+    listener = leases.listener() if with_listener else None
+    waiter = leases.lease("follower", ttl, listener=listener)
     term = must_acquire(holder)
     stop = threading.Event()
     renew_failures: list[float] = []
@@ -430,7 +438,9 @@ def test_waiter_sends_about_one_command_per_lease_period(leases: Leases) -> None
                 if result.term is not None:
                     acquired += 1
                     break
-                waiter.wait(min(waiter.wait_timeout(result.holder), end - time.monotonic()))
+                waiter.wait(
+                    waiter.wait_timeout(result.holder), max_wait=end - time.monotonic()
+                )
     finally:
         stop.set()
         renewer.join(5)
@@ -439,12 +449,37 @@ def test_waiter_sends_about_one_command_per_lease_period(leases: Leases) -> None
     sent = len(counter.commands)
     per_minute = sent / duration * 60
     print(
-        f"\nfollower sent {sent} commands in {duration:.0f} s with ttl {ttl} s and renew "
-        f"{renew_interval} s: {per_minute:.0f} commands/minute "
-        f"({sorted({c.split()[0] for c in counter.commands})})"
+        f"\nfollower ({'with' if with_listener else 'without'} listener) sent {sent} commands "
+        f"in {duration:.0f} s with ttl {ttl} s and renew {renew_interval} s: "
+        f"{per_minute:.0f} commands/minute ({sorted({c.split()[0] for c in counter.commands})})"
     )
-    assert sent >= 2, "the follower never looked"
-    assert sent <= duration / (ttl - renew_interval) + 2
+    if with_listener:
+        assert sent == 1, "renewal announcements should spare the follower every later look"
+    else:
+        assert sent >= 2, "the follower never looked again"
+        assert sent <= duration / (ttl - renew_interval) + 2
+
+
+def test_waiter_wakes_at_expiry_when_renewals_stop(leases: Leases) -> None:
+    """Renewals defer the waiter; once they stop, it wakes at the last announced expiry."""
+    ttl = 0.6
+    listener = leases.listener()
+    holder = leases.lease("leader", ttl, listener=listener)
+    waiter = leases.lease("follower", ttl, listener=listener)
+    term = must_acquire(holder)
+    result = waiter.acquire()
+    assert result.term is None
+    started = time.monotonic()
+    renewed_last = started
+    for _ in range(3):  # renew for ~0.9 s, past the first observed expiry
+        time.sleep(0.3)
+        assert holder.renew(term)
+        renewed_last = time.monotonic()
+    assert waiter.wait(waiter.wait_timeout(result.holder)) is False
+    woke = time.monotonic()
+    assert woke >= renewed_last + ttl - 0.05, "woke before the renewed lease could expire"
+    assert woke <= renewed_last + ttl + 0.25, "woke long after the renewed lease expired"
+    assert must_acquire(waiter).token > term.token
 
 
 # --- safety: a stale holder -------------------------------------------------------------------
@@ -728,7 +763,7 @@ def test_release_listener_survives_an_empty_restart(
     listener = own_leases.listener()
     holder = own_leases.lease("holder", 5.0, listener=listener)
     waiter = own_leases.lease("waiter", 5.0, listener=listener)
-    channel = release_channel(PREFIX)
+    channel = lease_channel(PREFIX)
 
     redis_server.restart(empty=True)
     probe = redis_server.client()
@@ -773,7 +808,7 @@ def test_release_listener_reports_an_outage_and_recovers(
 def test_lease_keys_share_one_cluster_slot() -> None:
     assert lease_key("p", "a.b") == "p:{a.b}:lease"
     assert token_key("p", "a.b") == "p:{a.b}:token"
-    assert release_channel("p") == "p:released"
+    assert lease_channel("p") == "p:lease-events"
 
 
 def test_holder_parse_round_trip() -> None:
