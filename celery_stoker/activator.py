@@ -119,6 +119,8 @@ class Activator:
         self.last_error: str | None = None
         self.highest_token = 0
         self.terms_won = 0
+        #: The last state our events committed (see Outcome.state).
+        self._state_cache: tuple[str, str, str] | None = None
 
         self._term: Term | None = None
         #: False from the moment a leader starts stepping down: no new events.
@@ -359,6 +361,7 @@ class Activator:
                 # Delivered even when the term just ran out: it tells the Stoker to
                 # stop acting.  Its state write is still fenced by the token.
                 check_current=False,
+                cached_state=self._state_cache,
             )
             self.last_error = outcome.error or self.last_error
         except REDIS_DOWN as exc:
@@ -496,6 +499,8 @@ class Activator:
                 continue
             if outcome.seq == item.seq and outcome.token == item.token:
                 self.last_error = outcome.error or self.last_error
+                if outcome.state is not None:
+                    self._state_cache = outcome.state
                 return outcome
         if not self._stop.is_set():
             logger.warning(

@@ -16,6 +16,7 @@ the lease, because by then the pool may be draining or the broker unreachable.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
+from kombu.serialization import loads as kombu_loads
 
 from .connection import redis_client
 from .settings import StokerSettings, load_settings
@@ -57,6 +59,10 @@ class Outcome:
     next_timer: float | None = None
     timer_error: bool = False
     error: str | None = None
+    #: The committed state, serialized (base64 of the body) with its content type
+    #: and encoding, so the activator can hand ``shutdown`` the last state even
+    #: when Redis is the thing that is gone.
+    state: tuple[str, str, str] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -66,7 +72,10 @@ class Outcome:
         """Parse a report; None for anything that is not one."""
         try:
             data = json.loads(raw)
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+            fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+            if fields.get("state") is not None:
+                fields["state"] = tuple(fields["state"])
+            return cls(**fields)
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -152,12 +161,16 @@ def run_event(
     hostname: str,
     members: frozenset[str],
     check_current: bool = True,
+    cached_state: tuple[str, str, str] | None = None,
 ) -> Outcome:
     """Run one callback under ``token`` and commit its state if the token is still current.
 
     Never raises for the user's mistakes: a raising callback, garbage returned, or
     a state that cannot be stored is logged with the Stoker's name and
     traceback, the stored state is kept, and the outcome carries the error.
+
+    ``cached_state`` (an earlier :attr:`Outcome.state`) is used when Redis cannot
+    be read: a leader that lost Redis still tells its Stoker to stop.
     """
     settings = resources.settings(app, spec)
     client = resources.client(settings)
@@ -187,6 +200,10 @@ def run_event(
     except StateError as exc:
         logger.error("%s; the stored state is left as it is", exc)
         errors.append(str(exc))
+    except redis.RedisError:
+        if cached_state is None:
+            raise
+        state, have_state = decode_cached(cached_state), True
 
     new_state = state
     encoded = None
@@ -223,6 +240,10 @@ def run_event(
     info["last_error"] = outcome.error
     try:
         outcome.committed = store.commit(token, encoded, info)
+        if outcome.committed and encoded is not None:
+            content_type, encoding, body = encoded
+            raw = body.encode() if isinstance(body, str) else body
+            outcome.state = (content_type, encoding, base64.b64encode(raw).decode())
     except redis.RedisError as exc:
         logger.warning("Stoker %s: could not store the state after %s (%s)", spec.name, event, exc)
     if not outcome.committed and check_current:
@@ -233,6 +254,12 @@ def run_event(
             token,
         )
     return outcome
+
+
+def decode_cached(cached: tuple[str, str, str]) -> Any:
+    """The state an :attr:`Outcome.state` carries."""
+    content_type, encoding, body = cached
+    return kombu_loads(base64.b64decode(body), content_type, encoding, accept=None)
 
 
 def _next_timer(instance: Stoker, name: str, state: Any) -> float | None:

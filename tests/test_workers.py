@@ -7,11 +7,13 @@ records and check the promises of DESIGN.md on them.  Nothing is mocked.
 
 from __future__ import annotations
 
+import itertools
 import json
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from support.redis_server import RedisServer
@@ -347,3 +349,114 @@ def test_fenced_commit_rejects_stale_token(redis_server: RedisServer) -> None:
     client.set("stoker:{fenced}:state", "x")
     with pytest.raises(StateError, match="fenced"):
         store.load()
+
+
+@pytest.mark.parametrize(
+    ("sig", "soft"),
+    [(signal.SIGINT, "0"), (signal.SIGQUIT, "0"), (signal.SIGTERM, "2")],
+    ids=["SIGINT-warm", "SIGQUIT-cold", "SIGTERM-soft-shutdown"],
+)
+def test_every_shutdown_kind_releases_first(
+    redis_server: RedisServer, records: Records, sig: int, soft: str
+) -> None:
+    fleet = make_fleet(redis_server, "solo", ttl="6", STOKER_TEST_SOFT_SHUTDOWN=soft)
+    try:
+        fleet.start("w1@%h")
+        first = wait_for(lambda: records.of("now_leader"), 30, what="first leader")[0]
+        fleet.start("w2@%h")
+        wait_for(lambda: [r for r in records.of("cluster_change")], 30, what="w2 seen")
+        fleet.by_node(first.host).signal(sig)
+        sent_at = time.time()
+        second = wait_for(
+            lambda: [r for r in records.of("now_leader") if r.host != first.host],
+            10,
+            what="a second leader",
+        )[0]
+        assert second.at - sent_at < 1.0, f"handover took {second.at - sent_at:.3f}s"
+        shutdowns = [r for r in records.of("shutdown") if r.token == first.token]
+        assert [s.reason for s in shutdowns] == ["worker_stopping"]
+        fleet.by_node(first.host).wait_exit(30)
+        check_terms(records.events())
+    finally:
+        fleet.cleanup()
+
+
+def test_busy_pool_never_delays_a_renewal(redis_server: RedisServer, records: Records) -> None:
+    """A solo pool stuck in a long task for 3 TTLs keeps its leadership."""
+    fleet = make_fleet(redis_server, "solo", STOKER_TEST_TIMER="0.2")
+    try:
+        w1 = fleet.start("w1@%h")
+        leader = wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")[0]
+        fleet.start("w2@%h")
+        wait_for(lambda: records.of("cluster_change"), 30, what="w2 seen")
+        from celery import Celery
+
+        app = Celery("client", broker=redis_server.url_for(0))
+        app.send_task("recorder.sleep", args=[3 * TTL], queue=f"stoker.{w1.node}")
+        wait_for(lambda: records.raw("slept"), 30, what="the long task to finish")
+        # Timers resume on the same term once the pool is free again.
+        after = wait_for(
+            lambda: [r for r in records.of("timer") if r.at > records.raw("slept")[0]["at"]],
+            10,
+            what="timers after the long task",
+        )
+        assert after[0].token == leader.token
+        events = records.events()
+        assert len(records.of("now_leader", events)) == 1
+        assert not records.of("shutdown", events)
+    finally:
+        fleet.cleanup()
+
+
+def test_events_run_one_at_a_time_and_in_order_in_prefork(
+    redis_server: RedisServer, records: Records
+) -> None:
+    fleet = make_fleet(
+        redis_server, "prefork", STOKER_TEST_TIMER="0.01", STOKER_TEST_EVENT_SLEEP="0.05"
+    )
+    try:
+        fleet.start("w1@%h", concurrency=4)
+        wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
+        fleet.start("w2@%h")  # a cluster_change among the timers
+        wait_for(lambda: records.of("cluster_change"), 30, what="a cluster change")
+        wait_for(lambda: len(records.events()) >= 25, 30, what="25 events")
+        events = [r for r in records.events() if r.event != "shutdown"]
+        for before, after in itertools.pairwise(events):
+            assert after.started >= before.at, f"{after} started before {before} ended"
+            assert after.events == before.events + 1, "events ran out of order"
+    finally:
+        fleet.cleanup()
+
+
+def test_leader_that_cannot_renew_steps_down_and_leads_again(
+    redis_server: RedisServer, make_redis_server: Callable[..., RedisServer], records: Records
+) -> None:
+    """Redis for the lease stops answering: the leader says shutdown(lease_lost) itself."""
+    lease_redis = make_redis_server()
+    fleet = make_fleet(
+        redis_server, "solo", STOKER_TEST_URL=lease_redis.url_for(0), STOKER_TEST_TIMER="0.2"
+    )
+    try:
+        w1 = fleet.start("w1@%h")
+        first = wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")[0]
+        lease_redis.pause()
+        paused_at = time.time()
+        lost = wait_for(
+            lambda: [r for r in records.of("shutdown") if r.reason == "lease_lost"],
+            10,
+            what="shutdown(lease_lost)",
+        )[0]
+        assert lost.token == first.token and lost.host == w1.node
+        # No timer of that term ran once the term was over (TTL after the pause at most).
+        assert not [r for r in records.of("timer") if r.at > paused_at + TTL]
+        lease_redis.resume()
+        again = wait_for(
+            lambda: [r for r in records.of("now_leader") if r.token > first.token],
+            15,
+            what="leader again after Redis answers",
+        )[0]
+        assert again.host == w1.node
+        assert w1.alive()
+        assert "Traceback" not in w1.log()
+    finally:
+        fleet.cleanup()

@@ -26,6 +26,7 @@ app.conf.update(
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
+    worker_soft_shutdown_timeout=float(os.environ.get("STOKER_TEST_SOFT_SHUTDOWN", "0")),
 )
 app.steps["worker"].add(StokerStep)
 
@@ -54,6 +55,10 @@ class Recorder(Stoker):
 
     def event(self, state: dict[str, Any], event: str, reason: Any) -> dict[str, Any]:
         ctx = self.context
+        started = time.time()
+        busy = float(os.environ.get("STOKER_TEST_EVENT_SLEEP", "0"))
+        if busy and event != "shutdown":
+            time.sleep(busy)  # a slow callback, to show events never overlap
         record(
             "event",
             event=event,
@@ -62,6 +67,7 @@ class Recorder(Stoker):
             token=ctx.token,
             members=sorted(ctx.members),
             events=state["events"],
+            started=started,
         )
         if event == "timer" and os.environ.get("STOKER_TEST_RAISE_ON_TIMER") == ctx.hostname:
             raise RuntimeError("boom in timer")
@@ -74,3 +80,10 @@ class Recorder(Stoker):
     def next_timer_in(self, state: dict[str, Any]) -> float | None:
         raw = os.environ.get("STOKER_TEST_TIMER")
         return float(raw) if raw else None
+
+
+@app.task(name="recorder.sleep")
+def sleep(seconds: float) -> None:
+    """Keep a pool slot busy, then say so (to show a busy pool never delays renewals)."""
+    time.sleep(seconds)
+    record("slept", seconds=seconds)

@@ -173,6 +173,7 @@ class Record:
     reason: Any = None
     members: tuple[str, ...] = ()
     events: int = 0
+    started: float = 0.0
 
 
 class Records:
@@ -194,6 +195,7 @@ class Records:
                     reason=d.get("reason"),
                     members=tuple(d.get("members") or ()),
                     events=int(d.get("events") or 0),
+                    started=float(d.get("started") or d["at"]),
                 )
             )
         return out
@@ -202,7 +204,10 @@ class Records:
         return [r for r in (records if records is not None else self.events()) if r.event == event]
 
     def inits(self) -> list[dict[str, Any]]:
-        return [json.loads(raw) for raw in self.client.lrange("rec:init", 0, -1)]
+        return self.raw("init")
+
+    def raw(self, kind: str) -> list[dict[str, Any]]:
+        return [json.loads(raw) for raw in self.client.lrange(f"rec:{kind}", 0, -1)]
 
 
 def check_terms(records: list[Record]) -> dict[int, list[Record]]:
