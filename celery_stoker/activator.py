@@ -33,7 +33,7 @@ import redis
 from .dispatch import DISPATCH_TASK, EVENT_MESSAGE_EXPIRES, Outcome, run_event
 from .lease import Holder, LeaseListener, RedisLease, Term
 from .settings import StokerSettings
-from .stoker import StokerSpec
+from .stoker import Stoker, StokerContext, StokerSpec
 from .store import StokerStore, done_key
 
 if TYPE_CHECKING:
@@ -121,6 +121,8 @@ class Activator:
         self.terms_won = 0
         #: The last state our events committed (see Outcome.state).
         self._state_cache: tuple[str, str, str] | None = None
+        #: This process's own instance, for the in-process leader hooks.
+        self._local: Stoker | None = None
 
         self._term: Term | None = None
         #: False from the moment a leader starts stepping down: no new events.
@@ -283,6 +285,7 @@ class Activator:
                 "token": term.token,
             },
         )
+        self._call_local(term, "leader_started")
         self._submit("now_leader", None)
 
     def _hold(self) -> None:
@@ -322,6 +325,7 @@ class Activator:
         self.state = "follower"
         self.active_from = None
         self._wake_event_thread()
+        self._call_local(term, "leader_stopping", reason)
         self._deliver_shutdown(term, reason)
         if release:
             try:
@@ -344,6 +348,17 @@ class Activator:
                 "reason": reason,
             },
         )
+
+    def _call_local(self, term: Term, hook: str, *args: Any) -> None:
+        """Run an in-process leader hook of the Stoker; log, never raise."""
+        if self._local is None:
+            self._local = self.spec.instantiate()
+        self._local.context = StokerContext(self.name, self.hostname, term.token, self._members())
+        try:
+            getattr(self._local, hook, lambda *a: None)(*args)
+        except Exception:
+            logger.exception("Stoker %s: %s() raised; carrying on", self.name, hook)
+            self.last_error = f"{hook}() raised"
 
     def _deliver_shutdown(self, term: Term, reason: str) -> None:
         """Run ``shutdown`` in this process: the pool may be draining, the broker gone."""

@@ -69,6 +69,19 @@ class Stoker:
         """Seconds until the next ``timer`` event, or None for no timer."""
         return None
 
+    # In-process hooks: for work that must live in the worker's main process for
+    # the whole term (a thread such as the beat service, a socket), where a pool
+    # task cannot keep it.  They run on the activator's thread and must be quick.
+
+    def leader_started(self) -> None:
+        """Called in the leader worker's main process when a term begins, before ``now_leader``."""
+
+    def leader_stopping(self, reason: str) -> None:
+        """Called in the main process when the term ends, before ``shutdown`` and the release.
+
+        Stop here whatever :meth:`leader_started` started; return only once it stopped.
+        """
+
 
 @dataclass(frozen=True)
 class StokerSpec:

@@ -460,3 +460,32 @@ def test_leader_that_cannot_renew_steps_down_and_leads_again(
         assert "Traceback" not in w1.log()
     finally:
         fleet.cleanup()
+
+
+def test_in_process_hooks_run_in_the_worker_main_process(
+    redis_server: RedisServer, records: Records
+) -> None:
+    fleet = make_fleet(redis_server, "prefork")
+    try:
+        w1 = fleet.start("w1@%h", concurrency=2)
+        now_leader = wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")[0]
+        started = records.raw("hook")[0]
+        assert (started["hook"], started["pid"], started["token"]) == (
+            "started",
+            w1.pid,
+            now_leader.token,
+        )
+        assert started["at"] <= now_leader.started
+        assert records.raw("event")[0]["pid"] != w1.pid, "now_leader should run in the pool"
+        w1.sigterm()
+        w1.wait_exit(30)
+        stopping = records.raw("hook")[-1]
+        shutdown = records.of("shutdown")[-1]
+        assert (stopping["hook"], stopping["reason"], stopping["pid"]) == (
+            "stopping",
+            "worker_stopping",
+            w1.pid,
+        )
+        assert stopping["at"] <= shutdown.started
+    finally:
+        fleet.cleanup()

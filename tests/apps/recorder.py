@@ -77,6 +77,18 @@ class Recorder(Stoker):
             state["timers"] += 1
         return state
 
+    def leader_started(self) -> None:
+        record("hook", hook="started", host=self.context.hostname, token=self.context.token)
+
+    def leader_stopping(self, reason: str) -> None:
+        record(
+            "hook",
+            hook="stopping",
+            reason=reason,
+            host=self.context.hostname,
+            token=self.context.token,
+        )
+
     def next_timer_in(self, state: dict[str, Any]) -> float | None:
         raw = os.environ.get("STOKER_TEST_TIMER")
         return float(raw) if raw else None
