@@ -489,3 +489,43 @@ def test_in_process_hooks_run_in_the_worker_main_process(
         assert stopping["at"] <= shutdown.started
     finally:
         fleet.cleanup()
+
+
+def test_cluster_change_with_task_events_enabled(
+    redis_server: RedisServer, records: Records
+) -> None:
+    """``-E`` (task events on) changes nothing for membership."""
+    fleet = make_fleet(redis_server, "solo")
+    try:
+        w1 = fleet.start("w1@%h", extra_args=["-E"])
+        wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
+        w2 = fleet.start("w2@%h", extra_args=["-E"])
+        joined = wait_for(
+            lambda: [r for r in records.of("cluster_change") if r.reason["node"] == w2.node],
+            30,
+            what="w2 joined",
+        )[0]
+        assert (joined.host, joined.reason["change"]) == (w1.node, "joined")
+    finally:
+        fleet.cleanup()
+
+
+def test_without_gossip_members_is_only_this_worker(
+    redis_server: RedisServer, records: Records
+) -> None:
+    fleet = make_fleet(redis_server, "solo", STOKER_TEST_TIMER="0.3")
+    try:
+        w1 = fleet.start("w1@%h", extra_args=["--without-gossip"])
+        wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
+        w2 = fleet.start("w2@%h")
+        # w2 is up (its activator follows w1) and several timers passed on w1.
+        wait_for(lambda: "following" in w2.log(), 30, what="w2 follows")
+        seen = len(records.events())
+        wait_for(lambda: len(records.events()) >= seen + 5, 30, what="more timers")
+        events = records.events()
+        assert {r.host for r in events} == {w1.node}
+        assert {r.members for r in events} == {(w1.node,)}
+        assert not records.of("cluster_change", events)
+        assert w1.log().count("gossip is off") == 1
+    finally:
+        fleet.cleanup()
