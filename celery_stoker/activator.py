@@ -285,6 +285,10 @@ class Activator:
                 "token": term.token,
             },
         )
+        try:
+            self._state_cache = self.store.load_portable()
+        except REDIS_DOWN:
+            self._state_cache = None
         self._call_local(term, "leader_started")
         self._submit("now_leader", None)
 
@@ -324,9 +328,10 @@ class Activator:
         self._term = None
         self.state = "follower"
         self.active_from = None
-        self._wake_event_thread()
+        if release:
+            self._wake_event_thread()  # (after a loss, Redis may not answer: it wakes in 1 s)
         self._call_local(term, "leader_stopping", reason)
-        self._deliver_shutdown(term, reason)
+        self._deliver_shutdown(term, reason, lost=not release)
         if release:
             try:
                 if self.lease.release(term):
@@ -360,7 +365,7 @@ class Activator:
             logger.exception("Stoker %s: %s() raised; carrying on", self.name, hook)
             self.last_error = f"{hook}() raised"
 
-    def _deliver_shutdown(self, term: Term, reason: str) -> None:
+    def _deliver_shutdown(self, term: Term, reason: str, *, lost: bool) -> None:
         """Run ``shutdown`` in this process: the pool may be draining, the broker gone."""
         self.last_event, self.last_event_at = "shutdown", time.time()
         try:
@@ -377,6 +382,10 @@ class Activator:
                 # stop acting.  Its state write is still fenced by the token.
                 check_current=False,
                 cached_state=self._state_cache,
+                # A lost term must hear shutdown before Redis can hand the lease on:
+                # start from our copy of the state, ask Redis nothing first.
+                prefer_cached=lost,
+                client=self.client,
             )
             self.last_error = outcome.error or self.last_error
         except REDIS_DOWN as exc:

@@ -95,6 +95,24 @@ def redis_client(
     return redis.Redis.from_url(normalize_url(url), **timeouts)
 
 
+def check_url(url: str) -> None:
+    """Raise ValueError (password masked) if ``url`` cannot be parsed; connects to nothing."""
+    if url_scheme(url) == "sentinel":
+        for part in url.split(";"):
+            if part.strip():
+                try:
+                    urlsplit(part.strip()).port  # noqa: B018 - parsing is the check
+                except ValueError as exc:
+                    raise ValueError(f"{mask_url(url)!r} is malformed: {exc}") from None
+        return
+    from redis.connection import parse_url
+
+    try:
+        parse_url(normalize_url(url))
+    except ValueError as exc:
+        raise ValueError(f"{mask_url(url)!r} is malformed: {exc}") from None
+
+
 def normalize_url(url: str) -> str:
     """Kombu's ``redis+socket:///path?virtual_host=N`` as redis-py's ``unix:///path?db=N``."""
     if url_scheme(url) != "redis+socket":

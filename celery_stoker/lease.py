@@ -309,7 +309,7 @@ class LeaseListener:
                     if message["type"] == "subscribe":
                         self._subscribed.set()
                         if logged_down:
-                            logger.info("release listener on %s is back", self.channel)
+                            logger.info("lease listener on %s is back", self.channel)
                             logged_down = False
                         backoff = 0.05
                         # Anything released while we were away: let waiters look again.
@@ -320,7 +320,7 @@ class LeaseListener:
                 self._subscribed.clear()
                 if not logged_down:
                     logger.warning(
-                        "release listener lost Redis (%s); waiters fall back to lease expiry "
+                        "lease listener lost Redis (%s); waiters fall back to lease expiry "
                         "until it is back",
                         exc.__class__.__name__,
                     )
@@ -489,13 +489,14 @@ class RedisLease:
     def wait_timeout(self, holder: Holder | None) -> float:
         """How long a waiter that saw ``holder`` may sleep before trying again.
 
-        Until the observed lease would expire (plus a small margin); a lease
-        with no expiry (a foreign value) is looked at again after one TTL.
+        Until the observed lease would expire (plus a small margin); a foreign
+        value is looked at again after one TTL at most.
         """
         if holder is None:
             return 0.0
-        if holder.ttl_left is None:
-            return self.ttl
+        if holder.foreign or holder.ttl_left is None:
+            # Not ours: look again each TTL, so its removal is noticed soon.
+            return self.ttl if holder.ttl_left is None else min(self.ttl, holder.ttl_left)
         return holder.ttl_left + WAKE_MARGIN
 
 

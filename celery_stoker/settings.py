@@ -18,7 +18,7 @@ from typing import Any
 
 from celery.exceptions import ImproperlyConfigured
 
-from .connection import is_redis_url, mask_url, normalize_url
+from .connection import check_url, is_redis_url, mask_url, normalize_url
 
 DEFAULT_LEASE_TTL = 10.0
 MIN_LEASE_TTL = 0.2
@@ -106,6 +106,11 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
     allowed range.
     """
     url, options = resolve_url(conf)
+    try:
+        check_url(url)
+    except ValueError as exc:
+        name = "stoker_url" if conf.get("stoker_url") else "broker_url (used as stoker_url)"
+        raise StokerConfigurationError(f"{name}: {exc}") from None
     ttl, renew, prefix = check_timing(conf, overrides)
     serializer = conf.get("stoker_state_serializer") or "json"
     from kombu.serialization import registry

@@ -10,6 +10,7 @@ error and the last few transitions.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from dataclasses import dataclass
@@ -87,6 +88,7 @@ class StokerStore:
         self.state_key = state_key(key_prefix, name)
         self.info_key = info_key(key_prefix, name)
         self.transitions_key = transitions_key(key_prefix, name)
+        self.accept = accepted_content(serializer)
         self._commit = client.register_script(_COMMIT)
 
     def load(self) -> StoredState:
@@ -105,7 +107,7 @@ class StokerStore:
                 raw[b"body"],
                 _text(raw.get(b"content_type", b"application/json")),
                 _text(raw.get(b"content_encoding", b"utf-8")),
-                accept=None,
+                accept=self.accept,
             )
         except Exception as exc:
             raise StateError(
@@ -114,6 +116,24 @@ class StokerStore:
             ) from exc
         token = raw.get(b"token")
         return StoredState(True, value, int(token) if token and token.isdigit() else None)
+
+    def load_portable(self) -> tuple[str, str, str] | None:
+        """The stored state as (content type, encoding, base64 body), undecoded; None if none.
+
+        The activator keeps this copy so it can hand ``shutdown`` a state even
+        when Redis is what it lost.
+        """
+        try:
+            raw = self.client.hgetall(self.state_key)
+        except redis.ResponseError:
+            return None
+        if not raw or b"body" not in raw:
+            return None
+        return portable(
+            _text(raw.get(b"content_type", b"application/json")),
+            _text(raw.get(b"content_encoding", b"utf-8")),
+            raw[b"body"],
+        )
 
     def encode(self, value: Any) -> tuple[str, str, bytes | str]:
         """Serialize ``value``; raises :class:`StateError` naming the Stoker and serializer."""
@@ -179,6 +199,31 @@ class StokerStore:
             if isinstance(item, dict):
                 out.append(item)
         return out
+
+
+def portable(content_type: str, encoding: str, body: bytes | str) -> tuple[str, str, str]:
+    """A serialized state as JSON-safe strings (the body in base64)."""
+    raw = body.encode() if isinstance(body, str) else body
+    return (content_type, encoding, base64.b64encode(raw).decode())
+
+
+def accepted_content(serializer: str) -> list[str]:
+    """The one content type a store reads: its configured serializer's.
+
+    Nothing else is decoded, so a value someone else put in Redis (a pickle,
+    say, where JSON is configured) is refused rather than run.
+    """
+    from kombu.serialization import registry
+
+    return [registry._encoders[serializer].content_type]
+
+
+def from_portable(state: tuple[str, str, str], serializer: str) -> Any:
+    """Decode what :func:`portable` made, accepting only ``serializer``'s content type."""
+    content_type, encoding, body = state
+    return kombu_loads(
+        base64.b64decode(body), content_type, encoding, accept=accepted_content(serializer)
+    )
 
 
 def _text(value: bytes | str) -> str:
