@@ -28,6 +28,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     worker_soft_shutdown_timeout=float(os.environ.get("STOKER_TEST_SOFT_SHUTDOWN", "0")),
 )
+if os.environ.get("STOKER_TEST_MASTER_NAME"):  # stoker_url is a sentinel:// group
+    app.conf.stoker_transport_options = {"master_name": os.environ["STOKER_TEST_MASTER_NAME"]}
 app.steps["worker"].add(StokerStep)
 
 _record_client: redis.Redis | None = None
