@@ -4,20 +4,34 @@ Public names only; see README.md for the quick start.
 """
 
 from .bootstep import StokerStep
-from .control import dump, whereis
+from .control import StokerOperationError, drain, dump, handoff, undrain, whereis
 from .settings import StokerConfigurationError, StokerSettings
-from .stoker import EVENTS, Stoker, StokerContext, StokerRegistrationError, stoker
+from .stoker import (
+    EVENTS,
+    Stoker,
+    StokerContext,
+    StokerRegistrationError,
+    WorkerInfo,
+    consuming,
+    stoker,
+)
 
 __all__ = [
     "EVENTS",
     "Stoker",
     "StokerConfigurationError",
     "StokerContext",
+    "StokerOperationError",
     "StokerRegistrationError",
     "StokerSettings",
     "StokerStep",
+    "WorkerInfo",
+    "consuming",
+    "drain",
     "dump",
+    "handoff",
     "stoker",
+    "undrain",
     "whereis",
 ]
 

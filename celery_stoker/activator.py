@@ -80,6 +80,9 @@ class Activator:
         listener: LeaseListener | None,
         members: Callable[[], frozenset[str]],
         holder_id: str,
+        eligible: bool = True,
+        min_members: int = 1,
+        emit: Callable[..., None] | None = None,
     ) -> None:
         self.app = app
         self.spec = spec
@@ -88,6 +91,9 @@ class Activator:
         self.hostname = hostname
         self.queue_name = queue_name
         self._members = members
+        self.eligible = eligible
+        self.min_members = min_members
+        self._emit = emit or (lambda *args, **kwargs: None)
         self.client = _client(settings, settings.socket_timeout)
         # BLPOP blocks up to a second; its socket must wait longer than that.
         self._report_client = _client(settings, settings.socket_timeout + 1.5)
@@ -119,6 +125,11 @@ class Activator:
         self.last_error: str | None = None
         self.highest_token = 0
         self.terms_won = 0
+        self.draining = False
+        #: True while this leader holds the lease but sees fewer than min_members.
+        self.suspended = False
+        #: After giving leadership away, do not take it straight back (monotonic).
+        self._cooldown_until = 0.0
         #: The last state our events committed (see Outcome.state).
         self._state_cache: tuple[str, str, str] | None = None
         #: This process's own instance, for the in-process leader hooks.
@@ -175,6 +186,8 @@ class Activator:
     def on_cluster_change(self, node: str, change: str) -> None:
         """A worker joined, left or was lost: the leader's Stoker hears of it."""
         self._submit("cluster_change", {"node": node, "change": change})
+        if self._term is not None and self.min_members > 1:
+            self.lease.poke_local()  # the election thread re-checks the quorum now
 
     def snapshot(self) -> dict[str, Any]:
         """This activator's fields, as the original's ``dump/1`` shows them."""
@@ -192,6 +205,10 @@ class Activator:
             "last_event_at": _iso(self.last_event_at),
             "last_error": self.last_error,
             "terms_won": self.terms_won,
+            "eligible": self.eligible,
+            "draining": self.draining,
+            "suspended": self.suspended,
+            "min_members": self.min_members,
             "lease_ttl": self.settings.lease_ttl,
             "renew_interval": self.settings.renew_interval,
         }
@@ -199,6 +216,11 @@ class Activator:
     # ---------------------------------------------------------------- election
 
     def _run_election(self) -> None:
+        if not self.eligible:
+            self.state = "ineligible"
+            logger.info("Stoker %s: %s may not lead it (eligible=...)", self.name, self.hostname)
+            self._stop.wait()
+            return
         backoff = BACKOFF_START
         while not self._stop.is_set():
             try:
@@ -225,6 +247,13 @@ class Activator:
         self.state = "unk"
 
     def _follow(self) -> None:
+        cooldown = self._cooldown_until - time.monotonic()
+        if cooldown > 0:
+            # We just gave leadership away: let another worker take it first (a release,
+            # even our own, must not cut this short).
+            self._stop.wait(cooldown)
+            self._cooldown_until = 0.0
+            return
         result = self.lease.acquire(min_token=self.highest_token)
         if result.term is not None:
             self._become_leader(result.term)
@@ -232,7 +261,18 @@ class Activator:
         holder = result.holder
         self._note_holder(holder)
         self.state = "follower"
-        self.lease.wait(self.lease.wait_timeout(holder))
+        if result.draining != self.draining:
+            self.draining = result.draining
+            logger.warning(
+                "Stoker %s: %s is %s",
+                self.name,
+                self.hostname,
+                "draining: it will not lead" if self.draining else "no longer draining",
+            )
+        timeout = self.lease.wait_timeout(holder) if holder is not None else 0.0
+        if self.draining:
+            timeout = max(timeout, self.settings.lease_ttl)
+        self.lease.wait(timeout)
 
     def _note_holder(self, holder: Holder | None) -> None:
         if holder is None:
@@ -260,7 +300,7 @@ class Activator:
 
     def _become_leader(self, term: Term) -> None:
         self._term = term
-        self._accepting = True
+        self._accepting = False
         self.highest_token = max(self.highest_token, term.token)
         self.state = "leader"
         self.leader = self.hostname
@@ -289,14 +329,51 @@ class Activator:
             self._state_cache = self.store.load_portable()
         except REDIS_DOWN:
             self._state_cache = None
+        self.draining = False
+        self._emit("stoker-elected", name=self.name, token=term.token)
+        if len(self._members()) < self.min_members:
+            self._suspend(term)
+        else:
+            self._start_acting(term)
+
+    def _start_acting(self, term: Term) -> None:
+        self.suspended = False
+        self._accepting = True
         self._call_local(term, "leader_started")
         self._submit("now_leader", None)
+
+    def _suspend(self, term: Term) -> None:
+        """Hold the lease but stop acting: too few workers are visible (min_members)."""
+        self.suspended = True
+        logger.warning(
+            "Stoker %s: %s sees %d of the %d workers it needs; not acting until it sees more",
+            self.name,
+            self.hostname,
+            len(self._members()),
+            self.min_members,
+        )
+        self._emit("stoker-suspended", name=self.name, token=term.token)
+
+    def _check_quorum(self, term: Term) -> None:
+        enough = len(self._members()) >= self.min_members
+        if self.suspended and enough:
+            logger.warning("Stoker %s: enough workers again; acting", self.name)
+            self._emit("stoker-resumed", name=self.name, token=term.token)
+            self._start_acting(term)
+        elif not self.suspended and not enough:
+            self._accepting = False
+            self._idle.wait(max(0.0, min(STOP_GRACE, term.time_left() / 2)))
+            self._suspend(term)
+            self._call_local(term, "leader_stopping", "below_min_members")
+            self._deliver_shutdown(term, "below_min_members", lost=False)
 
     def _hold(self) -> None:
         term = self._term
         assert term is not None
         renew_at = time.monotonic() + self.settings.renew_interval
         while not self._stop.is_set():
+            if self.min_members > 1:
+                self._check_quorum(term)
             left = term.time_left()
             if left <= self.settings.socket_timeout:
                 # A renewal sent now might answer after our lease ends: stop acting first.
@@ -305,13 +382,21 @@ class Activator:
             now = time.monotonic()
             if now >= renew_at:
                 break
-            self._stop.wait(min(renew_at - now, left - self.settings.socket_timeout))
+            wait = min(renew_at - now, left - self.settings.socket_timeout)
+            if self.lease.wait_poked(wait) and self.lease.poked_by_operator():
+                break  # an operator asked: renew now and hear why
         if self._stop.is_set():
             return
         if not self.lease.renew(term):
             self._step_down("lease_lost", release=False)
+            return
+        request = self.lease.step_down_request
+        if request is not None:
+            kind, to = request
+            self._step_down(kind, release=True, reserve_for=to)
+            self._cooldown_until = time.monotonic() + self.settings.lease_ttl
 
-    def _step_down(self, reason: str, *, release: bool) -> None:
+    def _step_down(self, reason: str, *, release: bool, reserve_for: str | None = None) -> None:
         """Stop acting on the current term: no more events, ``shutdown`` here, then release."""
         term = self._term
         if term is None:
@@ -328,13 +413,15 @@ class Activator:
         self._term = None
         self.state = "follower"
         self.active_from = None
+        was_suspended, self.suspended = self.suspended, False
         if release:
             self._wake_event_thread()  # (after a loss, Redis may not answer: it wakes in 1 s)
-        self._call_local(term, "leader_stopping", reason)
-        self._deliver_shutdown(term, reason, lost=not release)
+        if not was_suspended:  # a suspended leader already said shutdown
+            self._call_local(term, "leader_stopping", reason)
+            self._deliver_shutdown(term, reason, lost=not release)
         if release:
             try:
-                if self.lease.release(term):
+                if self.lease.release(term, reserve_for=reserve_for):
                     logger.info("Stoker %s: lease released (token %d)", self.name, term.token)
             except REDIS_DOWN as exc:
                 logger.warning(
@@ -351,7 +438,11 @@ class Activator:
                 "node": self.hostname,
                 "token": term.token,
                 "reason": reason,
+                **({"to": reserve_for} if reserve_for else {}),
             },
+        )
+        self._emit(
+            "stoker-stepped-down", name=self.name, token=term.token, reason=reason, to=reserve_for
         )
 
     def _call_local(self, term: Term, hook: str, *args: Any) -> None:

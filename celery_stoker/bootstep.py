@@ -23,10 +23,11 @@ from celery import bootsteps, signals
 
 from .activator import Activator
 from .connection import redis_client
-from .lease import LeaseListener, lease_channel
+from .lease import LeaseListener, draining_key, lease_channel
 from .membership import Membership
 from .settings import StokerSettings, check_timing, load_settings
-from .stoker import registry_of
+from .stoker import WorkerInfo, is_eligible, registry_of
+from .telemetry import EventEmitter
 
 logger = logging.getLogger("celery_stoker.bootstep")
 
@@ -46,8 +47,9 @@ class StokerStep(bootsteps.StartStopStep):
     label = "Stoker"
     requires = ("celery.worker.components:Pool",)
 
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
+    def __init__(self, worker: Any, stoker_drain: bool = False, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
+        self.drain_at_start = bool(stoker_drain or worker.app.conf.get("stoker_drain"))
         self.worker = worker
         self.app = worker.app
         self.hostname: str = worker.hostname
@@ -55,6 +57,7 @@ class StokerStep(bootsteps.StartStopStep):
         self.activators: dict[str, Activator] = {}
         self.listeners: dict[tuple[str, str], LeaseListener] = {}
         self.membership = Membership(self.hostname)
+        self.emitter = EventEmitter(worker.app, self.hostname)
         self._stopped = threading.Event()
         # Check every setting now: a bad value stops the worker before it starts.
         self.settings: dict[str, StokerSettings] = {
@@ -70,7 +73,11 @@ class StokerStep(bootsteps.StartStopStep):
             logger.info("celery-stoker: no Stokers registered in this app; nothing to run")
             return
         self.membership.attach_gossip(worker.consumer)
+        self.emitter.start()
+        if self.drain_at_start:
+            self._drain_self()
         holder_prefix = f"{self.hostname}/{uuid.uuid4().hex[:12]}"
+        info = WorkerInfo(self.hostname, self._consumed_queues(), self.app)
         for name, spec in self.registry.items():
             settings = self.settings[name]
             activator = Activator(
@@ -82,6 +89,9 @@ class StokerStep(bootsteps.StartStopStep):
                 listener=self._listener(settings),
                 members=self.membership.members,
                 holder_id=f"{holder_prefix}/{name}",
+                eligible=self._eligible(spec, info),
+                min_members=spec.min_members,
+                emit=self.emitter.emit,
             )
             self.membership.subscribe(activator.on_cluster_change)
             self.activators[name] = activator
@@ -94,6 +104,42 @@ class StokerStep(bootsteps.StartStopStep):
             self.hostname,
             ", ".join(sorted(self.activators)),
         )
+
+    def _consumed_queues(self) -> frozenset[str]:
+        try:
+            return frozenset(self.app.amqp.queues.consume_from)
+        except Exception:
+            return frozenset()
+
+    def _eligible(self, spec: Any, info: WorkerInfo) -> bool:
+        try:
+            return is_eligible(spec.eligible, info)
+        except Exception:
+            logger.exception(
+                "Stoker %s: its eligible= check raised; this worker will not lead it", spec.name
+            )
+            return False
+
+    def _drain_self(self) -> None:
+        """``--stoker-drain`` / ``stoker_drain``: join the draining set before any election."""
+        for settings in {s.key_prefix: s for s in self.settings.values()}.values():
+            client = redis_client(
+                settings.url,
+                transport_options=settings.transport_options,
+                socket_timeout=settings.socket_timeout,
+            )
+            try:
+                client.sadd(draining_key(settings.key_prefix), self.hostname)
+                logger.warning("celery-stoker: %s starts draining: it will not lead", self.hostname)
+            except Exception as exc:
+                logger.error(
+                    "celery-stoker: could not mark %s as draining in %s (%s)",
+                    self.hostname,
+                    settings.masked_url,
+                    exc,
+                )
+            finally:
+                client.close()
 
     def _listener(self, settings: StokerSettings) -> LeaseListener:
         key = (settings.url, settings.key_prefix)
@@ -135,6 +181,7 @@ class StokerStep(bootsteps.StartStopStep):
             activator.stop(STOP_TIMEOUT)
         for listener in self.listeners.values():
             listener.stop()
+        self.emitter.stop()
 
     def shutdown(self, worker: Any) -> None:
         self.stop(worker)

@@ -11,7 +11,10 @@ from typing import Any
 
 import click
 
-from .control import cluster_view, dump
+from .control import StokerOperationError, cluster_view, draining, dump
+from .control import drain as drain_nodes
+from .control import handoff as handoff_leader
+from .control import undrain as undrain_nodes
 from .stoker import registry_of
 
 
@@ -39,7 +42,7 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 @click.group(name="stoker")
 @click.pass_context
 def stoker_command(ctx: click.Context) -> None:
-    """Leader-elected Stokers: status, (more to come)."""
+    """Leader-elected Stokers: status, handoff, drain, undrain."""
 
 
 @stoker_command.command()
@@ -71,6 +74,8 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
         last = v.get("last_event") or "-"
         if v.get("last_event_at"):
             last = f"{last} ({_ago(v['last_event_at'])})"
+        workers = v.get("workers") or {}
+        ineligible = sorted(n for n, a in workers.items() if not a.get("eligible", True))
         rows.append(
             [
                 v["name"],
@@ -78,10 +83,87 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
                 str(v.get("token") or "-"),
                 _ago(v.get("active_from")),
                 ", ".join(v.get("followers") or []) or "-",
+                ", ".join(ineligible) or "-",
                 last,
                 "error" if v.get("last_error") else "ok",
             ]
         )
     click.echo(
-        _table(rows, ["STOKER", "LEADER", "TOKEN", "SINCE", "FOLLOWERS", "LAST EVENT", "HEALTH"])
+        _table(
+            rows,
+            [
+                "STOKER",
+                "LEADER",
+                "TOKEN",
+                "SINCE",
+                "FOLLOWERS",
+                "INELIGIBLE",
+                "LAST EVENT",
+                "HEALTH",
+            ],
+        )
     )
+    drained = sorted(draining(app))
+    click.echo(f"\ndraining: {', '.join(drained) if drained else '(none)'}")
+    for v in views:
+        transitions = v.get("transitions") or []
+        if not transitions:
+            continue
+        click.echo(f"\nrecent transitions of {v['name']} (newest first):")
+        for t in transitions:
+            detail = t.get("reason") or ""
+            if t.get("to"):
+                detail = f"{detail} to {t['to']}"
+            click.echo(
+                f"  {_ago(_iso(t.get('at')))}  {t.get('event', '?'):<13} {t.get('node', '?')}"
+                f"  token {t.get('token', '-')}  {detail}".rstrip()
+            )
+
+
+def _iso(ts: Any) -> str | None:
+    from datetime import datetime, timezone
+
+    if not isinstance(ts, (int, float)):
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
+
+
+@stoker_command.command()
+@click.argument("name")
+@click.option("--to", "to", default=None, help="The worker node name to hand over to.")
+@click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for it.")
+@click.pass_context
+def handoff(ctx: click.Context, name: str, to: str | None, timeout: float) -> None:
+    """Make the leader of NAME step down, to --to NODE or to any other worker."""
+    try:
+        result = handoff_leader(ctx.obj.app, name, to, timeout=timeout)
+    except StokerOperationError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"{name}: {result['from']} -> {result['to']} (token {result['token']}) "
+        f"in {result['seconds'] * 1000:.0f} ms"
+    )
+
+
+@stoker_command.command()
+@click.argument("nodes", nargs=-1, required=True)
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for moves.")
+@click.pass_context
+def drain(ctx: click.Context, nodes: tuple[str, ...], timeout: float) -> None:
+    """Make NODES give up every leadership and take none (until undrain)."""
+    try:
+        result = drain_nodes(ctx.obj.app, list(nodes), timeout=timeout)
+    except StokerOperationError as exc:
+        raise click.ClickException(str(exc)) from None
+    for name, move in sorted(result["moved"].items()):
+        click.echo(f"{name}: {move['from']} -> {move['to'] or '(no eligible worker yet)'}")
+    click.echo(f"draining: {', '.join(result['draining'])}")
+
+
+@stoker_command.command()
+@click.argument("nodes", nargs=-1, required=True)
+@click.pass_context
+def undrain(ctx: click.Context, nodes: tuple[str, ...]) -> None:
+    """Let NODES lead again."""
+    result = undrain_nodes(ctx.obj.app, list(nodes))
+    click.echo(f"draining: {', '.join(result['draining']) or '(none)'}")

@@ -17,7 +17,7 @@ import redis
 from celery.worker.control import inspect_command
 
 from .connection import redis_client
-from .lease import Holder, lease_key
+from .lease import Holder, draining_key, handoff_key, lease_channel, lease_key
 from .settings import StokerSettings, load_settings
 from .stoker import registry_of
 from .store import StokerStore
@@ -102,6 +102,7 @@ def cluster_view(app: Celery, name: str, transitions: int = 5) -> dict[str, Any]
         "last_event_at": _iso(info.get("last_event_at")),
         "last_error": info.get("last_error"),
         "transitions": store.read_transitions(transitions),
+        "reserved_for": holder.reserved_for if holder is not None else None,
         "lease_ttl": settings.lease_ttl,
         "redis": settings.masked_url,
     }
@@ -139,3 +140,134 @@ def dump(app: Celery, name: str, timeout: float = 1.0) -> dict[str, Any]:
         view["followers"] = followers
     view["dumped_at"] = time.time()
     return view
+
+
+class StokerOperationError(RuntimeError):
+    """An operator's request (handoff, drain) cannot be carried out; nothing was changed."""
+
+
+def _worker_views(app: Celery, name: str, timeout: float) -> dict[str, dict[str, Any]]:
+    replies = app.control.inspect(timeout=timeout)._request("stoker") or {}
+    return {
+        node: (reply or {}).get("activators", {}).get(name)
+        for node, reply in replies.items()
+        if (reply or {}).get("activators", {}).get(name)
+    }
+
+
+def handoff(
+    app: Celery, name: str, to: str | None = None, *, timeout: float = 5.0
+) -> dict[str, Any]:
+    """Ask the leader of ``name`` to step down, to the worker ``to`` or to any other.
+
+    The leader delivers ``shutdown`` (reason ``handoff``) and releases; with
+    ``to``, the lease is reserved for that worker for one TTL so nobody else
+    takes it. Raises :class:`StokerOperationError`, changing nothing, when
+    there is no leader or ``to`` is not a live, eligible, non-draining
+    follower. Returns who led before and after, and how long it took.
+    """
+    settings = settings_for(app, name)
+    client = client_for(settings)
+    holder = _holder(client, settings, name)
+    if holder is None or holder.foreign or holder.token is None:
+        raise StokerOperationError(f"Stoker {name!r} has no leader to hand over from")
+    if to is not None:
+        if to == holder.hostname:
+            raise StokerOperationError(f"{to} already leads {name!r}")
+        view = _worker_views(app, name, timeout=1.0).get(to)
+        if view is None:
+            raise StokerOperationError(
+                f"{to} did not answer as a worker running Stoker {name!r}: is it alive, and is "
+                "the name spelled as `celery inspect ping` shows it?"
+            )
+        if not view.get("eligible", True):
+            raise StokerOperationError(f"{to} is not eligible to lead {name!r} (eligible=...)")
+        if view.get("draining"):
+            raise StokerOperationError(f"{to} is draining; undrain it first")
+        if view.get("state") != "follower":
+            raise StokerOperationError(f"{to} is {view.get('state')!r}, not a follower")
+    started = time.monotonic()
+    client.set(
+        handoff_key(settings.key_prefix, name),
+        f"{holder.token} {to or ''}",
+        px=max(10_000, int(settings.lease_ttl * 2000)),
+    )
+    client.publish(lease_channel(settings.key_prefix), f"poke 0 {name}")
+    deadline = started + timeout
+    while time.monotonic() < deadline:
+        now = _holder(client, settings, name)
+        moved = now is not None and not now.foreign and now.token != holder.token
+        if moved and now is not None and now.hostname and (to is None or now.hostname == to):
+            return {
+                "name": name,
+                "from": holder.hostname,
+                "to": now.hostname,
+                "token": now.token,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+        time.sleep(0.01)
+    raise StokerOperationError(
+        f"the handoff of {name!r} from {holder.hostname} did not complete within {timeout:g} s"
+    )
+
+
+def _prefixes(app: Celery) -> dict[str, StokerSettings]:
+    found: dict[str, StokerSettings] = {}
+    for name in registry_of(app):
+        settings = settings_for(app, name)
+        found.setdefault(settings.key_prefix, settings)
+    if not found:
+        found[load_settings(app.conf).key_prefix] = load_settings(app.conf)
+    return found
+
+
+def drain(app: Celery, nodes: list[str], *, timeout: float = 10.0) -> dict[str, Any]:
+    """Mark ``nodes`` as draining: they give up every leadership and take none.
+
+    All nodes join the draining set in one command before any leader is asked
+    to step down, so leadership moves once, to a worker that is not draining.
+    Returns the Stokers that moved and where to.
+    """
+    if not nodes:
+        raise StokerOperationError("name at least one worker to drain")
+    for prefix, settings in _prefixes(app).items():
+        client_for(settings).sadd(draining_key(prefix), *nodes)
+    moved: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    for name in registry_of(app):
+        settings = settings_for(app, name)
+        client = client_for(settings)
+        holder = _holder(client, settings, name)
+        if holder is None or holder.hostname not in nodes:
+            continue
+        client.publish(lease_channel(settings.key_prefix), f"poke 0 {name}")
+        while time.monotonic() < deadline:
+            now = _holder(client, settings, name)
+            if now is not None and now.hostname and now.hostname not in nodes:
+                moved[name] = {"from": holder.hostname, "to": now.hostname}
+                break
+            time.sleep(0.01)
+        else:
+            moved[name] = {"from": holder.hostname, "to": None}
+    return {"draining": sorted(draining(app)), "moved": moved}
+
+
+def undrain(app: Celery, nodes: list[str]) -> dict[str, Any]:
+    """Let ``nodes`` lead again; their activators look at once."""
+    for prefix, settings in _prefixes(app).items():
+        client = client_for(settings)
+        client.srem(draining_key(prefix), *nodes)
+        for name in registry_of(app):
+            client.publish(lease_channel(prefix), f"wake 0 {name}")
+    return {"draining": sorted(draining(app))}
+
+
+def draining(app: Celery) -> set[str]:
+    """The node names that are draining (under any of the app's key prefixes)."""
+    nodes: set[str] = set()
+    for prefix, settings in _prefixes(app).items():
+        nodes |= {
+            n.decode() if isinstance(n, bytes) else str(n)
+            for n in client_for(settings).smembers(draining_key(prefix))
+        }
+    return nodes

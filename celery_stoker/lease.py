@@ -51,10 +51,17 @@ WAKE_MARGIN = 0.005
 #: Our lease values are ~150 bytes; anything far larger is someone else's.
 MAX_LEASE_VALUE = 4096
 
+# Return codes: 1 taken, 0 held by someone else, 2 this host is draining.
 _ACQUIRE = """
 local current = redis.call('GET', KEYS[1])
+if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then
+  return {2, current or '', redis.call('PTTL', KEYS[1])}
+end
 if current then
-  return {0, current, redis.call('PTTL', KEYS[1])}
+  local ok, data = pcall(cjson.decode, current)
+  if not (ok and type(data) == 'table' and data.reserved_for == ARGV[2]) then
+    return {0, current, redis.call('PTTL', KEYS[1])}
+  end
 end
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local clock = redis.call('TIME')
@@ -78,18 +85,39 @@ redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
 return {1, value, tonumber(ARGV[3])}
 """
 
+# Return codes: 1 renewed, 0 not ours, 2 asked to drain, 3 asked to hand over
+# (then the second element names the worker to hand to, or is empty for anyone).
+# On 2 and 3 the lease is left as it was: the holder steps down and releases.
 _RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  redis.call('PUBLISH', ARGV[3], 'renewed ' .. ARGV[2] .. ' ' .. ARGV[4])
-  return 1
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {0, ''}
 end
-return 0
+if redis.call('SISMEMBER', KEYS[2], ARGV[5]) == 1 then
+  return {2, ''}
+end
+local request = redis.call('GET', KEYS[3])
+if request then
+  local token, to = string.match(request, '^(%d+) ?(.*)$')
+  if token == ARGV[6] then
+    redis.call('DEL', KEYS[3])
+    return {3, to}
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], 'renewed ' .. ARGV[2] .. ' ' .. ARGV[4])
+return {1, ''}
 """
 
+# ARGV[4], when not empty, reserves the lease for that worker for one TTL (a handoff).
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
+  if ARGV[4] ~= '' then
+    local clock = redis.call('TIME')
+    redis.call('SET', KEYS[1], string.format('{"v":1,"reserved_for":%s,"since":%d}',
+      cjson.encode(ARGV[4]), tonumber(clock[1]) * 1000), 'PX', ARGV[5])
+  else
+    redis.call('DEL', KEYS[1])
+  end
   redis.call('PUBLISH', ARGV[2], 'released 0 ' .. ARGV[3])
   return 1
 end
@@ -116,6 +144,8 @@ class Holder:
     ttl_left: float | None
     raw: bytes
     foreign: bool = False
+    #: Set while a handoff keeps the lease for this worker (nobody holds it yet).
+    reserved_for: str | None = None
 
     @classmethod
     def parse(cls, raw: bytes, pttl_ms: int | None) -> Holder:
@@ -127,6 +157,17 @@ class Holder:
             data = json.loads(raw)
             if not isinstance(data, dict) or data.get("v") != 1:
                 raise ValueError("not a celery-stoker lease")
+            if isinstance(data.get("reserved_for"), str):
+                since = data.get("since")
+                return cls(
+                    None,
+                    None,
+                    None,
+                    int(since) / 1000.0 if since else None,
+                    ttl_left,
+                    raw,
+                    reserved_for=data["reserved_for"],
+                )
             return cls(
                 hostname=str(data["host"]),
                 holder_id=str(data["holder"]),
@@ -173,10 +214,15 @@ class Term:
 
 @dataclass(frozen=True)
 class AcquireResult:
-    """What an acquire attempt found: our new term, or the current holder."""
+    """What an acquire attempt found: our new term, or the current holder.
+
+    ``draining`` is true when this worker was not allowed to try: it is in
+    the draining set.
+    """
 
     term: Term | None
     holder: Holder | None
+    draining: bool = False
 
 
 class Lease(Protocol):
@@ -201,6 +247,16 @@ def lease_key(prefix: str, name: str) -> str:
     return f"{prefix}:{{{name}}}:lease"
 
 
+def draining_key(prefix: str) -> str:
+    """The set of worker node names that must not lead any lease under ``prefix``."""
+    return f"{prefix}:draining"
+
+
+def handoff_key(prefix: str, name: str) -> str:
+    """Where a handoff request for ``name`` waits for the holder's next renewal."""
+    return f"{prefix}:{{{name}}}:handoff"
+
+
 def token_key(prefix: str, name: str) -> str:
     """The key of ``name``'s fencing-token counter (never expires)."""
     return f"{prefix}:{{{name}}}:token"
@@ -209,7 +265,9 @@ def token_key(prefix: str, name: str) -> str:
 def lease_channel(prefix: str) -> str:
     """The pub/sub channel every release and renewal under ``prefix`` is announced on.
 
-    Messages read ``released 0 <name>`` and ``renewed <ttl ms> <name>``.
+    Messages read ``released 0 <name>``, ``renewed <ttl ms> <name>`` and
+    ``poke 0 <name>`` (an operator's request: the holder renews at once and
+    learns whether it is asked to drain or hand over).
     """
     return f"{prefix}:lease-events"
 
@@ -361,7 +419,14 @@ class RedisLease:
         self.key_prefix = key_prefix
         self.lease_key = lease_key(key_prefix, name)
         self.token_key = token_key(key_prefix, name)
+        self.draining_key = draining_key(key_prefix)
+        self.handoff_key = handoff_key(key_prefix, name)
         self.channel = lease_channel(key_prefix)
+        #: Set by :meth:`renew` when the holder was asked to step down instead:
+        #: ("drain", None) or ("handoff", worker or None).
+        self.step_down_request: tuple[str, str | None] | None = None
+        self._poked = threading.Event()
+        self._operator_poke = False
         self._ttl_ms = max(1, round(ttl * 1000))
         self._listener = listener
         self._woken = threading.Event()  # released (or the listener reconnected)
@@ -392,7 +457,7 @@ class RedisLease:
         started = time.monotonic()
         try:
             ok, raw, pttl = self._acquire(
-                keys=[self.lease_key, self.token_key],
+                keys=[self.lease_key, self.token_key, self.draining_key],
                 args=[self.holder_id, self.hostname, self._ttl_ms, int(min_token)],
             )
         except redis.ResponseError as exc:
@@ -400,6 +465,9 @@ class RedisLease:
                 raise
             return AcquireResult(None, Holder.foreign_error(exc))
         raw_bytes = raw if isinstance(raw, bytes) else str(raw).encode()
+        if int(ok) == 2:
+            holder = Holder.parse(raw_bytes, int(pttl)) if raw_bytes else None
+            return AcquireResult(None, holder, draining=True)
         holder = Holder.parse(raw_bytes, int(pttl))
         if int(ok) == 1 and holder.token is not None:
             value = raw_bytes.decode()
@@ -407,29 +475,56 @@ class RedisLease:
         return AcquireResult(None, holder)
 
     def renew(self, term: Term) -> bool:
-        """Extend ``term``; False if the lease is no longer ours (then stop acting)."""
+        """Extend ``term``; False if the lease is no longer ours (then stop acting).
+
+        True with :attr:`step_down_request` set means the lease is still ours
+        but was not extended: this worker is draining, or a handoff was asked
+        for; the holder should step down and release.
+        """
+        self._poked.clear()
+        self.step_down_request = None
         started = time.monotonic()
         try:
-            renewed = int(
-                self._renew(
-                    keys=[self.lease_key], args=[term.value, self._ttl_ms, self.channel, self.name]
-                )
+            code, detail = self._renew(
+                keys=[self.lease_key, self.draining_key, self.handoff_key],
+                args=[
+                    term.value,
+                    self._ttl_ms,
+                    self.channel,
+                    self.name,
+                    self.hostname,
+                    str(term.token),
+                ],
             )
         except redis.ResponseError as exc:
             if not _is_foreign_data_error(exc):
                 raise
             return False  # someone replaced our lease with a value of another type
-        if renewed == 1:
+        code = int(code)
+        if code == 1:
             term.valid_until = started + validity(self.ttl)
+            return True
+        if code == 2:
+            self.step_down_request = ("drain", None)
+            return True
+        if code == 3:
+            to = detail.decode() if isinstance(detail, bytes) else str(detail)
+            self.step_down_request = ("handoff", to or None)
             return True
         return False
 
-    def release(self, term: Term) -> bool:
-        """Give the lease up and wake every waiter; False if it was not ours any more."""
+    def release(self, term: Term, *, reserve_for: str | None = None) -> bool:
+        """Give the lease up and wake every waiter; False if it was not ours any more.
+
+        ``reserve_for`` (a handoff) keeps the lease for that worker for one TTL:
+        only it may take it meanwhile, and if it never does, the reservation
+        expires like any lease.
+        """
         term.valid_until = min(term.valid_until, time.monotonic())
         try:
             released = self._release(
-                keys=[self.lease_key], args=[term.value, self.channel, self.name]
+                keys=[self.lease_key],
+                args=[term.value, self.channel, self.name, reserve_for or "", self._ttl_ms],
             )
         except redis.ResponseError as exc:
             if not _is_foreign_data_error(exc):
@@ -454,6 +549,9 @@ class RedisLease:
         """Called by the listener's thread: a release wakes :meth:`wait`, a renewal defers it."""
         if kind == "renewed":
             self._renewed_until = time.monotonic() + ttl_ms / 1000.0
+        elif kind == "poke":
+            self._operator_poke = True  # an operator asked: the holder renews now
+            self._poked.set()
         else:
             self._woken.set()
         self._nudged.set()
@@ -482,9 +580,29 @@ class RedisLease:
         return True
 
     def wake(self) -> None:
-        """Interrupt a :meth:`wait` from another thread (used to stop an activator)."""
+        """Interrupt a :meth:`wait` or :meth:`wait_poked` from another thread (to stop)."""
         self._woken.set()
         self._nudged.set()
+        self._poked.set()
+
+    def wait_poked(self, timeout: float) -> bool:
+        """A holder's sleep between renewals; True if poked (renew now) or woken."""
+        poked = self._poked.wait(max(0.0, timeout))
+        self._poked.clear()
+        return poked
+
+    def poke_local(self) -> None:
+        """Wake this process's holder without asking it to renew (it re-checks its state)."""
+        self._poked.set()
+
+    def poked_by_operator(self) -> bool:
+        """True (once) if the last poke came over the channel, from an operator."""
+        came, self._operator_poke = self._operator_poke, False
+        return came
+
+    def poke(self) -> None:
+        """Ask this lease's holder, wherever it runs, to renew now (see step_down_request)."""
+        self.client.publish(self.channel, f"poke 0 {self.name}")
 
     def wait_timeout(self, holder: Holder | None) -> float:
         """How long a waiter that saw ``holder`` may sleep before trying again.

@@ -13,7 +13,9 @@ the app knows the same names as the workers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import contextlib
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -84,12 +86,52 @@ class Stoker:
 
 
 @dataclass(frozen=True)
+class WorkerInfo:
+    """What an ``eligible=`` callable is told about a worker."""
+
+    hostname: str
+    queues: frozenset[str]
+    app: Any = None
+
+
+Eligibility = str | Sequence[str] | Callable[[WorkerInfo], bool] | None
+
+
+def consuming(*queues: str) -> Callable[[WorkerInfo], bool]:
+    """``eligible=consuming("critical")``: only workers that consume one of ``queues`` lead."""
+    wanted = frozenset(queues)
+
+    def check(worker: WorkerInfo) -> bool:
+        return bool(wanted & worker.queues)
+
+    check.__name__ = f"consuming({', '.join(sorted(wanted))})"
+    return check
+
+
+def is_eligible(eligible: Eligibility, worker: WorkerInfo) -> bool:
+    """Whether ``worker`` may lead under the Stoker's ``eligible=`` rule.
+
+    A string or list of strings are ``fnmatch`` patterns on the node name
+    (``"beat-*@*"``); a callable gets a :class:`WorkerInfo`; None lets anyone lead.
+    """
+    if eligible is None:
+        return True
+    if isinstance(eligible, str):
+        return fnmatch.fnmatchcase(worker.hostname, eligible)
+    if callable(eligible):
+        return bool(eligible(worker))
+    return any(fnmatch.fnmatchcase(worker.hostname, pattern) for pattern in eligible)
+
+
+@dataclass(frozen=True)
 class StokerSpec:
-    """A registered Stoker: its name, its class and its own setting overrides."""
+    """A registered Stoker: its name, its class, its setting overrides and its limits."""
 
     name: str
     cls: type[Stoker]
     options: Mapping[str, Any] = field(default_factory=dict)
+    eligible: Eligibility = None
+    min_members: int = 1
 
     def instantiate(self) -> Stoker:
         """A fresh instance of the user's class."""
@@ -132,6 +174,7 @@ def registry_of(app: Celery) -> StokerRegistry:
         from .dispatch import register_dispatch_task
 
         register_dispatch_task(app)
+        _add_worker_option(app)
     return registry
 
 
@@ -143,17 +186,40 @@ _OPTION_NAMES = ("lease_ttl", "renew_interval", "key_prefix")
 S = TypeVar("S", bound=type)
 
 
-def stoker(app: Celery, name: str | None = None, **options: Any) -> Callable[[S], S]:
+def stoker(
+    app: Celery,
+    name: str | None = None,
+    *,
+    eligible: Eligibility = None,
+    min_members: int = 1,
+    **options: Any,
+) -> Callable[[S], S]:
     """Register the decorated class as a Stoker of ``app``.
 
     ``name`` defaults to ``"<module>.<QualName>"``.  ``options`` may override
     ``lease_ttl``, ``renew_interval`` and ``key_prefix`` for this Stoker alone.
+    ``eligible`` limits which workers may lead it (node-name patterns, or a
+    callable such as :func:`consuming`); ``min_members`` makes the leader act
+    only while it sees at least that many live workers, itself included.
     """
+    if eligible is not None and not (
+        isinstance(eligible, str)
+        or callable(eligible)
+        or (isinstance(eligible, Sequence) and all(isinstance(p, str) for p in eligible))
+    ):
+        raise StokerRegistrationError(
+            f"@stoker eligible={eligible!r} is not a node-name pattern, a list of patterns or "
+            "a callable taking a WorkerInfo"
+        )
+    if isinstance(min_members, bool) or not isinstance(min_members, int) or min_members < 1:
+        raise StokerRegistrationError(
+            f"@stoker min_members={min_members!r} must be a whole number >= 1"
+        )
     unknown = sorted(set(options) - set(_OPTION_NAMES))
     if unknown:
         raise StokerRegistrationError(
-            f"@stoker got unknown option(s) {unknown}; it accepts name= and "
-            f"{', '.join(_OPTION_NAMES)}"
+            f"@stoker got unknown option(s) {unknown}; it accepts name=, eligible=, "
+            f"min_members= and {', '.join(_OPTION_NAMES)}"
         )
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise StokerRegistrationError(f"@stoker name must be a non-empty string, got {name!r}")
@@ -181,8 +247,22 @@ def stoker(app: Celery, name: str | None = None, **options: Any) -> Callable[[S]
                 check_timing({}, options)
             except ImproperlyConfigured as exc:
                 raise StokerRegistrationError(f"@stoker({spec_name!r}): {exc}") from exc
-        registry_of(app).add(StokerSpec(spec_name, cls, dict(options)))
+        registry_of(app).add(StokerSpec(spec_name, cls, dict(options), eligible, min_members))
         cls.stoker_name = spec_name  # type: ignore[attr-defined]
         return cls
 
     return register
+
+
+def _add_worker_option(app: Celery) -> None:
+    """``celery worker --stoker-drain``: start this worker draining (it never leads)."""
+    import click
+
+    option = click.Option(
+        ["--stoker-drain"],
+        is_flag=True,
+        default=False,
+        help="celery-stoker: start draining; this worker never takes a leadership.",
+    )
+    with contextlib.suppress(Exception):  # an app without the worker CLI (tests, clients)
+        app.user_options["worker"].add(option)

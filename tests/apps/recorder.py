@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from celery import Celery
 
-from celery_stoker import Stoker, StokerStep, stoker
+from celery_stoker import Stoker, StokerStep, consuming, stoker
 
 BROKER = os.environ.get("STOKER_TEST_BROKER", "redis://127.0.0.1:6379/15")
 RECORD_URL = os.environ.get("STOKER_TEST_RECORD_URL", BROKER)
@@ -47,7 +47,22 @@ def record(kind: str, **fields: Any) -> None:
     _record_client.rpush(f"rec:{kind}", json.dumps(fields, default=str))
 
 
-@stoker(app, name="recorder")
+def _eligible() -> Any:
+    """STOKER_TEST_ELIGIBLE: comma-separated node-name patterns, or queue:<name>."""
+    raw = os.environ.get("STOKER_TEST_ELIGIBLE")
+    if not raw:
+        return None
+    if raw.startswith("queue:"):
+        return consuming(raw.split(":", 1)[1])
+    return raw.split(",")
+
+
+@stoker(
+    app,
+    name="recorder",
+    eligible=_eligible(),
+    min_members=int(os.environ.get("STOKER_TEST_MIN_MEMBERS", "1")),
+)
 class Recorder(Stoker):
     """Counts events and records each one with its context."""
 
