@@ -79,3 +79,27 @@ def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
     yield make_proxy
     for proxy in proxies:
         proxy.stop()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("chaos", "the chaos soak (tests/chaos, marker chaos)")
+    group.addoption(
+        "--chaos-minutes",
+        type=float,
+        default=1.0,
+        help="how long the soak injects faults, in minutes (default 1: the short form CI runs)",
+    )
+    group.addoption(
+        "--chaos-seed",
+        type=int,
+        default=None,
+        help="seed of the soak's fault schedule (default: a fresh one, printed; pass it to replay)",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A longer soak gets a matching timeout (the suite's default is for short tests)."""
+    minutes = float(config.getoption("--chaos-minutes"))
+    for item in items:
+        if item.get_closest_marker("chaos") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(int(minutes * 60 + 180)))
