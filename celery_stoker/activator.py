@@ -290,6 +290,9 @@ class Activator:
             self.leader = None
             return
         self._foreign_logged = None
+        if holder.reserved_for is not None:
+            self.leader = None  # handed over, not yet taken by the worker it is kept for
+            return
         if holder.hostname != self.leader:
             logger.info(
                 "Stoker %s: following %s (token %s)", self.name, holder.hostname, holder.token
