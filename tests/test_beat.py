@@ -187,3 +187,39 @@ def test_beat_runs_on_the_leader_only_across_handovers_and_crashes(
     assert not skipped, f"skipped a period: gaps {skipped}"
     assert not crash_over, f"crash failover gaps over {crash_bound:.2f} s: {crash_over}"
     assert not ran_all - sent_ids, "a run that beat did not send"
+
+
+def test_beat_restarts_after_a_failing_tick_and_the_worker_lives_on(
+    redis_server: RedisServer,
+) -> None:
+    """A tick that raises (here: a corrupt schedule key) stops nothing but that beat run."""
+    client = redis_server.client()
+    fleet = Fleet(
+        APP,
+        env={"STOKER_TEST_BROKER": redis_server.url_for(0), "STOKER_TEST_TTL": str(TTL)},
+        pool="solo",
+    )
+    try:
+        worker = fleet.start("w1@%h")
+        wait_for(lambda: len(sends(client)) >= 2, 40, what="beat sending")
+        client.set("redbeat::schedule", "not a sorted set")
+        broken_at = time.time()
+        # Two failed starts in a row: the first tick failed, and so did a restart.
+        wait_for(
+            lambda: worker.log().count("restarting in") >= 2,
+            20,
+            what="beat restarting with backoff",
+        )
+        during = [s for s in sends(client) if s.at > broken_at + 0.1]
+        assert during == [], "beat sent from a schedule it could not read"
+        client.delete("redbeat::schedule")
+        fixed_at = time.time()
+        wait_for(
+            lambda: len([s for s in sends(client) if s.at > fixed_at]) >= 2,
+            30,
+            what="beat sending again once the schedule is readable",
+        )
+        assert worker.alive()
+        assert "ResponseError" in worker.log()
+    finally:
+        fleet.cleanup()
