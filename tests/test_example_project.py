@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,6 +95,7 @@ def workers(env: dict[str, str], request: pytest.FixtureRequest) -> Iterator[Use
     if request.session.testsfailed > failed_before:
         for name in fleet.procs:
             print(f"===== {name} =====\n{fleet.log(name)[-5000:]}")
+    shutil.rmtree(fleet.logdir, ignore_errors=True)
 
 
 def summary(client: Any) -> dict[str, Any] | None:
@@ -117,9 +119,7 @@ def test_queue_depths_counts_every_priority_list(
     app = stokers.app
     try:
         for priority in (0, 0, 9):
-            app.send_task(
-                "example_project.tasks.build_report", args=["acme"], priority=priority
-            )
+            app.send_task("example_project.tasks.build_report", args=["acme"], priority=priority)
         app.send_task("example_project.tasks.purge_expired_reports")
         assert stokers.queue_depths() == {"celery": 1, "reports": 3}
     finally:
