@@ -130,6 +130,12 @@ class Activator:
         self.suspended = False
         #: After giving leadership away, do not take it straight back (monotonic).
         self._cooldown_until = 0.0
+        #: A term that found Redis without history acts only from then (see _quarantine).
+        self._act_not_before = 0.0
+        #: Whether the current term has acted yet (resuming vs. starting).
+        self._acted = False
+        #: When Redis last answered an election command (monotonic).
+        self._redis_ok_at = 0.0
         #: The last state our events committed (see Outcome.state).
         self._state_cache: tuple[str, str, str] | None = None
         #: This process's own instance, for the in-process leader hooks.
@@ -229,7 +235,8 @@ class Activator:
                 else:
                     self._hold()
                 backoff = BACKOFF_START
-                self._redis_back()
+                if self._redis_ok_at > (self._redis_down_since or float("inf")):
+                    self._redis_back()
             except REDIS_DOWN as exc:
                 self._redis_down(exc)
                 if (
@@ -255,6 +262,7 @@ class Activator:
             self._cooldown_until = 0.0
             return
         result = self.lease.acquire(min_token=self.highest_token)
+        self._redis_ok_at = time.monotonic()
         if result.term is not None:
             self._become_leader(result.term)
             return
@@ -304,6 +312,7 @@ class Activator:
     def _become_leader(self, term: Term) -> None:
         self._term = term
         self._accepting = False
+        self._acted = False
         self.highest_token = max(self.highest_token, term.token)
         self.state = "leader"
         self.leader = self.hostname
@@ -334,13 +343,43 @@ class Activator:
             self._state_cache = None
         self.draining = False
         self._emit("stoker-elected", name=self.name, token=term.token)
+        self.suspended = True  # not acting until _check_acting says so
+        self._act_not_before = time.monotonic() + self._quarantine(term)
         if len(self._members()) < self.min_members:
             self._suspend(term)
-        else:
-            self._start_acting(term)
+        self._check_acting(term)
+
+    def _quarantine(self, term: Term) -> float:
+        """How long a term that found Redis without its history must wait before acting.
+
+        The fencing counter never expires, so a missing one means Redis lost its
+        data (a restart without persistence, a flush) or this is the first
+        election ever.  Either way an earlier leader may still count its lease
+        valid on its own clock: its last renewal came before Redis started, so
+        its term is surely over ``ttl`` after that.  Waiting ``ttl - uptime``
+        keeps two leaders from acting at once, and costs nothing on a Redis
+        that has been up longer than one TTL.
+        """
+        if not term.fresh:
+            return 0.0
+        try:
+            uptime = float(self.client.info("server").get("uptime_in_seconds", 0))
+        except (redis.RedisError, OSError, ValueError):
+            uptime = 0.0
+        wait = max(0.0, self.settings.lease_ttl - uptime)
+        if wait > 0:
+            logger.warning(
+                "Stoker %s: Redis holds no record of earlier terms (restarted empty?); %s "
+                "holds the lease but acts in %.1f s, once any earlier leader's term is over",
+                self.name,
+                self.hostname,
+                wait,
+            )
+        return wait
 
     def _start_acting(self, term: Term) -> None:
         self.suspended = False
+        self._acted = True
         self._accepting = True
         self._call_local(term, "leader_started")
         self._submit("now_leader", None)
@@ -357,11 +396,13 @@ class Activator:
         )
         self._emit("stoker-suspended", name=self.name, token=term.token)
 
-    def _check_quorum(self, term: Term) -> None:
+    def _check_acting(self, term: Term) -> None:
+        """Start or stop acting on the held term: quarantine over, enough workers seen."""
         enough = len(self._members()) >= self.min_members
-        if self.suspended and enough:
-            logger.warning("Stoker %s: enough workers again; acting", self.name)
-            self._emit("stoker-resumed", name=self.name, token=term.token)
+        if self.suspended and enough and time.monotonic() >= self._act_not_before:
+            if self._acted:
+                logger.warning("Stoker %s: enough workers again; acting", self.name)
+                self._emit("stoker-resumed", name=self.name, token=term.token)
             self._start_acting(term)
         elif not self.suspended and not enough:
             self._accepting = False
@@ -375,8 +416,7 @@ class Activator:
         assert term is not None
         renew_at = time.monotonic() + self.settings.renew_interval
         while not self._stop.is_set():
-            if self.min_members > 1:
-                self._check_quorum(term)
+            self._check_acting(term)
             left = term.time_left()
             if left <= self.settings.socket_timeout:
                 # A renewal sent now might answer after our lease ends: stop acting first.
@@ -386,11 +426,15 @@ class Activator:
             if now >= renew_at:
                 break
             wait = min(renew_at - now, left - self.settings.socket_timeout)
+            if self.suspended and self._act_not_before > now:
+                wait = min(wait, self._act_not_before - now)
             if self.lease.wait_poked(wait) and self.lease.poked_by_operator():
                 break  # an operator asked: renew now and hear why
         if self._stop.is_set():
             return
-        if not self.lease.renew(term):
+        renewed = self.lease.renew(term)
+        self._redis_ok_at = time.monotonic()
+        if not renewed:
             self._step_down("lease_lost", release=False)
             return
         request = self.lease.step_down_request

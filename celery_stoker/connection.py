@@ -114,7 +114,13 @@ def check_url(url: str) -> None:
 
 
 def normalize_url(url: str) -> str:
-    """Kombu's ``redis+socket:///path?virtual_host=N`` as redis-py's ``unix:///path?db=N``."""
+    """Kombu's ``redis+socket:///path?virtual_host=N`` as redis-py's ``unix:///path?db=N``.
+
+    Also lower-cases the scheme (``REDIS://`` works for kombu, not for redis-py).
+    """
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        url = f"{scheme.lower()}://{rest}"
     if url_scheme(url) != "redis+socket":
         return url
     rest = url.split("://", 1)[1]

@@ -4,13 +4,14 @@ This module knows nothing of Celery.  One lease exists per name; its holder is
 the leader.  The design follows client-go's ``leaderelection`` and the usual
 Redis lock recipe, with two additions that make it safe to act on:
 
-* **Fencing tokens.**  Every term gets a token greater than every earlier one.
-  The counter lives in Redis next to the lease; when Redis has lost it (a
-  restart without persistence), the new counter starts above both the highest
-  token the caller has seen and the server's clock in microseconds, so a term
-  after the restart still outranks every term before it unless terms came
-  faster than one per microsecond on average (they cannot: each is a round
-  trip), or the server's clock went backwards.
+* **Fencing tokens.**  Every term gets a token greater than every earlier one:
+  the larger of the counter kept next to the lease plus one, the highest
+  token the caller has seen plus one, and the server's clock in
+  microseconds.  So a term after Redis lost its data (a restart without
+  persistence), or after a failover lost the last increment, still outranks
+  every term before it, unless the server's clock went backwards.  A term
+  that finds the counter missing is marked ``fresh``: an earlier holder may
+  still count its lease valid, so the caller should not act for one TTL.
 * **Holder-side validity on a monotonic clock.**  The holder counts its lease
   from *before* it sent the command that set or renewed it, minus a drift
   allowance, so its own view always ends before Redis can hand the lease to
@@ -68,21 +69,21 @@ local clock = redis.call('TIME')
 local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local floor = tonumber(ARGV[4])
-local token
+local fresh = 0
+local counted = 0
 if redis.call('EXISTS', KEYS[2]) == 0 then
-  token = math.max(floor, now_us) + 1
-  redis.call('SET', KEYS[2], string.format('%d', token))
+  fresh = 1
 else
-  token = redis.call('INCR', KEYS[2])
-  if token <= floor then
-    token = floor + 1
-    redis.call('SET', KEYS[2], string.format('%d', token))
-  end
+  counted = redis.call('INCR', KEYS[2])
 end
+-- Above the counter, the caller's highest token and the clock: a lost
+-- increment (an unreplicated write before a failover) cannot repeat a token.
+local token = math.max(counted, floor + 1, now_us)
+redis.call('SET', KEYS[2], string.format('%d', token))
 local value = string.format('{"v":1,"token":%d,"since":%d,"holder":%s,"host":%s}',
   token, now_ms, cjson.encode(ARGV[1]), cjson.encode(ARGV[2]))
 redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
-return {1, value, tonumber(ARGV[3])}
+return {1, value, tonumber(ARGV[3]), fresh}
 """
 
 # Return codes: 1 renewed, 0 not ours, 2 asked to drain, 3 asked to hand over
@@ -202,6 +203,9 @@ class Term:
     token: int
     value: str
     valid_until: float
+    #: True when Redis had no fencing counter: it lost its data, or this is the
+    #: first term ever; an earlier holder may still believe it leads.
+    fresh: bool = False
 
     def time_left(self) -> float:
         """Seconds of validity left on this holder's own clock (negative once over)."""
@@ -456,7 +460,7 @@ class RedisLease:
         self._renewed_until = None
         started = time.monotonic()
         try:
-            ok, raw, pttl = self._acquire(
+            ok, raw, pttl, *rest = self._acquire(
                 keys=[self.lease_key, self.token_key, self.draining_key],
                 args=[self.holder_id, self.hostname, self._ttl_ms, int(min_token)],
             )
@@ -471,7 +475,9 @@ class RedisLease:
         holder = Holder.parse(raw_bytes, int(pttl))
         if int(ok) == 1 and holder.token is not None:
             value = raw_bytes.decode()
-            return AcquireResult(Term(holder.token, value, started + validity(self.ttl)), holder)
+            fresh = bool(rest and int(rest[0]) == 1)
+            term = Term(holder.token, value, started + validity(self.ttl), fresh=fresh)
+            return AcquireResult(term, holder)
         return AcquireResult(None, holder)
 
     def renew(self, term: Term) -> bool:

@@ -28,7 +28,7 @@ def records(redis_server: RedisServer) -> Records:
 
 
 @pytest.fixture
-def fleets(redis_server: RedisServer) -> Iterator[Any]:
+def fleets(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[Any]:
     made: list[Fleet] = []
 
     def make(ttl: float = 4.0, **env: str) -> Fleet:
@@ -40,8 +40,11 @@ def fleets(redis_server: RedisServer) -> Iterator[Any]:
         return fleet
 
     yield make
+    failed = getattr(request.node, "rep_call", None)
     for fleet in made:
         fleet.cleanup()
+        if failed is not None and failed.failed:
+            print(fleet.logs())
 
 
 def client_app(redis_server: RedisServer) -> Celery:

@@ -33,7 +33,9 @@ def records(record_redis: RedisServer) -> Records:
 
 
 @pytest.fixture
-def fleets(record_redis: RedisServer) -> Iterator[Callable[..., Fleet]]:
+def fleets(
+    record_redis: RedisServer, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Fleet]]:
     made: list[Fleet] = []
 
     def make(broker: str, pool: str = "solo", **env: str) -> Fleet:
@@ -51,8 +53,11 @@ def fleets(record_redis: RedisServer) -> Iterator[Callable[..., Fleet]]:
         return fleet
 
     yield make
+    failed = getattr(request.node, "rep_call", None)
     for fleet in made:
         fleet.cleanup()
+        if failed is not None and failed.failed:
+            print(fleet.logs())
 
 
 def lease_holder(server: RedisServer) -> bytes | None:
@@ -115,7 +120,7 @@ def test_a_callback_running_across_a_partition_cannot_commit(
     through_proxy = f"redis://127.0.0.1:{proxy.port}/0"
     fleet = fleets(redis_server.url_for(0), pool="threads", STOKER_TEST_EVENT_SLEEP="3")
     w1 = fleet.start("w1@%h", env={"STOKER_TEST_BROKER": through_proxy})
-    wait_for(lambda: "celery_stoker.dispatch[" in w1.log(), 30, what="w1's now_leader running")
+    wait_for(lambda: records.raw("started"), 30, what="w1's now_leader running")
     w2 = fleet.start("w2@%h", env={"STOKER_TEST_EVENT_SLEEP": "0"})
     proxy.blackhole()
     second = wait_for(

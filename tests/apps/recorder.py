@@ -75,6 +75,7 @@ class Recorder(Stoker):
         started = time.time()
         busy = float(os.environ.get("STOKER_TEST_EVENT_SLEEP", "0"))
         if busy and event != "shutdown":
+            record("started", event=event, host=ctx.hostname, token=ctx.token)
             time.sleep(busy)  # a slow callback, to show events never overlap
         record(
             "event",

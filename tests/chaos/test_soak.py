@@ -48,13 +48,15 @@ LEASE_KEY = "stoker:{recorder}:lease"
 SLACK = 0.5
 #: Bound on the time from the fault (or from Redis answering again) to the first callback of
 #: the next term: clean stop ~1 s (README: "within milliseconds"); crash and partition one TTL
-#: plus one renew interval; Redis restart "within a second of Redis coming back".
+#: plus one renew interval; Redis restart: the lease is taken within a second of Redis
+#: answering, but the new term acts only once any earlier term must be over (README,
+#: "Redis restarted empty"): at most one TTL after Redis answers.
 BOUNDS = {
     "sigterm_leader": 1.0,
     "restart_worker": 1.0,
     "sigkill_leader": TTL + RENEW + SLACK,
     "partition_leader": TTL + RENEW + SLACK,
-    "redis_restart": 1.0 + SLACK,
+    "redis_restart": TTL + 2 * SLACK,
 }
 KINDS = tuple(BOUNDS)
 #: How long past its bound a fault may go unanswered before the soak gives up on the fleet.

@@ -149,10 +149,12 @@ class Fleet:
         return worker
 
     def by_node(self, node: str) -> WorkerProcess:
-        for worker in self.workers:
-            if worker.node == node:
-                return worker
-        raise KeyError(node)
+        """The worker with that node name, the live one if it was restarted."""
+        matches = [w for w in self.workers if w.node == node]
+        if not matches:
+            raise KeyError(node)
+        alive = [w for w in matches if w.alive()]
+        return (alive or matches)[-1]
 
     def logs(self) -> str:
         return "\n".join(f"===== {w.node} =====\n{w.log()[-6000:]}" for w in self.workers)
