@@ -69,7 +69,9 @@ def test_renew_interval_defaults_to_a_third_of_a_configured_ttl() -> None:
     ],
 )
 def test_redis_flavoured_brokers_are_accepted(broker: str) -> None:
-    assert load_settings(make_app(broker).conf).url == broker
+    # The scheme is lower-cased (redis-py only reads lower case); the rest is kept.
+    scheme, rest = broker.split("://", 1)
+    assert load_settings(make_app(broker).conf).url == f"{scheme.lower()}://{rest}"
 
 
 def test_unix_socket_broker_in_kombu_form_is_accepted() -> None:
