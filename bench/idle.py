@@ -51,12 +51,13 @@ from bench.common import (  # noqa: E402
     write_json,
 )
 from celery_stoker.lease import Holder, lease_channel, lease_key  # noqa: E402
+from celery_stoker.store import state_key  # noqa: E402
 
 APP = "bench.apps.idle_app"
 STOKERS = ("idle-a", "idle-b", "idle-c")
 TTL = 10.0  # the default stoker_lease_ttl; the app does not set it
 PLANS: dict[str, dict[str, Any]] = {
-    "smoke": {"windows": 1, "window_s": 3.0, "settle_s": 2.0},
+    "smoke": {"windows": 1, "window_s": 2.0, "settle_s": 1.5},
     "quick": {"windows": 2, "window_s": 10.0, "settle_s": 3.0},
     "full": {"windows": 6, "window_s": 60.0, "settle_s": 10.0},
 }
@@ -89,6 +90,13 @@ def run(mode: str) -> tuple[dict[str, Any], list[Table]]:
             )
 
         wait_until(leads_all, 30, "the first Stoker worker to lead all three Stokers")
+        # On a fresh Redis a first term waits out one TTL before it acts; wait until
+        # each Stoker's first event has committed its state, so no window sees it.
+        wait_until(
+            lambda: all(sclient.exists(state_key("stoker", name)) for name in STOKERS),
+            TTL * 2 + 30,
+            "the leader's first events",
+        )
         workers["stoker follower"] = celery_worker(
             "follow@%h", APP, {**base, "BENCH_WITH_STOKER": "1"}
         ).start()

@@ -70,9 +70,9 @@ from celery_stoker.lease import (  # noqa: E402
 NAME = "scale"
 TTL = 10.0
 PLANS: dict[str, dict[str, Any]] = {
-    "smoke": {"sizes": [10, 50], "rounds": 2, "idle_s": 3.0},
-    "quick": {"sizes": [10, 100, 500], "rounds": 4, "idle_s": 20 / 3},
-    "full": {"sizes": [10, 100, 500], "rounds": 20, "idle_s": 30.0},
+    "smoke": {"sizes": [10, 30], "rounds": 2, "idle_s": 2.0, "ttl": 3.0},
+    "quick": {"sizes": [10, 100, 500], "rounds": 4, "idle_s": 20 / 3, "ttl": TTL},
+    "full": {"sizes": [10, 100, 500], "rounds": 20, "idle_s": 30.0, "ttl": TTL},
 }
 
 
@@ -376,9 +376,9 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
     }
 
 
-def table(results: list[dict[str, Any]]) -> Table:
+def table(results: list[dict[str, Any]], ttl: float) -> Table:
     t = Table(
-        f"Scale: N activators (own lease + listener connection each) on one Redis, TTL {TTL:g} s",
+        f"Scale: N activators (own lease + listener connection each) on one Redis, TTL {ttl:g} s",
         [
             "activators",
             "release -> new leader p50 (min - max)",
@@ -422,8 +422,8 @@ def run(mode: str) -> tuple[dict[str, Any], list[Table]]:
             f"  scale: {size} activators, {plan['rounds']} failovers, {plan['idle_s']:g} s idle",
             flush=True,
         )
-        results.append(measure(size, plan["rounds"], plan["idle_s"]))
-    return {"ttl": TTL, "runs": results}, [table(results)]
+        results.append(measure(size, plan["rounds"], plan["idle_s"], plan["ttl"]))
+    return {"ttl": plan["ttl"], "runs": results}, [table(results, plan["ttl"])]
 
 
 def main() -> None:
