@@ -1,0 +1,130 @@
+"""Run every benchmark in one go, print every table, write JSON, Markdown and the plot.
+
+    python bench/run_all.py --quick     # under five minutes; fewer rounds, RedBeat capped
+    python bench/run_all.py --full      # the figures BENCHMARKS.md quotes (about an hour)
+    python bench/run_all.py --smoke     # a minute: only checks that everything runs
+
+Results go to ``bench/results/<mode>/`` (``--out`` to change): one JSON per
+benchmark with the machine it ran on, ``tables.md`` / ``tables.txt`` with
+every table, and ``failover.png`` when matplotlib is installed.  Every
+benchmark starts its own ``redis-server`` on a free port and its own processes,
+and stops them again -- also on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import dispatch, failover, idle, scale  # noqa: E402
+from bench.common import (  # noqa: E402
+    RunDir,
+    Table,
+    cleanup_all,
+    install_signal_handlers,
+    machine_info,
+    print_table,
+    write_json,
+)
+from bench.plot import plot  # noqa: E402
+
+Runner = Callable[[str], tuple[dict[str, Any], list[Table]]]
+#: In this order: failover first, while the machine is freshest for the ms figures.
+BENCHES: dict[str, Runner] = {
+    "failover": failover.run,
+    "dispatch": dispatch.run,
+    "idle": idle.run,
+    "scale": scale.run,
+}
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    return (
+        f"{m['date_utc']}; {m['nproc']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, "
+        f"{m['os']}; Python {m['python']}; {m['redis_server'].split(' sha=')[0]}; "
+        f"celery {m['celery']}, redis-py {m['redis_py']}, celery-redbeat "
+        f"{m['celery_redbeat']}; commit {m['git_commit']}"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    group = parser.add_mutually_exclusive_group()
+    for mode in ("smoke", "quick", "full"):
+        group.add_argument(f"--{mode}", dest="mode", action="store_const", const=mode)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results directory (default bench/results/<mode>)"
+    )
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), default=None)
+    parser.add_argument("--keep-logs", action="store_true", help="keep worker and beat logs")
+    args = parser.parse_args()
+    mode = args.mode or "quick"
+    out: Path = args.out or ROOT / "bench" / "results" / mode
+    RunDir.keep = args.keep_logs
+    install_signal_handlers()
+
+    started = time.monotonic()
+    machine = machine_info()
+    print(f"celery-stoker benchmarks, {mode} mode -> {out}")
+    print(f"machine: {machine_line(machine)}", flush=True)
+    write_json(out / "machine.json", machine)
+    all_tables: list[Table] = []
+    failed: list[str] = []
+    try:
+        for name, runner in BENCHES.items():
+            if args.only and name not in args.only:
+                continue
+            t0 = time.monotonic()
+            print(f"\n== {name}", flush=True)
+            try:
+                data, tables = runner(mode)
+            except Exception:
+                traceback.print_exc()
+                failed.append(name)
+                continue
+            elapsed = time.monotonic() - t0
+            write_json(
+                out / f"{name}.json",
+                {"mode": mode, "elapsed_s": elapsed, "machine": machine, **data},
+            )
+            for table in tables:
+                print_table(table)
+            print(f"\n   ({name}: {elapsed:.0f} s)", flush=True)
+            all_tables.extend(tables)
+    finally:
+        cleanup_all()
+
+    header = f"Mode: {mode}. Machine: {machine_line(machine)}.\n"
+    (out / "tables.md").write_text(
+        header + "\n" + "\n\n".join(t.markdown() for t in all_tables) + "\n"
+    )
+    (out / "tables.txt").write_text(
+        header + "\n" + "\n\n".join(t.text() for t in all_tables) + "\n"
+    )
+    if (out / "failover.json").exists() and (not args.only or "failover" in args.only):
+        problem = plot(
+            out / "failover.json",
+            out / "failover.png",
+            f"Failover per round, celery-stoker vs RedBeat ({mode} run, "
+            f"{machine['date_utc']}, {machine['nproc']} CPUs)",
+        )
+        print(f"\nplot: {problem or out / 'failover.png'}")
+    total = time.monotonic() - started
+    print(f"\nall done in {total:.0f} s ({total / 60:.1f} min); tables in {out / 'tables.md'}")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
