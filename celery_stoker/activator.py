@@ -45,9 +45,14 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 #: Backoff while Redis is unreachable: first try, and the most between tries.
 BACKOFF_START = 0.05
 BACKOFF_MAX = 0.5
+#: A renewal may take a reconnect and the command, each up to the socket timeout:
+#: a holder with less validity left than this many timeouts steps down instead.
+RENEW_ATTEMPT = 2
 #: Longest a stopping leader waits for the event already in the pool before it
 #: runs ``shutdown`` and releases.
 STOP_GRACE = 2.0
+#: Pause before sending again an event the broker refused.
+SEND_RETRY = 0.5
 #: Longest time an activator waits for one event's report before it moves on.
 EVENT_REPORT_TIMEOUT = 300.0
 
@@ -136,6 +141,12 @@ class Activator:
         self._acted = False
         #: When Redis last answered an election command (monotonic).
         self._redis_ok_at = 0.0
+        #: When the holder renews next (monotonic); moved earlier to retry after an error.
+        self._renew_at = 0.0
+        self._last_error_text: str | None = None
+        self._record_error: str | None = None
+        self._unsent_seq = -1
+        self._send_error: str | None = None
         #: The last state our events committed (see Outcome.state).
         self._state_cache: tuple[str, str, str] | None = None
         #: This process's own instance, for the in-process leader hooks.
@@ -235,23 +246,33 @@ class Activator:
                 else:
                     self._hold()
                 backoff = BACKOFF_START
+                self._last_error_text = None
                 if self._redis_ok_at > (self._redis_down_since or float("inf")):
                     self._redis_back()
             except REDIS_DOWN as exc:
                 self._redis_down(exc)
-                if (
-                    self._term is not None
-                    and self._term.time_left() <= self.settings.socket_timeout
-                ):
-                    self._step_down("lease_lost", release=False)
-                self._stop.wait(backoff)
+                self._after_error(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
-            except Exception:
-                logger.exception("Stoker %s: election loop error; retrying", self.name)
-                self._stop.wait(BACKOFF_MAX)
+            except Exception as exc:
+                # A refusal such as OOM, NOPERM or READONLY: log it once, not per retry.
+                text = f"{exc.__class__.__name__}: {exc}"
+                if text != self._last_error_text:
+                    logger.exception("Stoker %s: election error (%s); retrying", self.name, text)
+                    self._last_error_text = text
+                self._after_error(BACKOFF_MAX)
         if self._term is not None:
             self._step_down(self._stop_reason, release=True)
         self.state = "unk"
+
+    def _after_error(self, backoff: float) -> None:
+        """Wait before the next try; a leader retries its renewal, never past its lease."""
+        term = self._term
+        if term is None:
+            self._stop.wait(backoff)
+            return
+        wait = min(backoff, term.time_left() - RENEW_ATTEMPT * self.settings.socket_timeout)
+        self._stop.wait(max(0.0, wait))
+        self._renew_at = time.monotonic()  # retry the renewal now; _hold steps down if too late
 
     def _follow(self) -> None:
         cooldown = self._cooldown_until - time.monotonic()
@@ -310,9 +331,11 @@ class Activator:
         self.highest_token = max(self.highest_token, holder.token or 0)
 
     def _become_leader(self, term: Term) -> None:
+        self.suspended = True  # not acting until _check_acting says so
         self._term = term
         self._accepting = False
         self._acted = False
+        self._renew_at = time.monotonic() + self.settings.renew_interval
         self.highest_token = max(self.highest_token, term.token)
         self.state = "leader"
         self.leader = self.hostname
@@ -343,7 +366,6 @@ class Activator:
             self._state_cache = None
         self.draining = False
         self._emit("stoker-elected", name=self.name, token=term.token)
-        self.suspended = True  # not acting until _check_acting says so
         self._act_not_before = time.monotonic() + self._quarantine(term)
         if len(self._members()) < self.min_members:
             self._suspend(term)
@@ -378,11 +400,14 @@ class Activator:
         return wait
 
     def _start_acting(self, term: Term) -> None:
+        """Begin the term's work: the hook, then now_leader as the term's first event."""
         self.suspended = False
         self._acted = True
-        self._accepting = True
         self._call_local(term, "leader_started")
-        self._submit("now_leader", None)
+        # Queued before events are accepted, so a cluster_change that arrives meanwhile
+        # can never come first (now_leader carries the current members anyway).
+        self._inbox.put(PendingEvent(next(self._seq), term.token, "now_leader", None))
+        self._accepting = True
 
     def _suspend(self, term: Term) -> None:
         """Hold the lease but stop acting: too few workers are visible (min_members)."""
@@ -399,7 +424,10 @@ class Activator:
     def _check_acting(self, term: Term) -> None:
         """Start or stop acting on the held term: quarantine over, enough workers seen."""
         enough = len(self._members()) >= self.min_members
-        if self.suspended and enough and time.monotonic() >= self._act_not_before:
+        may_start = time.monotonic() >= self._act_not_before and (
+            term.time_left() > RENEW_ATTEMPT * self.settings.socket_timeout
+        )
+        if self.suspended and enough and may_start:
             if self._acted:
                 logger.warning("Stoker %s: enough workers again; acting", self.name)
                 self._emit("stoker-resumed", name=self.name, token=term.token)
@@ -414,11 +442,11 @@ class Activator:
     def _hold(self) -> None:
         term = self._term
         assert term is not None
-        renew_at = time.monotonic() + self.settings.renew_interval
         while not self._stop.is_set():
+            renew_at = self._renew_at
             self._check_acting(term)
             left = term.time_left()
-            if left <= self.settings.socket_timeout:
+            if left <= RENEW_ATTEMPT * self.settings.socket_timeout:
                 # A renewal sent now might answer after our lease ends: stop acting first.
                 self._step_down("lease_lost", release=False)
                 return
@@ -434,6 +462,7 @@ class Activator:
             return
         renewed = self.lease.renew(term)
         self._redis_ok_at = time.monotonic()
+        self._renew_at = self._redis_ok_at + self.settings.renew_interval
         if not renewed:
             self._step_down("lease_lost", release=False)
             return
@@ -451,12 +480,7 @@ class Activator:
         self._accepting = False
         logger.warning("Stoker %s: %s steps down (%s)", self.name, self.hostname, reason)
         if release:
-            # Let an event already in the pool finish (events run one at a time), but
-            # briefly: the point of a clean stop is a fast handover.
-            grace = min(STOP_GRACE, term.time_left() - 2 * self.settings.socket_timeout)
-            self._idle.wait(max(0.0, grace))
-            with contextlib.suppress(*REDIS_DOWN):
-                self.lease.renew(term)
+            self._finish_running_event(term)
         self._term = None
         self.state = "follower"
         self.active_from = None
@@ -492,6 +516,24 @@ class Activator:
             "stoker-stepped-down", name=self.name, token=term.token, reason=reason, to=reserve_for
         )
 
+    def _finish_running_event(self, term: Term) -> None:
+        """Let an event already in the pool finish before ``shutdown`` (one at a time).
+
+        Briefly (``STOP_GRACE``): the point of a clean stop is a fast handover.
+        The lease is renewed meanwhile, so a long TTL is not needed for this.
+        """
+        deadline = time.monotonic() + STOP_GRACE
+        while not self._idle.is_set():
+            margin = term.time_left() - RENEW_ATTEMPT * self.settings.socket_timeout
+            wait = min(deadline - time.monotonic(), self.settings.renew_interval, margin)
+            if wait <= 0 or self._idle.wait(wait):
+                break
+            with contextlib.suppress(redis.RedisError):
+                if not self.lease.renew(term):
+                    return
+        with contextlib.suppress(redis.RedisError):
+            self.lease.renew(term)  # a full TTL for shutdown and the release
+
     def _call_local(self, term: Term, hook: str, *args: Any) -> None:
         """Run an in-process leader hook of the Stoker; log, never raise."""
         if self._local is None:
@@ -526,20 +568,31 @@ class Activator:
                 client=self.client,
             )
             self.last_error = outcome.error or self.last_error
-        except REDIS_DOWN as exc:
+        except Exception as exc:
             logger.warning(
-                "Stoker %s: shutdown not delivered, Redis unreachable (%s)",
+                "Stoker %s: shutdown not delivered (%s)",
                 self.name,
                 exc.__class__.__name__,
             )
 
     def _record(self, info: dict[str, Any] | None, transition: dict[str, Any]) -> None:
+        """Write the cluster record and a transition; a refusal never stops the election."""
         try:
             if info is not None and self._term is not None:
                 self.store.commit(self._term.token, None, info)
             self.store.record_transition(transition)
         except REDIS_DOWN:
             pass
+        except redis.RedisError as exc:
+            text = str(exc)
+            if text != self._record_error:
+                logger.error(
+                    "Stoker %s: could not write its record in Redis (%s); leadership is "
+                    "unaffected, dump() and status may be stale",
+                    self.name,
+                    text,
+                )
+                self._record_error = text
 
     def _redis_down(self, exc: BaseException) -> None:
         if self._redis_down_since is None:
@@ -578,28 +631,45 @@ class Activator:
         timer_due: float | None = None
         timer_token: int | None = None
         last_interval: float | None = None
+        retry: PendingEvent | None = None
+        item: PendingEvent | None
         while not self._stop.is_set():
             term = self._term
             if term is None or timer_token != term.token:
                 timer_due, timer_token = None, None
-            wait = None if timer_due is None else max(0.0, timer_due - time.monotonic())
-            try:
-                item = self._inbox.get(timeout=wait)
-            except queue.Empty:
-                if term is None or timer_token != term.token:
-                    continue
-                item = PendingEvent(next(self._seq), term.token, "timer", None)
-                timer_due = None
-            if item is None:
-                break
+            if retry is not None:
+                item, retry = retry, None
+            else:
+                wait = None if timer_due is None else max(0.0, timer_due - time.monotonic())
+                try:
+                    item = self._inbox.get(timeout=wait)
+                except queue.Empty:
+                    if term is None or timer_token != term.token:
+                        continue
+                    item = PendingEvent(next(self._seq), term.token, "timer", None)
+                    timer_due = None
+                if item is None:
+                    break
             term = self._term
             if term is None or item.token != term.token or not self._accepting:
                 continue
             if not term.is_valid():
                 continue
             outcome = self._send_and_wait(item)
-            if outcome is None or self._term is not term:
+            if self._term is not term:
                 continue
+            if outcome is None:
+                if item.seq == self._unsent_seq:
+                    # The broker refused it: try the same event again shortly.
+                    retry = item
+                    self._stop.wait(SEND_RETRY)
+                else:
+                    # Sent but never reported (lost in the pool): keep the timer going.
+                    timer_token = term.token
+                    lost_gap = last_interval if last_interval is not None else SEND_RETRY
+                    timer_due = time.monotonic() + lost_gap
+                continue
+            interval: float | None
             if outcome.timer_error:
                 interval = last_interval
             else:
@@ -629,23 +699,32 @@ class Activator:
                     ignore_result=True,
                 )
             except Exception as exc:
+                self._unsent_seq = item.seq
+                if self._send_error == str(exc):
+                    return None
+                self._send_error = str(exc)
                 logger.warning(
-                    "Stoker %s: could not send %s event (%s: %s)",
+                    "Stoker %s: could not send %s event (%s: %s); retrying",
                     self.name,
                     item.event,
                     exc.__class__.__name__,
                     exc,
                 )
                 return None
+            if self._send_error is not None:
+                logger.warning("Stoker %s: sending events again", self.name)
+                self._send_error = None
             return self._wait_report(item)
         finally:
             self._idle.set()
 
     def _wait_report(self, item: PendingEvent) -> Outcome | None:
         deadline = time.monotonic() + EVENT_REPORT_TIMEOUT
-        while not self._stop.is_set() and time.monotonic() < deadline:
+        # Not cut short by a stop: a stopping leader waits (briefly) for this event
+        # before it says shutdown; it ends the wait by ending the term.
+        while time.monotonic() < deadline:
             if self._term is None or self._term.token != item.token:
-                return None  # the term ended while Redis was away: nothing to wait for
+                return None  # the term ended: nothing to wait for
             try:
                 popped = self._report_client.blpop([self.done_key], timeout=1)
             except REDIS_DOWN:

@@ -158,14 +158,21 @@ class StokerStep(bootsteps.StartStopStep):
                 client_factory,
                 lease_channel(settings.key_prefix),
                 thread_name=f"stoker-lease-listener:{settings.key_prefix}",
+                health_interval=max(1.0, settings.lease_ttl),
             )
             listener.start()
             self.listeners[key] = listener
         return listener
 
     def _on_shutting_down(self, sender: Any = None, **kwargs: Any) -> None:
+        """Runs inside Celery's signal handler: hand the work to a thread, take no lock here."""
         if sender is not None and str(sender) != self.hostname:
             return
+        threading.Thread(
+            target=self._request_stops, name="stoker-stop-request", daemon=True
+        ).start()
+
+    def _request_stops(self) -> None:
         for activator in self.activators.values():
             activator.request_stop("worker_stopping")
 

@@ -298,9 +298,14 @@ class LeaseListener:
         channel: str,
         *,
         thread_name: str = "stoker-lease-listener",
+        health_interval: float = 5.0,
     ) -> None:
         self._client_factory = client_factory
         self.channel = channel
+        #: A PING goes out after this long without a message; no answer within
+        #: twice this means the connection died silently (a partition, a
+        #: failover behind a proxy), and the listener reconnects.
+        self.health_interval = health_interval
         self._thread_name = thread_name
         self._waiters: dict[str, set[LeaseWaiter]] = {}
         self._lock = threading.Lock()
@@ -364,10 +369,19 @@ class LeaseListener:
             try:
                 pubsub = self._client_factory().pubsub(ignore_subscribe_messages=False)
                 pubsub.subscribe(self.channel)
+                last_heard = time.monotonic()
+                pinged = False
                 while not self._stopping.is_set():
                     message = pubsub.get_message(timeout=0.25)
+                    quiet = time.monotonic() - last_heard
                     if message is None:
+                        if quiet > 2 * self.health_interval:
+                            raise redis.ConnectionError("no answer to PING on the lease channel")
+                        if quiet > self.health_interval and not pinged:
+                            pubsub.ping()
+                            pinged = True
                         continue
+                    last_heard, pinged = time.monotonic(), False
                     if message["type"] == "subscribe":
                         self._subscribed.set()
                         if logged_down:
@@ -378,13 +392,14 @@ class LeaseListener:
                         self._wake_all()
                     elif message["type"] == "message":
                         self._dispatch(message["data"])
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            except (redis.RedisError, OSError) as exc:
                 self._subscribed.clear()
                 if not logged_down:
                     logger.warning(
-                        "lease listener lost Redis (%s); waiters fall back to lease expiry "
-                        "until it is back",
+                        "lease listener lost Redis (%s: %s); waiters fall back to lease "
+                        "expiry until it is back",
                         exc.__class__.__name__,
+                        exc,
                     )
                     logged_down = True
                 self._stopping.wait(backoff)

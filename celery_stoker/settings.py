@@ -53,9 +53,10 @@ class StokerSettings:
 
         A holder renews ``renew_interval`` after its last renewal and must have
         an answer before its lease runs out, ``lease_ttl - renew_interval``
-        later; a third of that leaves room for two more tries.
+        later.  One try may take a reconnect and the command (two timeouts);
+        a fifth of that window leaves room for two tries and a margin.
         """
-        return max(0.05, (self.lease_ttl - self.renew_interval) / 3)
+        return max(0.05, (self.lease_ttl - self.renew_interval) / 5)
 
 
 def _number(name: str, value: Any) -> float:

@@ -43,7 +43,7 @@ class EventEmitter:
         if self._thread is None:
             return
         with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(None)
+            self._queue.put(None, timeout=timeout)
         self._thread.join(timeout)
         self._thread = None
 

@@ -246,3 +246,16 @@ def test_foreign_lease_value_is_reported_once_and_survived(
     wait_for(lambda: records.of("now_leader"), 2 * TTL + 5, what="elected once it is gone")
     assert w1.log().count("did not write") == 1
     assert w1.alive()
+
+
+def test_foreign_record_keys_never_stop_the_leader(
+    redis_server: RedisServer, records: Records, fleets: Callable[..., Fleet]
+) -> None:
+    """dump()'s record is a convenience: a foreign value there must not block acting."""
+    client = redis_server.client()
+    client.set("stoker:{recorder}:info", b"not a hash")
+    client.set("stoker:{recorder}:transitions", b"not a list")
+    fleet = fleets(redis_server.url_for(0), STOKER_TEST_TIMER="0.2")
+    w1 = fleet.start("w1@%h")
+    wait_for(lambda: len(records.of("timer")) >= 2, 30, what="the leader acts")
+    assert w1.log().count("could not write its record") == 1

@@ -529,3 +529,26 @@ def test_without_gossip_members_is_only_this_worker(
         assert w1.log().count("gossip is off") == 1
     finally:
         fleet.cleanup()
+
+
+def test_stopping_leader_lets_the_running_event_finish_before_shutdown(
+    redis_server: RedisServer, records: Records
+) -> None:
+    fleet = make_fleet(
+        redis_server, "threads", STOKER_TEST_TIMER="0.05", STOKER_TEST_EVENT_SLEEP="0.8"
+    )
+    try:
+        w1 = fleet.start("w1@%h")
+        wait_for(
+            lambda: [r for r in records.raw("started") if r["event"] == "timer"],
+            30,
+            what="a slow timer callback running",
+        )
+        w1.sigterm()
+        w1.wait_exit(30)
+        events = records.events()
+        shutdown = records.of("shutdown", events)[0]
+        running = [r for r in events if r.event == "timer"][-1]
+        assert shutdown.started >= running.at, "shutdown ran while an event was in the pool"
+    finally:
+        fleet.cleanup()

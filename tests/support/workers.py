@@ -227,6 +227,11 @@ def check_terms(records: list[Record]) -> dict[int, list[Record]]:
     for token, items in ordered:
         hosts = {r.host for r in items}
         assert len(hosts) == 1, f"term {token} ran on several hosts: {hosts}"
+        by_start = sorted(items, key=lambda r: r.started)
+        firsts = [r for r in by_start if r.event == "now_leader"]
+        if firsts:
+            early = [r.event for r in by_start if r.started < firsts[0].started]
+            assert not early, f"term {token} ran {early} before now_leader"
         first, last = min(r.at for r in items), max(r.at for r in items)
         if previous is not None:
             prev_token, prev_last = previous
