@@ -438,9 +438,7 @@ def test_waiter_command_count_while_the_leader_renews(leases: Leases, with_liste
                 if result.term is not None:
                     acquired += 1
                     break
-                waiter.wait(
-                    waiter.wait_timeout(result.holder), max_wait=end - time.monotonic()
-                )
+                waiter.wait(waiter.wait_timeout(result.holder), max_wait=end - time.monotonic())
     finally:
         stop.set()
         renewer.join(5)
