@@ -481,6 +481,12 @@ class Activator:
         logger.warning("Stoker %s: %s steps down (%s)", self.name, self.hostname, reason)
         if release:
             self._finish_running_event(term)
+            with contextlib.suppress(redis.RedisError):
+                # From here no event of this term may start in the pool (one already
+                # running was waited for above): shutdown is the term's last event.
+                # (After a loss there is no time for this: the term ends in Redis soon.)
+                ttl_ms = max(1, round(self.settings.lease_ttl * 1000))
+                self.store.mark_closing(term.token, ttl_ms)
         self._term = None
         self.state = "follower"
         self.active_from = None

@@ -182,9 +182,12 @@ def run_event(
         client, spec.name, key_prefix=settings.key_prefix, serializer=settings.state_serializer
     )
     outcome = Outcome(seq=seq, token=token, ran=False)
-    if check_current and not _token_is_current(client, store.lease_key, token):
+    if check_current and not store.term_accepts_events(token):
         logger.info(
-            "Stoker %s: skipped %s event of term %d: that term is over", spec.name, event, token
+            "Stoker %s: skipped %s event of term %d: that term is over or ending",
+            spec.name,
+            event,
+            token,
         )
         return outcome
 
@@ -290,14 +293,6 @@ def _call(spec: StokerSpec, what: str, errors: list[str], fn: Any, *args: Any) -
             + "".join(traceback.format_exception(exc)[-3:])
         )
         return None, False
-
-
-def _token_is_current(client: redis.Redis, key: str, token: int) -> bool:
-    raw = client.get(key)
-    if raw is None:
-        return False
-    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-    return f'"token":{token},' in text or f'"token":{token}}}' in text
 
 
 def report(client: redis.Redis, key: str, outcome: Outcome) -> None:

@@ -57,6 +57,11 @@ def transitions_key(prefix: str, name: str) -> str:
     return f"{prefix}:{{{name}}}:transitions"
 
 
+def closing_key(prefix: str, name: str) -> str:
+    """Holds the token of a term whose leader is stepping down: no new event may start."""
+    return f"{prefix}:{{{name}}}:closing"
+
+
 def done_key(prefix: str, name: str, hostname: str) -> str:
     """The list a finished callback reports to, read by the activator on ``hostname``."""
     return f"{prefix}:{{{name}}}:done:{hostname}"
@@ -88,6 +93,7 @@ class StokerStore:
         self.state_key = state_key(key_prefix, name)
         self.info_key = info_key(key_prefix, name)
         self.transitions_key = transitions_key(key_prefix, name)
+        self.closing_key = closing_key(key_prefix, name)
         self.accept = accepted_content(serializer)
         self._commit = client.register_script(_COMMIT)
 
@@ -168,6 +174,20 @@ class StokerStore:
         return (
             int(self._commit(keys=[self.lease_key, self.state_key, self.info_key], args=args)) == 1
         )
+
+    def mark_closing(self, token: int, ttl_ms: int) -> None:
+        """Say that term ``token`` is ending: an event that has not started yet must not."""
+        self.client.set(self.closing_key, str(token), px=ttl_ms)
+
+    def term_accepts_events(self, token: int) -> bool:
+        """True while ``token`` is the lease's and its leader is not stepping down."""
+        lease, closing = self.client.mget([self.lease_key, self.closing_key])
+        if lease is None:
+            return False
+        text = lease.decode(errors="replace") if isinstance(lease, bytes) else str(lease)
+        if f'"token":{token},' not in text and f'"token":{token}}}' not in text:
+            return False
+        return closing is None or _text(closing) != str(token)
 
     def record_transition(self, transition: dict[str, Any]) -> None:
         """Append one leadership transition to the capped list (not fenced: it is a log)."""

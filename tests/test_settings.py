@@ -140,7 +140,7 @@ def test_settings_helpers() -> None:
         ).conf
     )
     assert settings.masked_url == "redis://user:***@h:6379/0"
-    assert settings.socket_timeout == pytest.approx((3 - 0.6) / 3)
+    assert settings.socket_timeout == pytest.approx((3 - 0.6) / 5)
     tiny = load_settings(make_app(stoker_lease_ttl=0.2, stoker_renew_interval=0.09).conf)
     assert tiny.socket_timeout == pytest.approx(0.05)  # never below 50 ms
 
