@@ -291,6 +291,13 @@ def machine_info() -> dict[str, Any]:
         text=True,
         check=False,
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "celery_stoker"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": os.cpu_count(),
@@ -306,6 +313,8 @@ def machine_info() -> dict[str, Any]:
         "celery_redbeat": _version("celery-redbeat"),
         "celery_stoker": _version("celery-stoker"),
         "git_commit": commit or None,
+        # Uncommitted changes to the package at the start (workers import the tree).
+        "package_dirty": bool(dirty),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
 

@@ -111,6 +111,11 @@ def table(results: list[dict[str, Any]]) -> Table:
     return t
 
 
+def render(data: dict[str, Any]) -> list[Table]:
+    """The table of a saved ``dispatch.json``."""
+    return [table(data["runs"])]
+
+
 def run(mode: str) -> tuple[dict[str, Any], list[Table]]:
     plan = PLANS[mode]
     results = []

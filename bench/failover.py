@@ -96,8 +96,8 @@ class BeatPlan:
     rounds: int
     cap: float
     #: Start before the celery-stoker measurements and run alongside them: for
-    #: crash rounds at RedBeat's defaults (25+ min each), during which the only
-    #: live beat sleeps in its lock poll and uses no CPU.
+    #: rounds at RedBeat's defaults (5 to 30 min each) during which the beats
+    #: mostly sleep (the standby in its lock poll; a leader ticks twice a second).
     background: bool = False
 
     @property
@@ -109,6 +109,13 @@ class BeatPlan:
     def lock_timeout(self) -> float:
         """RedBeat's default lock timeout: five loop intervals."""
         return self.loop_interval * 5
+
+    @property
+    def slowest(self) -> float:
+        """The longest failover RedBeat's arithmetic allows for this fault."""
+        if self.kind == "sigterm":
+            return self.loop_interval
+        return self.lock_timeout + self.loop_interval
 
 
 def _beats(
@@ -153,7 +160,7 @@ PLANS: dict[str, tuple[list[StokerPlan], list[BeatPlan]]] = {
         # RedBeat's defaults: a clean stop waits for the standby's 300 s poll, a
         # crash for the 25 min lock: a few rounds, measured to the end.
         [
-            BeatPlan("defaults", None, "sigterm", 3, 400.0),
+            BeatPlan("defaults", None, "sigterm", 6, 400.0, background=True),
             BeatPlan("defaults", None, "sigkill", 1, 2000.0, background=True),
             BeatPlan("defaults", None, "partition", 1, 2000.0, background=True),
             *_beats(
@@ -487,8 +494,10 @@ def beat_rounds(plan: BeatPlan, stop: threading.Event) -> dict[str, Any]:
             leader_pid = pair.log.latest_sender()
             victim = next(b for b, _ in pair.beats if b.pid == leader_pid)
             standby = next(b for b, _ in pair.beats if b is not victim)
-            # A random phase of the standby's lock poll, when the cap leaves room for it.
-            if plan.cap >= 2 * plan.loop_interval:
+            # A random phase of the standby's lock poll, when the cap leaves room for
+            # the slowest failover the configuration allows (else the round is capped
+            # anyway and waiting would only make the run longer).
+            if plan.cap >= plan.slowest + 5:
                 stop.wait(random.uniform(0, plan.loop_interval))
             last_old = pair.log.last_by_pid.get(victim.pid)
             t0 = time.time()
@@ -588,6 +597,13 @@ class FailoverResult:
                 "max_loop=5": implied_redbeat(5),
             },
         }
+
+
+def render(data: dict[str, Any]) -> list[Table]:
+    """The tables of a saved ``failover.json``."""
+    result = FailoverResult(stoker=data.get("stoker", []), redbeat=data.get("redbeat", []))
+    pool = result.stoker[0]["pool"] if result.stoker else "prefork"
+    return tables(result, pool)
 
 
 def tables(result: FailoverResult, pool: str) -> list[Table]:

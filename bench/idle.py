@@ -185,6 +185,11 @@ def _mmm(summary: dict[str, Any], digits: int | None = None) -> str:
     return med if lo == hi else f"{med} ({lo} - {hi})"
 
 
+def render(data: dict[str, Any]) -> list[Table]:
+    """The tables of a saved ``idle.json``."""
+    return tables(data)
+
+
 def tables(data: dict[str, Any]) -> list[Table]:
     roles = data["roles"]
     n = data["stokers"]

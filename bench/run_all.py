@@ -14,6 +14,7 @@ and stops them again -- also on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -47,12 +48,44 @@ BENCHES: dict[str, Runner] = {
 }
 
 
+RENDERERS: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
+    "failover": failover.render,
+    "dispatch": dispatch.render,
+    "idle": idle.render,
+    "scale": scale.render,
+}
+
+
+def write_tables(out: Path) -> None:
+    """``tables.md`` and ``tables.txt`` from every benchmark's JSON in ``out``.
+
+    Built from the saved results rather than from this invocation, so that a
+    rerun of one benchmark (``--only``) replaces its tables and keeps the others.
+    """
+    markdown, text = [], []
+    for name, render in RENDERERS.items():
+        path = out / f"{name}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        line = (
+            f"{name}: {data.get('mode')} mode, {data.get('elapsed_s', 0):.0f} s; "
+            f"{machine_line(data['machine'])}"
+        )
+        tables = render(data)
+        markdown.append(f"_{line}_\n\n" + "\n\n".join(t.markdown() for t in tables))
+        text.append(f"[{line}]\n\n" + "\n\n".join(t.text() for t in tables))
+    (out / "tables.md").write_text("\n\n".join(markdown) + "\n")
+    (out / "tables.txt").write_text("\n\n".join(text) + "\n")
+
+
 def machine_line(m: dict[str, Any]) -> str:
     return (
         f"{m['date_utc']}; {m['nproc']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, "
         f"{m['os']}; Python {m['python']}; {m['redis_server'].split(' sha=')[0]}; "
         f"celery {m['celery']}, redis-py {m['redis_py']}, celery-redbeat "
         f"{m['celery_redbeat']}; commit {m['git_commit']}"
+        f"{' + uncommitted package changes' if m.get('package_dirty') else ''}"
     )
 
 
@@ -77,7 +110,6 @@ def main() -> int:
     print(f"celery-stoker benchmarks, {mode} mode -> {out}")
     print(f"machine: {machine_line(machine)}", flush=True)
     write_json(out / "machine.json", machine)
-    all_tables: list[Table] = []
     failed: list[str] = []
     try:
         for name, runner in BENCHES.items():
@@ -99,17 +131,10 @@ def main() -> int:
             for table in tables:
                 print_table(table)
             print(f"\n   ({name}: {elapsed:.0f} s)", flush=True)
-            all_tables.extend(tables)
     finally:
         cleanup_all()
 
-    header = f"Mode: {mode}. Machine: {machine_line(machine)}.\n"
-    (out / "tables.md").write_text(
-        header + "\n" + "\n\n".join(t.markdown() for t in all_tables) + "\n"
-    )
-    (out / "tables.txt").write_text(
-        header + "\n" + "\n\n".join(t.text() for t in all_tables) + "\n"
-    )
+    write_tables(out)
     if (out / "failover.json").exists() and (not args.only or "failover" in args.only):
         problem = plot(
             out / "failover.json",

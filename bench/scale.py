@@ -414,6 +414,11 @@ def table(results: list[dict[str, Any]], ttl: float) -> Table:
     return t
 
 
+def render(data: dict[str, Any]) -> list[Table]:
+    """The table of a saved ``scale.json``."""
+    return [table(data["runs"], data["ttl"])]
+
+
 def run(mode: str) -> tuple[dict[str, Any], list[Table]]:
     plan = PLANS[mode]
     results = []
