@@ -651,13 +651,12 @@ def tables(result: FailoverResult, pool: str) -> list[Table]:
                 fmt_duration(won["median"]),
                 fmt_duration(disp["median"]),
             )
-    gaps = [
-        r["handover_gap_s"]
-        for run in result.stoker
-        for k in run["kinds"].values()
-        for r in k["rounds"]
-        if r["handover_gap_s"] is not None
-    ]
+    margins = []  # (label, smallest gap) per TTL and fault with a leader_stopping hook
+    for run in result.stoker:
+        for kind, data in run["kinds"].items():
+            gaps = [r["handover_gap_s"] for r in data["rounds"] if r["handover_gap_s"] is not None]
+            if gaps:
+                margins.append((f"{kind} at TTL {run['ttl']:g} s", min(gaps)))
     bad = [
         r
         for run in result.stoker
@@ -665,12 +664,14 @@ def tables(result: FailoverResult, pool: str) -> list[Table]:
         for r in k["rounds"]
         if not r["ok"]
     ]
-    if gaps:
+    if margins:
+        overlap = [label for label, gap in margins if gap <= 0]
         t.notes.append(
-            f"old leader stopped acting (leader_stopping hook) before the new one's first "
-            f"callback in every SIGTERM/partition round: min margin {min(gaps) * 1000:.1f} ms"
-            if min(gaps) > 0
-            else f"OVERLAP: a new leader started {-min(gaps) * 1000:.1f} ms before the old stopped"
+            "old leader stopped acting (its leader_stopping hook) before the new one's first "
+            "callback in every round; smallest margin: "
+            + ", ".join(f"{label} {fmt_duration(gap)}" for label, gap in margins)
+            if not overlap
+            else f"OVERLAP: a new leader acted before the old one stopped in {', '.join(overlap)}"
         )
     if bad:
         t.notes.append(f"{len(bad)} round(s) elected the victim again or reused a token")

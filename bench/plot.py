@@ -104,10 +104,22 @@ def plot(results: Path, out: Path, title: str = "") -> str | None:
         ax.set_title(label)
         ax.set_xlabel("round")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right")
     axes[0].set_ylabel("fault -> new leader acts (seconds, log scale)")
+    # One legend for all three panels, below them, so no point hides behind it.
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(name, handle)
+    fig.legend(
+        handles.values(),
+        handles.keys(),
+        loc="lower center",
+        ncol=min(6, len(handles)),
+        fontsize=8,
+        frameon=False,
+    )
     fig.suptitle(title or "Failover time per round: celery-stoker vs RedBeat (one run)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -79,6 +79,20 @@ def write_tables(out: Path) -> None:
     (out / "tables.txt").write_text("\n\n".join(text) + "\n")
 
 
+def draw(out: Path, mode: str) -> str | None:
+    """The failover plot from ``out/failover.json``; None when drawn, else why not."""
+    path = out / "failover.json"
+    if not path.exists():
+        return f"no {path}"
+    machine = json.loads(path.read_text())["machine"]
+    return plot(
+        path,
+        out / "failover.png",
+        f"Failover per round, celery-stoker vs RedBeat ({mode} run, {machine['date_utc']}, "
+        f"{machine['nproc']} CPUs {machine['cpu_model']})",
+    )
+
+
 def machine_line(m: dict[str, Any]) -> str:
     return (
         f"{m['date_utc']}; {m['nproc']} CPUs ({m['cpu_model']}), {m['ram_gib']} GiB RAM, "
@@ -99,10 +113,20 @@ def main() -> int:
     )
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHES), default=None)
     parser.add_argument("--keep-logs", action="store_true", help="keep worker and beat logs")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: rebuild tables.md, tables.txt and the plot from saved JSON",
+    )
     args = parser.parse_args()
     mode = args.mode or "quick"
     out: Path = args.out or ROOT / "bench" / "results" / mode
     RunDir.keep = args.keep_logs
+    if args.render:
+        write_tables(out)
+        print((out / "tables.txt").read_text())
+        print(f"plot: {draw(out, mode) or out / 'failover.png'}")
+        return 0
     install_signal_handlers()
 
     started = time.monotonic()
@@ -135,14 +159,8 @@ def main() -> int:
         cleanup_all()
 
     write_tables(out)
-    if (out / "failover.json").exists() and (not args.only or "failover" in args.only):
-        problem = plot(
-            out / "failover.json",
-            out / "failover.png",
-            f"Failover per round, celery-stoker vs RedBeat ({mode} run, "
-            f"{machine['date_utc']}, {machine['nproc']} CPUs)",
-        )
-        print(f"\nplot: {problem or out / 'failover.png'}")
+    if not args.only or "failover" in args.only:
+        print(f"\nplot: {draw(out, mode) or out / 'failover.png'}")
     total = time.monotonic() - started
     print(f"\nall done in {total:.0f} s ({total / 60:.1f} min); tables in {out / 'tables.md'}")
     if failed:

@@ -265,6 +265,12 @@ def _info(client: redis.Redis) -> tuple[int, float]:
     )
 
 
+def _busy_usec(client: redis.Redis) -> int:
+    """Microseconds Redis has spent executing commands, other than our INFO calls."""
+    stats = client.info("commandstats")
+    return sum(int(v["usec"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
 def _sim_commands(counter: CommandCounter, pids: list[int], port: int) -> int:
     """Commands the activators sent since the last take (ours are left out by port)."""
     counts = counter.take()
@@ -311,6 +317,7 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
             time.sleep(random.uniform(0.2, 0.6))
             fleet.drain()
             counter.take()
+            busy0 = _busy_usec(client)
             released = fleet.ask("release")
             if sum(released) != 1:
                 raise RuntimeError(f"{sum(released)} leaders before round {i + 1}")
@@ -340,6 +347,7 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
             raw = client.get(lease_key("stoker", NAME))
             holder = Holder.parse(raw, None).hostname if raw else None
             commands = _sim_commands(counter, pids, server.port)
+            busy = _busy_usec(client) - busy0
             fleet.ask("resume")
             if t_rel is None or t_new is None:
                 raise RuntimeError(f"round {i + 1}: no new leader within {ttl + 15:.0f} s")
@@ -351,6 +359,9 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
                     "holding_valid_term": holding,
                     "redis_holder_matches": holder == f"sim{new_idx}",
                     "client_commands": commands,
+                    # Redis's own time executing the failover's commands (all of
+                    # them: the release, every waiter's acquire, our GET).
+                    "redis_busy_us": busy,
                 }
             )
     finally:
@@ -367,6 +378,7 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
         "rounds": out_rounds,
         "failover": summarize([r["seconds"] for r in out_rounds]),
         "commands_per_failover": summarize([r["client_commands"] for r in out_rounds]),
+        "redis_busy_per_failover_us": summarize([r["redis_busy_us"] for r in out_rounds]),
         "exactly_one_every_round": all(
             r["leaders_reported"] == 1
             and r["holding_valid_term"] == 1
@@ -374,6 +386,12 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
             for r in out_rounds
         ),
     }
+
+
+def _busy(summary: dict[str, Any] | None) -> str:
+    if not summary or summary.get("median") is None:
+        return "-"
+    return f"{summary['median'] / 1000:.2f} ms"
 
 
 def table(results: list[dict[str, Any]], ttl: float) -> Table:
@@ -384,6 +402,7 @@ def table(results: list[dict[str, Any]], ttl: float) -> Table:
             "release -> new leader p50 (min - max)",
             "exactly one leads",
             "cmds per failover",
+            "Redis busy per failover",
             "idle Redis ops/s",
             "idle client cmds/s",
             "idle Redis CPU %",
@@ -398,6 +417,7 @@ def table(results: list[dict[str, Any]], ttl: float) -> Table:
             f"{fmt_num(f['max'] * 1000)})",
             f"yes, {f['n']}/{f['n']} rounds" if r["exactly_one_every_round"] else "NO",
             fmt_num(c["median"], digits=0),
+            _busy(r.get("redis_busy_per_failover_us")),
             fmt_num(idle["redis_ops_per_s"], digits=2),
             fmt_num(idle["client_cmds_per_s"], digits=2),
             fmt_num(idle["redis_cpu_percent"], digits=2),
@@ -409,7 +429,8 @@ def table(results: list[dict[str, Any]], ttl: float) -> Table:
     )
     t.notes.append(
         "each renewal is also delivered to every listener (N pub/sub messages per renewal); "
-        "each failover wakes every waiter, which tries the lease once"
+        "each failover wakes every waiter, which tries the lease once; Redis busy: its "
+        "own time executing those commands (INFO commandstats), median"
     )
     return t
 
