@@ -58,8 +58,8 @@ STOKERS = ("idle-a", "idle-b", "idle-c")
 TTL = 10.0  # the default stoker_lease_ttl; the app does not set it
 PLANS: dict[str, dict[str, Any]] = {
     "smoke": {"windows": 1, "window_s": 2.0, "settle_s": 1.5},
-    "quick": {"windows": 2, "window_s": 10.0, "settle_s": 3.0},
-    "full": {"windows": 6, "window_s": 60.0, "settle_s": 10.0},
+    "quick": {"windows": 2, "window_s": 20 / 3, "settle_s": 3.0},
+    "full": {"windows": 6, "window_s": 60.0, "settle_s": 10.0},  # 18 renewals per window
 }
 ROLES = ("without stoker", "stoker leader", "stoker follower")
 

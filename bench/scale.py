@@ -71,7 +71,8 @@ NAME = "scale"
 TTL = 10.0
 PLANS: dict[str, dict[str, Any]] = {
     "smoke": {"sizes": [10, 30], "rounds": 2, "idle_s": 2.0, "ttl": 3.0},
-    "quick": {"sizes": [10, 100, 500], "rounds": 4, "idle_s": 20 / 3, "ttl": TTL},
+    # Idle windows are whole renew intervals (TTL/3), so each holds a whole number of renewals.
+    "quick": {"sizes": [10, 100, 500], "rounds": 4, "idle_s": TTL / 3, "ttl": TTL},
     "full": {"sizes": [10, 100, 500], "rounds": 20, "idle_s": 30.0, "ttl": TTL},
 }
 
