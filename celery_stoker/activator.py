@@ -10,21 +10,22 @@ It is ``Stoker.Activator`` with a Redis lease in place of ``:global``:
   (``worker_stopping``): stop sending events, run ``shutdown`` here, and
   release the lease (when it is still ours) so a follower takes over at once.
 
-Two named threads per activator: ``stoker-lease:<name>`` runs the election and
+One named thread per activator, ``stoker-lease:<name>``, runs the election and
 never waits on the broker or the pool, so renewals are never late because the
-worker is busy; ``stoker-events:<name>`` sends events and keeps the timer.
+worker is busy.  Events travel through the worker's one event pump
+(``pump.py``), which sends them, keeps the timers and learns when each is
+over; the activator tells it when a term starts and stops acting, and hears
+back after each event (:meth:`Activator.event_done`), which is where
+``max_failures`` is counted.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +33,10 @@ import redis
 
 from .dispatch import DISPATCH_TASK, EVENT_MESSAGE_EXPIRES, Outcome, run_event
 from .lease import Holder, LeaseListener, RedisLease, Term
+from .pump import EventPump, PendingEvent
 from .settings import StokerSettings
 from .stoker import Stoker, StokerContext, StokerSpec
-from .store import StokerStore, done_key
+from .store import StokerStore
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -48,27 +50,13 @@ BACKOFF_MAX = 0.5
 #: A renewal may take a reconnect and the command, each up to the socket timeout:
 #: a holder with less validity left than this many timeouts steps down instead.
 RENEW_ATTEMPT = 2
-#: Longest a stopping leader waits for the event already in the pool before it
-#: runs ``shutdown`` and releases.
-STOP_GRACE = 2.0
-#: Pause before sending again an event the broker refused.
-SEND_RETRY = 0.5
-#: Longest time an activator waits for one event's report before it moves on.
-EVENT_REPORT_TIMEOUT = 300.0
+#: After a ``too_many_failures`` step-down this worker leaves the Stoker to others
+#: for one lease TTL, doubling on each repeat up to this (or one TTL, if longer).
+FAILURE_COOLDOWN_MAX = 300.0
 
 
 def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
-
-
-@dataclass
-class PendingEvent:
-    """An event waiting to be sent: it belongs to the term whose token it carries."""
-
-    seq: int
-    token: int
-    event: str
-    reason: Any
 
 
 class Activator:
@@ -85,6 +73,8 @@ class Activator:
         listener: LeaseListener | None,
         members: Callable[[], frozenset[str]],
         holder_id: str,
+        pump: EventPump,
+        client: redis.Redis | None = None,
         eligible: bool = True,
         min_members: int = 1,
         emit: Callable[..., None] | None = None,
@@ -99,9 +89,8 @@ class Activator:
         self.eligible = eligible
         self.min_members = min_members
         self._emit = emit or (lambda *args, **kwargs: None)
-        self.client = _client(settings, settings.socket_timeout)
-        # BLPOP blocks up to a second; its socket must wait longer than that.
-        self._report_client = _client(settings, settings.socket_timeout + 1.5)
+        self.pump = pump
+        self.client = client or _client(settings, settings.socket_timeout)
         self.lease = RedisLease(
             self.client,
             spec.name,
@@ -117,7 +106,6 @@ class Activator:
             key_prefix=settings.key_prefix,
             serializer=settings.state_serializer,
         )
-        self.done_key = done_key(settings.key_prefix, spec.name, hostname)
 
         # What dump() shows, as in the original's state map.
         self.state = "unk"
@@ -145,10 +133,17 @@ class Activator:
         self._renew_at = 0.0
         self._last_error_text: str | None = None
         self._record_error: str | None = None
-        self._unsent_seq = -1
-        self._send_error: str | None = None
-        #: The last state our events committed (see Outcome.state).
+        #: The last state our events committed (see Outcome.state) and its version.
         self._state_cache: tuple[str, str, str] | None = None
+        self._state_version: int | None = None
+        #: Consecutive failed events (max_failures), and step-downs they caused.
+        self.failures = 0
+        self._failure_step_downs = 0
+        #: Set by the pump's thread when this worker should give the Stoker up.
+        self._step_down_request: str | None = None
+        #: The election loop's current fault, shown in status until it clears.
+        self.election_error: str | None = None
+        self.election_error_since: float | None = None
         #: This process's own instance, for the in-process leader hooks.
         self._local: Stoker | None = None
 
@@ -157,22 +152,19 @@ class Activator:
         self._accepting = False
         self._stop = threading.Event()
         self._stop_reason = "worker_stopping"
-        self._inbox: queue.Queue[PendingEvent | None] = queue.Queue()
-        self._seq = itertools.count(1)
-        self._idle = threading.Event()
-        self._idle.set()
         self._redis_down_since: float | None = None
         self._foreign_logged: bytes | None = None
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- control
 
     def start(self) -> None:
-        """Start the election and event threads."""
-        for target, role in ((self._run_election, "lease"), (self._run_events, "events")):
-            thread = threading.Thread(target=target, name=f"stoker-{role}:{self.name}", daemon=True)
-            self._threads.append(thread)
-            thread.start()
+        """Start the election thread (events go through the worker's pump)."""
+        self.pump.add_lane(self)
+        self._thread = threading.Thread(
+            target=self._run_election, name=f"stoker-lease:{self.name}", daemon=True
+        )
+        self._thread.start()
 
     def request_stop(self, reason: str = "worker_stopping") -> None:
         """Begin stepping down now, without waiting (safe from a signal handler)."""
@@ -181,28 +173,33 @@ class Activator:
             self._stop.set()
             self.lease.wake()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Step down (release if leader) and stop both threads."""
-        self.request_stop(self._stop_reason)
-        deadline = time.monotonic() + timeout
-        lease_thread = self._threads[0] if self._threads else None
-        if lease_thread is not None:
-            lease_thread.join(max(0.0, deadline - time.monotonic()))
-        self._inbox.put(None)
-        self._wake_event_thread()
-        for thread in self._threads[1:]:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        self.lease.close()
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Step down (release if leader) and stop the election thread.
 
-    @property
-    def is_leader(self) -> bool:
-        """True while this worker holds a lease it may act on."""
-        term = self._term
-        return term is not None and term.is_valid()
+        Returns False if it did not finish within ``timeout`` (a ``shutdown`` or
+        ``leader_stopping`` that hangs): the caller goes on without it; the lease,
+        no longer renewed, expires within one TTL.
+        """
+        self.request_stop(self._stop_reason)
+        if self._thread is not None:
+            self._thread.join(max(0.0, timeout))
+            if self._thread.is_alive():
+                return False
+        self.lease.close()
+        return True
+
+    def request_step_down(self, reason: str) -> None:
+        """Ask the election thread to step down and release now (from any thread)."""
+        self._step_down_request = reason
+        self.lease.poke_local()
 
     def on_cluster_change(self, node: str, change: str) -> None:
         """A worker joined, left or was lost: the leader's Stoker hears of it."""
-        self._submit("cluster_change", {"node": node, "change": change})
+        term = self._term
+        if term is not None and self._accepting:
+            self.pump.submit(
+                self.name, term.token, "cluster_change", {"node": node, "change": change}
+            )
         if self._term is not None and self.min_members > 1:
             self.lease.poke_local()  # the election thread re-checks the quorum now
 
@@ -228,7 +225,29 @@ class Activator:
             "min_members": self.min_members,
             "lease_ttl": self.settings.lease_ttl,
             "renew_interval": self.settings.renew_interval,
+            "running_event": self._running_event(),
+            "failures": self.failures,
+            "max_failures": self.spec.max_failures,
+            "soft_time_limit": self.settings.soft_time_limit,
+            "time_limit": self.settings.time_limit,
+            "health": self.health(),
         }
+
+    def health(self) -> dict[str, Any]:
+        """``ok`` or the fault this activator (or the worker's pump) is in, since when."""
+        error, since = self.election_error, self.election_error_since
+        if error is None and self.pump.error is not None:
+            error, since = f"event pump: {self.pump.error}", self.pump.error_since
+        return {"status": "ok" if error is None else "error", "error": error, "since": _iso(since)}
+
+    def _running_event(self) -> dict[str, Any] | None:
+        running = self.pump.running(self.name)
+        if running is None:
+            return None
+        started = running.pop("started_at")
+        running["started_at"] = _iso(started)
+        running["running_for"] = round(time.time() - started, 1) if started else None
+        return running
 
     # ---------------------------------------------------------------- election
 
@@ -247,22 +266,36 @@ class Activator:
                     self._hold()
                 backoff = BACKOFF_START
                 self._last_error_text = None
+                if self.election_error is not None:
+                    logger.warning("Stoker %s: election working again", self.name)
+                    self.election_error = self.election_error_since = None
                 if self._redis_ok_at > (self._redis_down_since or float("inf")):
                     self._redis_back()
             except REDIS_DOWN as exc:
                 self._redis_down(exc)
+                self._note_election_error(exc)
                 self._after_error(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX)
             except Exception as exc:
-                # A refusal such as OOM, NOPERM or READONLY: log it once, not per retry.
+                # A refusal such as OOM, NOPERM or READONLY, or a bug: log it once, not
+                # per retry; status shows it until it clears.
                 text = f"{exc.__class__.__name__}: {exc}"
                 if text != self._last_error_text:
                     logger.exception("Stoker %s: election error (%s); retrying", self.name, text)
                     self._last_error_text = text
+                self._note_election_error(exc)
                 self._after_error(BACKOFF_MAX)
-        if self._term is not None:
-            self._step_down(self._stop_reason, release=True)
+        try:
+            if self._term is not None:
+                self._step_down(self._stop_reason, release=True)
+        except Exception:
+            logger.exception("Stoker %s: error while stepping down at stop", self.name)
         self.state = "unk"
+
+    def _note_election_error(self, exc: BaseException) -> None:
+        self.election_error = f"{exc.__class__.__name__}: {exc}"
+        if self.election_error_since is None:
+            self.election_error_since = time.time()
 
     def _after_error(self, backoff: float) -> None:
         """Wait before the next try; a leader retries its renewal, never past its lease."""
@@ -361,9 +394,9 @@ class Activator:
             },
         )
         try:
-            self._state_cache = self.store.load_portable()
+            self._state_cache, self._state_version = self.store.load_portable()
         except REDIS_DOWN:
-            self._state_cache = None
+            self._state_cache = self._state_version = None
         self.draining = False
         self._emit("stoker-elected", name=self.name, token=term.token)
         self._act_not_before = time.monotonic() + self._quarantine(term)
@@ -406,7 +439,7 @@ class Activator:
         self._call_local(term, "leader_started")
         # Queued before events are accepted, so a cluster_change that arrives meanwhile
         # can never come first (now_leader carries the current members anyway).
-        self._inbox.put(PendingEvent(next(self._seq), term.token, "now_leader", None))
+        self.pump.begin_term(self.name, term.token)
         self._accepting = True
 
     def _suspend(self, term: Term) -> None:
@@ -434,7 +467,8 @@ class Activator:
             self._start_acting(term)
         elif not self.suspended and not enough:
             self._accepting = False
-            self._idle.wait(max(0.0, min(STOP_GRACE, term.time_left() / 2)))
+            self.pump.end_term(self.name)
+            self.pump.wait_idle(self.name, min(self._event_grace, term.time_left() / 2))
             self._suspend(term)
             self._call_local(term, "leader_stopping", "below_min_members")
             self._deliver_shutdown(term, "below_min_members", lost=False)
@@ -458,7 +492,25 @@ class Activator:
                 wait = min(wait, self._act_not_before - now)
             if self.lease.wait_poked(wait) and self.lease.poked_by_operator():
                 break  # an operator asked: renew now and hear why
+            if self._step_down_request is not None:
+                break
         if self._stop.is_set():
+            return
+        if self._step_down_request is not None:
+            reason, self._step_down_request = self._step_down_request, None
+            self._step_down(reason, release=True)
+            self._failure_step_downs += 1
+            ttl = self.settings.lease_ttl
+            cooldown = min(
+                ttl * 2 ** (self._failure_step_downs - 1), max(ttl, FAILURE_COOLDOWN_MAX)
+            )
+            self._cooldown_until = time.monotonic() + cooldown
+            logger.warning(
+                "Stoker %s: %s leaves it to other workers for %.1f s",
+                self.name,
+                self.hostname,
+                cooldown,
+            )
             return
         renewed = self.lease.renew(term)
         self._redis_ok_at = time.monotonic()
@@ -478,6 +530,8 @@ class Activator:
         if term is None:
             return
         self._accepting = False
+        self.pump.end_term(self.name)
+        self.failures = 0
         logger.warning("Stoker %s: %s steps down (%s)", self.name, self.hostname, reason)
         if release:
             self._finish_running_event(term)
@@ -491,8 +545,6 @@ class Activator:
         self.state = "follower"
         self.active_from = None
         was_suspended, self.suspended = self.suspended, False
-        if release:
-            self._wake_event_thread()  # (after a loss, Redis may not answer: it wakes in 1 s)
         if not was_suspended:  # a suspended leader already said shutdown
             self._call_local(term, "leader_stopping", reason)
             self._deliver_shutdown(term, reason, lost=not release)
@@ -525,20 +577,29 @@ class Activator:
     def _finish_running_event(self, term: Term) -> None:
         """Let an event already in the pool finish before ``shutdown`` (one at a time).
 
-        Briefly (``STOP_GRACE``): the point of a clean stop is a fast handover.
-        The lease is renewed meanwhile, so a long TTL is not needed for this.
+        At most :attr:`_event_grace`; the lease is renewed meanwhile, so a long
+        TTL is not needed for this.
         """
-        deadline = time.monotonic() + STOP_GRACE
-        while not self._idle.is_set():
+        deadline = time.monotonic() + self._event_grace
+        while not self.pump.wait_idle(self.name, 0):
             margin = term.time_left() - RENEW_ATTEMPT * self.settings.socket_timeout
             wait = min(deadline - time.monotonic(), self.settings.renew_interval, margin)
-            if wait <= 0 or self._idle.wait(wait):
+            if wait <= 0 or self.pump.wait_idle(self.name, wait):
                 break
             with contextlib.suppress(redis.RedisError):
                 if not self.lease.renew(term):
                     return
         with contextlib.suppress(redis.RedisError):
             self.lease.renew(term)  # a full TTL for shutdown and the release
+
+    @property
+    def _event_grace(self) -> float:
+        """Longest a stepping-down leader waits for its event in the pool: half the stop budget.
+
+        Its ``shutdown`` comes after that event, so the two never overlap unless
+        the event outlives this; then its late commit is refused (see ``store``).
+        """
+        return self.settings.stop_timeout / 2
 
     def _call_local(self, term: Term, hook: str, *args: Any) -> None:
         """Run an in-process leader hook of the Stoker; log, never raise."""
@@ -558,7 +619,7 @@ class Activator:
             outcome = run_event(
                 self.app,
                 self.spec,
-                seq=next(self._seq),
+                seq=self.pump.next_seq(),
                 token=term.token,
                 event="shutdown",
                 reason=reason,
@@ -568,6 +629,7 @@ class Activator:
                 # stop acting.  Its state write is still fenced by the token.
                 check_current=False,
                 cached_state=self._state_cache,
+                cached_version=self._state_version,
                 # A lost term must hear shutdown before Redis can hand the lease on:
                 # start from our copy of the state, ask Redis nothing first.
                 prefer_cached=lost,
@@ -621,142 +683,60 @@ class Activator:
             self._redis_down_since = None
 
     # ------------------------------------------------------------------ events
+    # Called by the worker's pump, on its thread.
 
-    def _submit(self, event: str, reason: Any) -> None:
+    def acting_token(self) -> int | None:
+        """The token of the term that may send events now, or None."""
         term = self._term
-        if term is None or not self._accepting:
-            return
-        self._inbox.put(PendingEvent(next(self._seq), term.token, event, reason))
+        if term is None or not self._accepting or not term.is_valid():
+            return None
+        return term.token
 
-    def _wake_event_thread(self) -> None:
-        """Interrupt the event thread's wait for a report (the term ended)."""
-        with contextlib.suppress(redis.RedisError):
-            self._report_client.lpush(self.done_key, '{"wake": true}')
-
-    def _run_events(self) -> None:
-        timer_due: float | None = None
-        timer_token: int | None = None
-        last_interval: float | None = None
-        retry: PendingEvent | None = None
-        item: PendingEvent | None
-        while not self._stop.is_set():
-            term = self._term
-            if term is None or timer_token != term.token:
-                timer_due, timer_token = None, None
-            if retry is not None:
-                item, retry = retry, None
-            else:
-                wait = None if timer_due is None else max(0.0, timer_due - time.monotonic())
-                try:
-                    item = self._inbox.get(timeout=wait)
-                except queue.Empty:
-                    if term is None or timer_token != term.token:
-                        continue
-                    item = PendingEvent(next(self._seq), term.token, "timer", None)
-                    timer_due = None
-                if item is None:
-                    break
-            term = self._term
-            if term is None or item.token != term.token or not self._accepting:
-                continue
-            if not term.is_valid():
-                continue
-            outcome = self._send_and_wait(item)
-            if self._term is not term:
-                continue
-            if outcome is None:
-                if item.seq == self._unsent_seq:
-                    # The broker refused it: try the same event again shortly.
-                    retry = item
-                    self._stop.wait(SEND_RETRY)
-                else:
-                    # Sent but never reported (lost in the pool): keep the timer going.
-                    timer_token = term.token
-                    lost_gap = last_interval if last_interval is not None else SEND_RETRY
-                    timer_due = time.monotonic() + lost_gap
-                continue
-            interval: float | None
-            if outcome.timer_error:
-                interval = last_interval
-            else:
-                interval = last_interval = outcome.next_timer
-            timer_token = term.token
-            timer_due = None if interval is None else time.monotonic() + interval
-
-    def _send_and_wait(self, item: PendingEvent) -> Outcome | None:
-        """Send ``item`` to this worker's queue and wait for its report."""
-        self._idle.clear()
-        try:
-            self.last_event, self.last_event_at = item.event, time.time()
-            try:
-                self.app.send_task(
-                    DISPATCH_TASK,
-                    args=[
-                        self.name,
-                        item.token,
-                        item.seq,
-                        item.event,
-                        item.reason,
-                        sorted(self._members()),
-                        self.hostname,
-                    ],
-                    queue=self.queue_name,
-                    expires=EVENT_MESSAGE_EXPIRES,
-                    ignore_result=True,
-                )
-            except Exception as exc:
-                self._unsent_seq = item.seq
-                if self._send_error == str(exc):
-                    return None
-                self._send_error = str(exc)
-                logger.warning(
-                    "Stoker %s: could not send %s event (%s: %s); retrying",
-                    self.name,
-                    item.event,
-                    exc.__class__.__name__,
-                    exc,
-                )
-                return None
-            if self._send_error is not None:
-                logger.warning("Stoker %s: sending events again", self.name)
-                self._send_error = None
-            return self._wait_report(item)
-        finally:
-            self._idle.set()
-
-    def _wait_report(self, item: PendingEvent) -> Outcome | None:
-        deadline = time.monotonic() + EVENT_REPORT_TIMEOUT
-        # Not cut short by a stop: a stopping leader waits (briefly) for this event
-        # before it says shutdown; it ends the wait by ending the term.
-        while time.monotonic() < deadline:
-            if self._term is None or self._term.token != item.token:
-                return None  # the term ended: nothing to wait for
-            try:
-                popped = self._report_client.blpop([self.done_key], timeout=1)
-            except REDIS_DOWN:
-                self._stop.wait(0.2)
-                continue
-            if popped is None:
-                continue
-            outcome = Outcome.from_json(popped[1])
-            if outcome is None:
-                # A wake-up: stop waiting if the term this event belongs to is over.
-                if self._term is None or self._term.token != item.token:
-                    return None
-                continue
-            if outcome.seq == item.seq and outcome.token == item.token:
-                self.last_error = outcome.error or self.last_error
-                if outcome.state is not None:
-                    self._state_cache = outcome.state
-                return outcome
-        if not self._stop.is_set():
-            logger.warning(
-                "Stoker %s: no report for %s event after %.0f s; moving on",
+    def send_event(self, item: PendingEvent, task_id: str) -> None:
+        """Send ``item`` to this worker's own queue as the dispatch task."""
+        self.last_event, self.last_event_at = item.event, time.time()
+        self.app.send_task(
+            DISPATCH_TASK,
+            args=[
                 self.name,
+                item.token,
+                item.seq,
                 item.event,
-                EVENT_REPORT_TIMEOUT,
+                item.reason,
+                sorted(self._members()),
+                self.hostname,
+            ],
+            task_id=task_id,
+            queue=self.queue_name,
+            expires=EVENT_MESSAGE_EXPIRES,
+            ignore_result=True,
+            soft_time_limit=self.settings.soft_time_limit,
+            time_limit=self.settings.time_limit,
+        )
+
+    def event_done(self, item: PendingEvent, outcome: Outcome) -> None:
+        """Note what an event did; too many failures in a row move the Stoker elsewhere."""
+        if outcome.error:
+            self.last_error = outcome.error
+        if outcome.state is not None:
+            self._state_cache, self._state_version = outcome.state, outcome.version
+        if not outcome.ran and outcome.kind == "ok":
+            return  # skipped (its term was ending): neither a success nor a failure
+        if not outcome.failed:
+            self.failures = 0
+            self._failure_step_downs = 0
+            return
+        self.failures += 1
+        limit = self.spec.max_failures
+        if limit is not None and self.failures >= limit and self._term is not None:
+            logger.error(
+                "Stoker %s: %d events failed in a row on %s (max_failures=%d); stepping down",
+                self.name,
+                self.failures,
+                self.hostname,
+                limit,
             )
-        return None
+            self.request_step_down("too_many_failures")
 
 
 def _client(settings: StokerSettings, socket_timeout: float) -> redis.Redis:

@@ -7,32 +7,49 @@ pool drains.  Because it starts before the consumer, it also makes the worker
 consume its own event queue, ``<stoker_key_prefix>.<hostname>``, from the
 first message on.
 
+It owns the worker's pieces: one event pump (``pump.py``) with one report
+reader per Redis, one pub/sub listener per key prefix, one Redis client per
+URL shared by every activator, and one election thread per Stoker.
+
 Shutdown: Celery sends ``worker_shutting_down`` from the signal handler of a
 warm, soft or cold shutdown; the activators begin stepping down right there, so
 a follower elsewhere takes over while this worker is still finishing tasks.
+``stop`` waits for them at most ``stoker_stop_timeout`` in all: a ``shutdown``
+callback or hook that hangs cannot keep the worker from exiting (its lease,
+no longer renewed, expires within one TTL).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from typing import Any
 
+import redis
 from celery import bootsteps, signals
 
 from .activator import Activator
 from .connection import redis_client
 from .lease import LeaseListener, draining_key, lease_channel
 from .membership import Membership
-from .settings import StokerSettings, check_timing, load_settings
+from .pump import EventPump
+from .settings import StokerConfigurationError, StokerSettings, check_timing, load_settings
 from .stoker import WorkerInfo, is_eligible, registry_of
+from .store import reports_key
 from .telemetry import EventEmitter
 
 logger = logging.getLogger("celery_stoker.bootstep")
 
-#: Longest a stopping worker waits for all its activators to step down.
-STOP_TIMEOUT = 15.0
+#: What each Celery pool enforces of a task's (soft, hard) time limit.
+POOL_LIMITS = {
+    "prefork": (True, True),
+    "gevent": (False, True),
+    "eventlet": (False, False),
+    "threads": (False, False),
+    "solo": (False, False),
+}
 
 
 def event_queue_name(conf: Any, hostname: str) -> str:
@@ -58,11 +75,16 @@ class StokerStep(bootsteps.StartStopStep):
         self.listeners: dict[tuple[str, str], LeaseListener] = {}
         self.membership = Membership(self.hostname)
         self.emitter = EventEmitter(worker.app, self.hostname)
+        self.pump = EventPump(self.hostname)
+        self.clients: dict[tuple[str, float], redis.Redis] = {}
         self._stopped = threading.Event()
         # Check every setting now: a bad value stops the worker before it starts.
-        self.settings: dict[str, StokerSettings] = {
-            name: load_settings(self.app.conf, spec.options) for name, spec in self.registry.items()
-        }
+        self.settings: dict[str, StokerSettings] = {}
+        for name, spec in self.registry.items():
+            try:
+                self.settings[name] = load_settings(self.app.conf, spec.options)
+            except StokerConfigurationError as exc:
+                raise StokerConfigurationError(f"Stoker {name!r}: {exc}") from None
         self.queue_name = event_queue_name(self.app.conf, self.hostname)
         if self.registry:
             self.app.amqp.queues.select_add(self.queue_name)
@@ -78,6 +100,7 @@ class StokerStep(bootsteps.StartStopStep):
             self._drain_self()
         holder_prefix = f"{self.hostname}/{uuid.uuid4().hex[:12]}"
         info = WorkerInfo(self.hostname, self._consumed_queues(), self.app)
+        self._warn_unenforced_limits(worker)
         for name, spec in self.registry.items():
             settings = self.settings[name]
             activator = Activator(
@@ -89,6 +112,8 @@ class StokerStep(bootsteps.StartStopStep):
                 listener=self._listener(settings),
                 members=self.membership.members,
                 holder_id=f"{holder_prefix}/{name}",
+                pump=self.pump,
+                client=self._client(settings.url, settings.socket_timeout, settings),
                 eligible=self._eligible(spec, info),
                 min_members=spec.min_members,
                 emit=self.emitter.emit,
@@ -97,6 +122,8 @@ class StokerStep(bootsteps.StartStopStep):
             self.activators[name] = activator
         for activator in self.activators.values():
             activator.start()
+        self._add_report_readers()
+        self.pump.start()
         signals.worker_shutting_down.connect(self._on_shutting_down, weak=False)
         logger.info(
             "celery-stoker: %d activator(s) on %s: %s",
@@ -104,6 +131,53 @@ class StokerStep(bootsteps.StartStopStep):
             self.hostname,
             ", ".join(sorted(self.activators)),
         )
+
+    def _client(self, url: str, socket_timeout: float, settings: StokerSettings) -> redis.Redis:
+        """One client (connection pool) per URL and timeout, shared by every activator."""
+        key = (url, socket_timeout)
+        client = self.clients.get(key)
+        if client is None:
+            client = self.clients[key] = redis_client(
+                url, transport_options=settings.transport_options, socket_timeout=socket_timeout
+            )
+        return client
+
+    def _add_report_readers(self) -> None:
+        """One BLPOP reader per Redis, over the report list of each key prefix."""
+        by_url: dict[str, tuple[StokerSettings, set[str]]] = {}
+        for settings in self.settings.values():
+            _, keys = by_url.setdefault(settings.url, (settings, set()))
+            keys.add(reports_key(settings.key_prefix, self.hostname))
+        for url, (settings, keys) in by_url.items():
+
+            def factory(url: str = url, settings: StokerSettings = settings) -> redis.Redis:
+                # BLPOP blocks a second; its socket must wait longer than that.
+                return redis_client(
+                    url,
+                    transport_options=settings.transport_options,
+                    socket_timeout=settings.socket_timeout + 2.0,
+                )
+
+            self.pump.add_reports(factory, keys)
+
+    def _warn_unenforced_limits(self, worker: Any) -> None:
+        """Say once at start which Stoker's time limit this worker's pool cannot enforce."""
+        pool = pool_name(worker)
+        soft_ok, hard_ok = POOL_LIMITS.get(pool, (True, True))
+        for name, settings in sorted(self.settings.items()):
+            missing = []
+            if settings.soft_time_limit is not None and not soft_ok:
+                missing.append(f"soft_time_limit={settings.soft_time_limit:g}")
+            if settings.time_limit is not None and not hard_ok:
+                missing.append(f"time_limit={settings.time_limit:g}")
+            if missing:
+                logger.warning(
+                    "Stoker %s: the %s pool cannot enforce %s; use the prefork pool (or "
+                    "gevent for a hard limit) to bound its callbacks",
+                    name,
+                    pool,
+                    " and ".join(missing),
+                )
 
     def _consumed_queues(self) -> frozenset[str]:
         try:
@@ -165,8 +239,16 @@ class StokerStep(bootsteps.StartStopStep):
         return listener
 
     def _on_shutting_down(self, sender: Any = None, **kwargs: Any) -> None:
-        """Runs inside Celery's signal handler: hand the work to a thread, take no lock here."""
+        """Runs inside Celery's signal handler: start stepping down, block on nothing here.
+
+        With OS threads, a thread does it (a lock taken inside a signal handler may be
+        held by the very code it interrupted).  Under gevent or eventlet, threads are
+        green and the handler runs in the event loop, where neither starting a thread
+        nor switching is allowed: the loop is asked to run it next instead.
+        """
         if sender is not None and str(sender) != self.hostname:
+            return
+        if _green_spawn(self._request_stops):
             return
         threading.Thread(
             target=self._request_stops, name="stoker-stop-request", daemon=True
@@ -177,15 +259,31 @@ class StokerStep(bootsteps.StartStopStep):
             activator.request_stop("worker_stopping")
 
     def stop(self, worker: Any) -> None:
-        """Step every activator down (releasing held leases), then stop the listeners."""
+        """Step every activator down (releasing held leases), then stop the rest.
+
+        Waits ``stoker_stop_timeout`` at most, for all activators together.
+        """
         if self._stopped.is_set():
             return
         self._stopped.set()
         signals.worker_shutting_down.disconnect(self._on_shutting_down)
-        for activator in self.activators.values():
-            activator.request_stop("worker_stopping")
-        for activator in self.activators.values():
-            activator.stop(STOP_TIMEOUT)
+        self._request_stops()
+        timeout = max((s.stop_timeout for s in self.settings.values()), default=0.0)
+        deadline = time.monotonic() + timeout
+        stuck = [
+            name
+            for name, activator in self.activators.items()
+            if not activator.stop(deadline - time.monotonic())
+        ]
+        if stuck:
+            logger.error(
+                "celery-stoker: %s still stepping down after %.0f s (stoker_stop_timeout): a "
+                "shutdown() or leader_stopping() that does not return; the worker exits "
+                "without waiting, and its lease expires within one TTL",
+                ", ".join(sorted(stuck)),
+                timeout,
+            )
+        self.pump.stop()
         for listener in self.listeners.values():
             listener.stop()
         self.emitter.stop()
@@ -204,6 +302,39 @@ class StokerStep(bootsteps.StartStopStep):
             "membership_source": self.membership.source,
             "activators": {name: a.snapshot() for name, a in self.activators.items()},
         }
+
+
+def pool_name(worker: Any) -> str:
+    """The worker's pool as ``-P`` names it: prefork, solo, threads, gevent or eventlet."""
+    module = type(getattr(worker, "pool", None)).__module__ or ""
+    if module.endswith(".prefork") or module.endswith(".asynpool"):
+        return "prefork"
+    if module.endswith(".thread"):
+        return "threads"
+    return module.rsplit(".", 1)[-1] or "prefork"
+
+
+def _green_spawn(fn: Any) -> bool:
+    """Run ``fn`` soon on the event loop if threads are green (gevent, eventlet); False if not."""
+    import sys
+
+    if "gevent" in sys.modules:
+        from gevent import monkey
+
+        if monkey.is_module_patched("threading"):
+            import gevent
+
+            gevent.get_hub().loop.run_callback(lambda: gevent.spawn(fn))
+            return True
+    if "eventlet" in sys.modules:
+        from eventlet import patcher
+
+        if patcher.is_monkey_patched("thread"):
+            import eventlet
+
+            eventlet.spawn_after(0, fn)
+            return True
+    return False
 
 
 from . import control as _control  # noqa: E402,F401  (registers `celery inspect stoker`)

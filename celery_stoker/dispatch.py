@@ -27,11 +27,13 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.worker.request import Request
 
 from .connection import redis_client
 from .settings import StokerSettings, load_settings
 from .stoker import Stoker, StokerContext, StokerSpec
-from .store import StateError, StokerStore, done_key, from_portable, portable
+from .store import Commit, StateError, StokerStore, from_portable, portable, reports_key
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -42,25 +44,49 @@ DISPATCH_TASK = "celery_stoker.dispatch"
 #: How long an unconsumed event message may wait before Celery drops it; by then
 #: its term is long over and it would only be skipped.
 EVENT_MESSAGE_EXPIRES = 3600
-#: How long a report stays in Redis if its activator never reads it.
-DONE_KEY_TTL_MS = 3_600_000
+#: How long a report stays in Redis if its pump never reads it.
+REPORTS_KEY_TTL_MS = 3_600_000
+#: Tries to push a report before leaving it to the pump to notice the finished task.
+REPORT_ATTEMPTS = 3
+
+
+#: What became of an event: ``ok`` (ran, no error), ``error`` (a callback raised,
+#: or its state could not be stored), ``lost`` (the pool process running it died)
+#: and ``timeout`` (a hard time limit killed it).
+OUTCOMES = ("ok", "error", "lost", "timeout")
 
 
 @dataclass
 class Outcome:
-    """What running one event did; sent back to the activator as JSON."""
+    """What running one event did; sent back to the leader's pump as JSON."""
 
     seq: int
     token: int
     ran: bool
+    name: str = ""
     committed: bool = False
+    #: The commit was refused because another commit came after this event read
+    #: the state (a late event): nothing was written.
+    stale: bool = False
     next_timer: float | None = None
     timer_error: bool = False
     error: str | None = None
+    #: ``init()`` raised: the event never reached the Stoker and is sent again later.
+    init_failed: bool = False
+    #: One of :data:`OUTCOMES`.
+    kind: str = "ok"
+    #: Seconds the callbacks took, measured where they ran.
+    runtime: float | None = None
     #: The committed state, serialized (base64 of the body) with its content type
     #: and encoding, so the activator can hand ``shutdown`` the last state even
-    #: when Redis is the thing that is gone.
+    #: when Redis is the thing that is gone; ``version`` is that state's version.
     state: tuple[str, str, str] | None = None
+    version: int | None = None
+
+    @property
+    def failed(self) -> bool:
+        """True for an event that counts toward ``max_failures``."""
+        return self.kind != "ok"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -160,6 +186,7 @@ def run_event(
     members: frozenset[str],
     check_current: bool = True,
     cached_state: tuple[str, str, str] | None = None,
+    cached_version: int | None = None,
     prefer_cached: bool = False,
     client: redis.Redis | None = None,
 ) -> Outcome:
@@ -168,20 +195,22 @@ def run_event(
     Never raises for the user's mistakes: a raising callback, garbage returned, or
     a state that cannot be stored is logged with the Stoker's name and
     traceback, the stored state is kept, and the outcome carries the error.
+    The commit names the state version the event started from, so an event that
+    returns after a newer one committed cannot overwrite it.
 
-    ``cached_state`` (an earlier :attr:`Outcome.state`) is used when Redis cannot
-    be read, or first of all with ``prefer_cached``: a leader that lost its lease
-    must tell its Stoker to stop before the lease can expire, without waiting
-    on a Redis it may not reach (with no copy, it starts from ``init()``).
-    ``client`` replaces the process's shared client (the activator's own has a
-    short timeout).
+    ``cached_state`` (an earlier :attr:`Outcome.state`, with ``cached_version``)
+    is used when Redis cannot be read, or first of all with ``prefer_cached``: a
+    leader that lost its lease must tell its Stoker to stop before the lease can
+    expire, without waiting on a Redis it may not reach (with no copy, it starts
+    from ``init()``).  ``client`` replaces the process's shared client.
     """
+    started = time.monotonic()
     settings = resources.settings(app, spec)
     client = client or resources.client(settings)
     store = StokerStore(
         client, spec.name, key_prefix=settings.key_prefix, serializer=settings.state_serializer
     )
-    outcome = Outcome(seq=seq, token=token, ran=False)
+    outcome = Outcome(seq=seq, token=token, ran=False, name=spec.name)
     if check_current and not store.term_accepts_events(token):
         logger.info(
             "Stoker %s: skipped %s event of term %d: that term is over or ending",
@@ -196,30 +225,33 @@ def run_event(
     outcome.ran = True
     errors: list[str] = []
     state: Any = None
+    version: int | None = None
     have_state = from_init = False
     try:
-        if prefer_cached:
-            if cached_state is not None:
-                state, have_state = from_portable(cached_state, settings.state_serializer), True
-            else:
-                state, have_state = _call(spec, "init", errors, instance.init)
-            stored = None
+        if prefer_cached and cached_state is not None:
+            state, have_state = from_portable(cached_state, settings.state_serializer), True
+            version = cached_version
         else:
             stored = store.load()
-        if stored is None:
-            pass
-        elif stored.found:
-            state, have_state = stored.value, True
-        else:
-            state, have_state = _call(spec, "init", errors, instance.init)
-            from_init = have_state
+            version = stored.version
+            if stored.found:
+                state, have_state = stored.value, True
     except StateError as exc:
         logger.error("%s; the stored state is left as it is", exc)
         errors.append(str(exc))
+        have_state = True  # nothing to start from, and init() must not replace it
+        state = _UNREADABLE
     except redis.RedisError:
         if cached_state is None:
             raise
         state, have_state = from_portable(cached_state, settings.state_serializer), True
+        version = cached_version
+    if not have_state:
+        state, have_state = _call(spec, "init", errors, instance.init)
+        from_init = have_state
+        outcome.init_failed = not have_state
+    if state is _UNREADABLE:
+        have_state = False
 
     new_state = state
     encoded = None
@@ -242,7 +274,6 @@ def run_event(
                 logger.error("%s", exc)
                 errors.append(str(exc))
 
-    if have_state:
         timer, ok = _call(
             spec, "next_timer_in", errors, _next_timer, instance, spec.name, new_state
         )
@@ -252,22 +283,49 @@ def run_event(
         outcome.timer_error = True
 
     outcome.error = errors[-1] if errors else None
+    outcome.kind = "error" if errors else "ok"
     info = {"last_event": event, "last_event_at": time.time(), "last_event_token": token}
     info["last_error"] = outcome.error
     try:
-        outcome.committed = store.commit(token, encoded, info)
-        if outcome.committed and encoded is not None:
-            outcome.state = portable(*encoded)
+        result = store.commit(token, encoded, info, version=version)
     except redis.RedisError as exc:
-        logger.warning("Stoker %s: could not store the state after %s (%s)", spec.name, event, exc)
-    if not outcome.committed and check_current:
+        result = None
+        outcome.kind = "error"
+        outcome.error = outcome.error or f"state not stored: Redis refused the write ({exc})"
+        logger.warning(
+            "Stoker %s: the state after %s was not stored: Redis refused the write (%s: %s)",
+            spec.name,
+            event,
+            exc.__class__.__name__,
+            exc,
+        )
+    if result is Commit.STORED:
+        outcome.committed = True
+        if encoded is not None:
+            outcome.state = portable(*encoded)
+            outcome.version = (version or 0) + 1
+    elif result is Commit.STALE_STATE:
+        outcome.stale = True
+        logger.warning(
+            "Stoker %s: the state after %s (term %d) was not stored: a newer state was "
+            "stored while it ran",
+            spec.name,
+            event,
+            token,
+        )
+    elif result is Commit.STALE_TERM and check_current:
         logger.warning(
             "Stoker %s: the state after %s was not stored: term %d ended while the callback ran",
             spec.name,
             event,
             token,
         )
+    outcome.runtime = time.monotonic() - started
     return outcome
+
+
+#: Stands for a stored state that could not be decoded: no callback runs on it.
+_UNREADABLE = object()
 
 
 def _next_timer(instance: Stoker, name: str, state: Any) -> float | None:
@@ -296,11 +354,55 @@ def _call(spec: StokerSpec, what: str, errors: list[str], fn: Any, *args: Any) -
 
 
 def report(client: redis.Redis, key: str, outcome: Outcome) -> None:
-    """Tell the activator this event is finished (it waits on ``key`` with BLPOP)."""
+    """Tell the leader's pump this event is finished (it waits on ``key`` with BLPOP)."""
     pipe = client.pipeline(transaction=False)
     pipe.lpush(key, outcome.to_json())
-    pipe.pexpire(key, DONE_KEY_TTL_MS)
+    pipe.pexpire(key, REPORTS_KEY_TTL_MS)
     pipe.execute()
+
+
+class EventRequest(Request):
+    """The dispatch task's request: tells the worker's pump what Celery saw of an event.
+
+    Celery calls these in the worker's main process (for every pool), so the
+    pump hears at once when the pool process running a callback was lost
+    (``WorkerLostError``: a crash, an OOM kill, ``os._exit``) or a hard time
+    limit ended it, instead of waiting for a report that will never come.
+    """
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        super().on_accepted(pid, time_accepted)
+        _tell_pump(self, "accepted", None)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        if not soft:
+            _tell_pump(self, "timeout", f"hard time limit ({timeout:g} s) exceeded")
+
+    def on_failure(
+        self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False
+    ) -> Any:
+        try:
+            return super().on_failure(exc_info, send_failed_event, return_ok)
+        finally:
+            exc = getattr(exc_info, "exception", None)
+            exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback
+            what = "timeout" if isinstance(exc, TimeLimitExceeded) else "lost"
+            _tell_pump(self, what, f"{exc.__class__.__name__}: {exc}")
+
+
+def _tell_pump(request: Request, what: str, cause: str | None) -> None:
+    """Pass what Celery saw of a dispatch request to this worker's pump; never raises."""
+    try:
+        from .pump import pump_of
+
+        pump = pump_of(request.hostname)
+        if pump is None:
+            return
+        name, token, seq = request.args[0], int(request.args[1]), int(request.args[2])
+        pump.celery_saw(name, token, seq, what, cause, request.id, request.worker_pid)
+    except Exception:  # a hook of Celery's must not fail the worker
+        logger.exception("celery-stoker: could not pass %s of %s to the pump", what, request.id)
 
 
 def register_dispatch_task(app: Celery) -> None:
@@ -308,7 +410,13 @@ def register_dispatch_task(app: Celery) -> None:
     if DISPATCH_TASK in app.tasks:
         return
 
-    @app.task(name=DISPATCH_TASK, bind=True, ignore_result=True, acks_late=False)
+    @app.task(
+        name=DISPATCH_TASK,
+        bind=True,
+        ignore_result=True,
+        acks_late=False,
+        Request=EventRequest,
+    )
     def dispatch(
         task: Any,
         name: str,
@@ -330,7 +438,7 @@ def register_dispatch_task(app: Celery) -> None:
             )
             return
         settings = resources.settings(task.app, spec)
-        outcome = Outcome(seq=seq, token=token, ran=False, timer_error=True)
+        outcome = Outcome(seq=seq, token=token, ran=False, name=name, timer_error=True)
         try:
             outcome = run_event(
                 task.app,
@@ -344,20 +452,35 @@ def register_dispatch_task(app: Celery) -> None:
             )
         except redis.RedisError as exc:
             outcome.error = f"Redis unreachable while running {event}: {exc}"
+            outcome.kind = "error"
             logger.warning("Stoker %s: %s", name, outcome.error)
+        except SoftTimeLimitExceeded:
+            # Raised outside the user's callbacks (while loading or storing): the state is
+            # kept as it was; the pump hears of it like any other error.
+            outcome.error = f"soft time limit exceeded while running {event}"
+            outcome.kind = "error"
+            logger.warning("Stoker %s: %s", name, outcome.error)
+        except BaseException as exc:  # the pool is stopping this process (SIGTERM, exit)
+            outcome.error = f"{event} interrupted: {exc.__class__.__name__}"
+            outcome.kind = "error"
+            outcome.ran = True
+            raise
         finally:
-            # Always report, so the activator sends the next event: retry briefly
-            # through a Redis blip (this holds one pool slot for at most that long).
-            key = done_key(settings.key_prefix, name, hostname)
-            deadline = time.monotonic() + 2 * settings.lease_ttl
-            while True:
+            # Report, so the pump sends the next event.  Briefly retried; if Redis keeps
+            # refusing (full, down), the pump notices the finished request without a
+            # report and carries on, so no pool slot is held for long here.
+            key = reports_key(settings.key_prefix, hostname)
+            for attempt in range(REPORT_ATTEMPTS):
                 try:
                     report(resources.client(settings), key, outcome)
                     break
                 except redis.RedisError as exc:
-                    if time.monotonic() > deadline:
+                    if attempt + 1 == REPORT_ATTEMPTS:
                         logger.warning(
-                            "Stoker %s: could not report the end of %s (%s)", name, event, exc
+                            "Stoker %s: could not report the end of %s: Redis refused (%s)",
+                            name,
+                            event,
+                            exc,
                         )
-                        break
-                    time.sleep(0.1)
+                    else:
+                        time.sleep(0.05)

@@ -5,8 +5,8 @@ user configures the package in one block, and checked here once, at worker
 start, so that a bad value stops the worker with the setting's name, the value
 and the allowed range instead of failing later inside a thread.
 
-A Stoker may override ``lease_ttl``, ``renew_interval`` and ``key_prefix``;
-the overrides go through the same checks.
+A Stoker may override ``lease_ttl``, ``renew_interval``, ``key_prefix``,
+``soft_time_limit`` and ``time_limit``; the overrides go through the same checks.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ DEFAULT_LEASE_TTL = 10.0
 MIN_LEASE_TTL = 0.2
 MAX_LEASE_TTL = 3600.0
 DEFAULT_KEY_PREFIX = "stoker"
+DEFAULT_STOP_TIMEOUT = 10.0
+#: The per-Stoker overrides ``@stoker(app, ...)`` accepts.
+OVERRIDABLE = ("lease_ttl", "renew_interval", "key_prefix", "soft_time_limit", "time_limit")
 _KEY_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 
 
@@ -41,6 +44,11 @@ class StokerSettings:
     key_prefix: str = DEFAULT_KEY_PREFIX
     transport_options: Mapping[str, Any] = field(default_factory=dict)
     state_serializer: str = "json"
+    #: Celery's time limits for one callback (None: no limit, as Celery's default).
+    soft_time_limit: float | None = None
+    time_limit: float | None = None
+    #: Longest a stopping worker waits for its Stokers to step down.
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
 
     @property
     def masked_url(self) -> str:
@@ -121,6 +129,16 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
             f"stoker_state_serializer={serializer!r} is not a registered kombu serializer: "
             f"use one of {sorted(registry._encoders)}"
         )
+    soft, hard = check_limits(conf, overrides)
+    stop_value = conf.get("stoker_stop_timeout")
+    stop_timeout = (
+        DEFAULT_STOP_TIMEOUT if stop_value is None else _number("stoker_stop_timeout", stop_value)
+    )
+    if not 0 < stop_timeout <= 3600:
+        raise StokerConfigurationError(
+            f"stoker_stop_timeout={stop_value!r} is out of range: it must be greater than 0 "
+            "and at most 3600 seconds"
+        )
     return StokerSettings(
         url=url,
         lease_ttl=ttl,
@@ -128,7 +146,44 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
         key_prefix=prefix,
         transport_options=options,
         state_serializer=serializer,
+        soft_time_limit=soft,
+        time_limit=hard,
+        stop_timeout=stop_timeout,
     )
+
+
+def check_limits(
+    conf: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> tuple[float | None, float | None]:
+    """Check the soft and hard time limit of a callback; a Stoker's ``overrides`` win.
+
+    Each is None (no limit) or a positive number of seconds, and the soft limit
+    must come before the hard one (it would never fire otherwise).
+    """
+    overrides = dict(overrides or {})
+    limits: list[float | None] = []
+    names = []
+    for key in ("soft_time_limit", "time_limit"):
+        name = key if key in overrides else f"stoker_{key}"
+        value = overrides.get(key, conf.get(f"stoker_{key}"))
+        names.append((name, value))
+        if value is None:
+            limits.append(None)
+            continue
+        number = _number(name, value)
+        if number <= 0:
+            raise StokerConfigurationError(
+                f"{name}={value!r} is out of range: it must be a positive number of seconds, "
+                "or None for no limit"
+            )
+        limits.append(number)
+    soft, hard = limits
+    if soft is not None and hard is not None and soft > hard:
+        raise StokerConfigurationError(
+            f"{names[0][0]}={names[0][1]!r} is greater than {names[1][0]}={names[1][1]!r}: the "
+            "soft limit must come first, or it never fires"
+        )
+    return soft, hard
 
 
 def check_timing(
@@ -140,11 +195,11 @@ def check_timing(
     import time and a typo fails there, not at worker start.
     """
     overrides = dict(overrides or {})
-    unknown = set(overrides) - {"lease_ttl", "renew_interval", "key_prefix"}
+    unknown = set(overrides) - set(OVERRIDABLE)
     if unknown:
         raise StokerConfigurationError(
-            f"unknown Stoker option(s) {sorted(unknown)}: a Stoker may override lease_ttl, "
-            "renew_interval and key_prefix"
+            f"unknown Stoker option(s) {sorted(unknown)}: a Stoker may override "
+            f"{', '.join(OVERRIDABLE)}"
         )
 
     ttl_name = "lease_ttl" if "lease_ttl" in overrides else "stoker_lease_ttl"

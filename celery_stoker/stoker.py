@@ -132,6 +132,8 @@ class StokerSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     eligible: Eligibility = None
     min_members: int = 1
+    #: Step down after this many failed events in a row (None: never).
+    max_failures: int | None = None
 
     def instantiate(self) -> Stoker:
         """A fresh instance of the user's class."""
@@ -182,7 +184,6 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-_OPTION_NAMES = ("lease_ttl", "renew_interval", "key_prefix")
 S = TypeVar("S", bound=type)
 
 
@@ -192,16 +193,22 @@ def stoker(
     *,
     eligible: Eligibility = None,
     min_members: int = 1,
+    max_failures: int | None = None,
     **options: Any,
 ) -> Callable[[S], S]:
     """Register the decorated class as a Stoker of ``app``.
 
     ``name`` defaults to ``"<module>.<QualName>"``.  ``options`` may override
-    ``lease_ttl``, ``renew_interval`` and ``key_prefix`` for this Stoker alone.
-    ``eligible`` limits which workers may lead it (node-name patterns, or a
-    callable such as :func:`consuming`); ``min_members`` makes the leader act
-    only while it sees at least that many live workers, itself included.
+    ``lease_ttl``, ``renew_interval``, ``key_prefix``, ``soft_time_limit`` and
+    ``time_limit`` for this Stoker alone.  ``eligible`` limits which workers may
+    lead it (node-name patterns, or a callable such as :func:`consuming`);
+    ``min_members`` makes the leader act only while it sees at least that many
+    live workers, itself included; ``max_failures`` makes a leader whose events
+    fail that many times in a row step down, as the original's supervisor gives
+    up on a child that keeps crashing.
     """
+    from .settings import OVERRIDABLE
+
     if eligible is not None and not (
         isinstance(eligible, str)
         or callable(eligible)
@@ -215,11 +222,17 @@ def stoker(
         raise StokerRegistrationError(
             f"@stoker min_members={min_members!r} must be a whole number >= 1"
         )
-    unknown = sorted(set(options) - set(_OPTION_NAMES))
+    if max_failures is not None and (
+        isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 1
+    ):
+        raise StokerRegistrationError(
+            f"@stoker max_failures={max_failures!r} must be a whole number >= 1, or None (off)"
+        )
+    unknown = sorted(set(options) - set(OVERRIDABLE))
     if unknown:
         raise StokerRegistrationError(
             f"@stoker got unknown option(s) {unknown}; it accepts name=, eligible=, "
-            f"min_members= and {', '.join(_OPTION_NAMES)}"
+            f"min_members=, max_failures= and {', '.join(OVERRIDABLE)}"
         )
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise StokerRegistrationError(f"@stoker name must be a non-empty string, got {name!r}")
@@ -238,16 +251,20 @@ def stoker(
             raise StokerRegistrationError(
                 f"Stoker name {spec_name!r} may not contain white space or braces"
             )
-        if options and ("lease_ttl" in options or "renew_interval" not in options):
-            from .settings import check_timing
+        from .settings import check_limits, check_timing
 
-            # Check the overrides alone now (no app.conf: it may not be configured
-            # yet), so a typo fails at import, not at worker start.
-            try:
+        # Check the overrides alone now (no app.conf: it may not be configured
+        # yet), so a typo fails at import, not at worker start.
+        try:
+            if options and ("lease_ttl" in options or "renew_interval" not in options):
                 check_timing({}, options)
-            except ImproperlyConfigured as exc:
-                raise StokerRegistrationError(f"@stoker({spec_name!r}): {exc}") from exc
-        registry_of(app).add(StokerSpec(spec_name, cls, dict(options), eligible, min_members))
+            if "soft_time_limit" in options or "time_limit" in options:
+                check_limits({}, options)
+        except ImproperlyConfigured as exc:
+            raise StokerRegistrationError(f"@stoker({spec_name!r}): {exc}") from exc
+        registry_of(app).add(
+            StokerSpec(spec_name, cls, dict(options), eligible, min_members, max_failures)
+        )
         cls.stoker_name = spec_name  # type: ignore[attr-defined]
         return cls
 

@@ -11,6 +11,7 @@ error and the last few transitions.
 from __future__ import annotations
 
 import base64
+import enum
 import json
 import time
 from dataclasses import dataclass
@@ -25,17 +26,26 @@ from .lease import lease_key
 #: How many leadership transitions the record keeps.
 TRANSITIONS_KEPT = 20
 
-# Compares the token as digits in the lease's JSON, so no float rounding applies.
+# KEYS[1] lease, KEYS[2] state hash, KEYS[3] record hash.
+# ARGV[1] token, ARGV[2] '1' to write the state, ARGV[3..5] body, content type,
+# encoding, ARGV[6] time, ARGV[7] the state version the event started from ('' for
+# any), ARGV[8..] record field/value pairs.
+# Returns 1 stored, 0 the term is over (nothing written), -1 the state changed since
+# the event read it (nothing written).  The token is compared as digits in the
+# lease's JSON, so no float rounding applies; every check comes before any write.
 _COMMIT = """
 local lease = redis.call('GET', KEYS[1])
 if not lease then return 0 end
 local token = string.match(lease, '"token":(%d+)')
 if token ~= ARGV[1] then return 0 end
+local version = tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0
+if ARGV[2] == '1' and ARGV[7] ~= '' and version ~= tonumber(ARGV[7]) then return -1 end
 if ARGV[2] == '1' then
   redis.call('HSET', KEYS[2], 'body', ARGV[3], 'content_type', ARGV[4],
-             'content_encoding', ARGV[5], 'token', ARGV[1], 'updated_at', ARGV[6])
+             'content_encoding', ARGV[5], 'token', ARGV[1], 'updated_at', ARGV[6],
+             'version', string.format('%d', version + 1))
 end
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
 end
 return 1
@@ -62,9 +72,22 @@ def closing_key(prefix: str, name: str) -> str:
     return f"{prefix}:{{{name}}}:closing"
 
 
-def done_key(prefix: str, name: str, hostname: str) -> str:
-    """The list a finished callback reports to, read by the activator on ``hostname``."""
-    return f"{prefix}:{{{name}}}:done:{hostname}"
+def reports_key(prefix: str, hostname: str) -> str:
+    """The list every finished callback of ``hostname``'s Stokers reports to (its pump reads it)."""
+    return f"{prefix}:reports:{hostname}"
+
+
+class Commit(enum.Enum):
+    """What a fenced commit did; true only when it stored."""
+
+    STORED = 1
+    #: The writer's term is over: nothing was written.
+    STALE_TERM = 0
+    #: The state changed after the event read it (a late event): nothing was written.
+    STALE_STATE = -1
+
+    def __bool__(self) -> bool:
+        return self is Commit.STORED
 
 
 class StateError(ValueError):
@@ -78,6 +101,8 @@ class StoredState:
     found: bool
     value: Any = None
     token: int | None = None
+    #: How many commits wrote this state; a commit must name it (see ``commit``).
+    version: int = 0
 
 
 class StokerStore:
@@ -121,24 +146,34 @@ class StokerStore:
                 f"{exc.__class__.__name__}: {exc}"
             ) from exc
         token = raw.get(b"token")
-        return StoredState(True, value, int(token) if token and token.isdigit() else None)
+        version = raw.get(b"version")
+        return StoredState(
+            True,
+            value,
+            int(token) if token and token.isdigit() else None,
+            int(version) if version and version.isdigit() else 0,
+        )
 
-    def load_portable(self) -> tuple[str, str, str] | None:
-        """The stored state as (content type, encoding, base64 body), undecoded; None if none.
+    def load_portable(self) -> tuple[tuple[str, str, str] | None, int | None]:
+        """The stored state as (content type, encoding, base64 body), undecoded, and its version.
 
-        The activator keeps this copy so it can hand ``shutdown`` a state even
-        when Redis is what it lost.
+        (None, None) when nothing is stored.  The activator keeps this copy so it
+        can hand ``shutdown`` a state even when Redis is what it lost.
         """
         try:
             raw = self.client.hgetall(self.state_key)
         except redis.ResponseError:
-            return None
+            return None, None
         if not raw or b"body" not in raw:
-            return None
-        return portable(
-            _text(raw.get(b"content_type", b"application/json")),
-            _text(raw.get(b"content_encoding", b"utf-8")),
-            raw[b"body"],
+            return None, None
+        version = raw.get(b"version")
+        return (
+            portable(
+                _text(raw.get(b"content_type", b"application/json")),
+                _text(raw.get(b"content_encoding", b"utf-8")),
+                raw[b"body"],
+            ),
+            int(version) if version and version.isdigit() else 0,
         )
 
     def encode(self, value: Any) -> tuple[str, str, bytes | str]:
@@ -154,11 +189,19 @@ class StokerStore:
         return content_type, encoding, body
 
     def commit(
-        self, token: int, encoded: tuple[str, str, bytes | str] | None, info: dict[str, Any]
-    ) -> bool:
+        self,
+        token: int,
+        encoded: tuple[str, str, bytes | str] | None,
+        info: dict[str, Any],
+        *,
+        version: int | None = None,
+    ) -> Commit:
         """Write the state (if ``encoded``) and ``info`` fields, only under ``token``.
 
-        Returns False, writing nothing, when ``token`` is no longer the lease's.
+        With ``version`` (the :attr:`StoredState.version` the event started from),
+        the state is written only if no other commit came in between, so an event
+        that returns late can never overwrite a newer state.  Writes nothing and
+        returns a false :class:`Commit` when either check fails.
         """
         content_type, encoding, body = encoded or ("", "", "")
         args: list[Any] = [
@@ -168,12 +211,12 @@ class StokerStore:
             content_type,
             encoding,
             repr(time.time()),
+            "" if version is None else str(version),
         ]
         for key, value in info.items():
             args.extend([key, _field(value)])
-        return (
-            int(self._commit(keys=[self.lease_key, self.state_key, self.info_key], args=args)) == 1
-        )
+        code = int(self._commit(keys=[self.lease_key, self.state_key, self.info_key], args=args))
+        return Commit(code)
 
     def mark_closing(self, token: int, ttl_ms: int) -> None:
         """Say that term ``token`` is ending: an event that has not started yet must not."""

@@ -12,6 +12,11 @@ from typing import Any
 import pytest
 from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
+from support.workers import Fleet, Records
+
+#: The app every worker test runs, and its default lease TTL (short, to keep tests fast).
+RECORDER_APP = "tests.apps.recorder"
+TEST_TTL = 1.5
 
 
 @pytest.fixture
@@ -79,6 +84,41 @@ def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
     yield make_proxy
     for proxy in proxies:
         proxy.stop()
+
+
+@pytest.fixture
+def records(redis_server: RedisServer) -> Records:
+    """What the recorder app's callbacks wrote (``rec:*`` in ``redis_server``)."""
+    return Records(redis_server.client())
+
+
+@pytest.fixture
+def fleets(
+    redis_server: RedisServer, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Fleet]]:
+    """Factory ``make(pool="solo", ttl=1.5, **env) -> Fleet`` of recorder workers.
+
+    The broker, and the Redis the records go to, is ``redis_server``; ``env`` sets the
+    recorder's STOKER_TEST_* knobs.  Every worker is killed at teardown, and the
+    workers' logs are printed when the test failed.
+    """
+    made: list[Fleet] = []
+
+    def make(pool: str = "solo", ttl: float = TEST_TTL, **env: str) -> Fleet:
+        fleet = Fleet(
+            RECORDER_APP,
+            env={"STOKER_TEST_BROKER": redis_server.url_for(0), "STOKER_TEST_TTL": str(ttl), **env},
+            pool=pool,
+        )
+        made.append(fleet)
+        return fleet
+
+    yield make
+    failed = getattr(request.node, "rep_call", None)
+    for fleet in made:
+        fleet.cleanup()
+        if failed is not None and failed.failed:
+            print(fleet.logs())
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

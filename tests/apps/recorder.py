@@ -13,6 +13,7 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_stoker import Stoker, StokerStep, consuming, stoker
 
@@ -28,6 +29,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     worker_soft_shutdown_timeout=float(os.environ.get("STOKER_TEST_SOFT_SHUTDOWN", "0")),
 )
+if os.environ.get("STOKER_TEST_STOP_TIMEOUT"):
+    app.conf.stoker_stop_timeout = float(os.environ["STOKER_TEST_STOP_TIMEOUT"])
 if os.environ.get("STOKER_TEST_MASTER_NAME"):  # stoker_url is a sentinel:// group
     app.conf.stoker_transport_options = {"master_name": os.environ["STOKER_TEST_MASTER_NAME"]}
 app.steps["worker"].add(StokerStep)
@@ -36,15 +39,20 @@ _record_client: redis.Redis | None = None
 _record_pid = 0
 
 
-def record(kind: str, **fields: Any) -> None:
-    """Append one line to ``rec:<kind>`` (a list the test reads)."""
+def _client() -> redis.Redis:
+    """This process's client of the record Redis."""
     global _record_client, _record_pid
     if _record_client is None or _record_pid != os.getpid():
         _record_client = redis.Redis.from_url(RECORD_URL)
         _record_pid = os.getpid()
+    return _record_client
+
+
+def record(kind: str, **fields: Any) -> None:
+    """Append one line to ``rec:<kind>`` (a list the test reads)."""
     fields.setdefault("at", time.time())
     fields.setdefault("pid", os.getpid())
-    _record_client.rpush(f"rec:{kind}", json.dumps(fields, default=str))
+    _client().rpush(f"rec:{kind}", json.dumps(fields, default=str))
 
 
 def _eligible() -> Any:
@@ -57,22 +65,67 @@ def _eligible() -> Any:
     return raw.split(",")
 
 
+def _limits() -> dict[str, Any]:
+    """STOKER_TEST_SOFT_LIMIT / STOKER_TEST_HARD_LIMIT / STOKER_TEST_MAX_FAILURES."""
+    options: dict[str, Any] = {}
+    if os.environ.get("STOKER_TEST_SOFT_LIMIT"):
+        options["soft_time_limit"] = float(os.environ["STOKER_TEST_SOFT_LIMIT"])
+    if os.environ.get("STOKER_TEST_HARD_LIMIT"):
+        options["time_limit"] = float(os.environ["STOKER_TEST_HARD_LIMIT"])
+    if os.environ.get("STOKER_TEST_MAX_FAILURES"):
+        options["max_failures"] = int(os.environ["STOKER_TEST_MAX_FAILURES"])
+    return options
+
+
+def _first_time(what: str) -> bool:
+    """True once per Redis (across workers and pool processes): for faults that happen once."""
+    return bool(_client().set(f"rec:once:{what}", 1, nx=True))
+
+
+def _misbehave(event: str, host: str) -> None:
+    """The faults a test asks for by environment, on the first timer event (once)."""
+    if event != "timer":
+        return
+    fault = os.environ.get("STOKER_TEST_TIMER_FAULT", "")
+    if not fault or not _first_time("timer-fault"):
+        return
+    record("fault", fault=fault, host=host)
+    if fault == "exit":
+        os._exit(9)  # a pool process that dies mid-callback (segfault, OOM kill)
+    if fault.startswith("sleep:"):  # a hanging callback; it may hear SoftTimeLimitExceeded
+        try:
+            time.sleep(float(fault.split(":", 1)[1]))
+        except SoftTimeLimitExceeded:
+            record("soft_limit", host=host)
+            raise
+
+
 @stoker(
     app,
     name="recorder",
     eligible=_eligible(),
     min_members=int(os.environ.get("STOKER_TEST_MIN_MEMBERS", "1")),
+    **_limits(),
 )
 class Recorder(Stoker):
     """Counts events and records each one with its context."""
 
     def init(self) -> dict[str, Any]:
         record("init", host=self.context.hostname, token=self.context.token)
+        fails = int(os.environ.get("STOKER_TEST_INIT_FAILS", "0"))
+        if fails and _client().llen("rec:init") <= fails:
+            raise RuntimeError("init failed on purpose")
         return {"events": 0, "timers": 0}
 
     def event(self, state: dict[str, Any], event: str, reason: Any) -> dict[str, Any]:
         ctx = self.context
         started = time.time()
+        if os.environ.get("STOKER_TEST_RECORD_STARTS") and event != "shutdown":
+            record("started", event=event, host=ctx.hostname, token=ctx.token)
+        if event == "shutdown" and os.environ.get("STOKER_TEST_SHUTDOWN_HANG") == ctx.hostname:
+            record("hanging", host=ctx.hostname)
+            time.sleep(3600)
+        _misbehave(event, ctx.hostname)
         busy = float(os.environ.get("STOKER_TEST_EVENT_SLEEP", "0"))
         if busy and event != "shutdown":
             record("started", event=event, host=ctx.hostname, token=ctx.token)
@@ -89,6 +142,10 @@ class Recorder(Stoker):
         )
         if event == "timer" and os.environ.get("STOKER_TEST_RAISE_ON_TIMER") == ctx.hostname:
             raise RuntimeError("boom in timer")
+        if event != "shutdown" and os.environ.get("STOKER_TEST_FAIL_FLAG"):
+            # The test names the worker whose callbacks fail, once it knows who leads.
+            if _client().get("rec:fail-on") == ctx.hostname.encode():
+                raise RuntimeError(f"boom in {event} on {ctx.hostname}")
         state = dict(state)
         state["events"] += 1
         if event == "timer":
@@ -99,6 +156,9 @@ class Recorder(Stoker):
         record("hook", hook="started", host=self.context.hostname, token=self.context.token)
 
     def leader_stopping(self, reason: str) -> None:
+        if self.shutdown_hook_hangs():
+            record("hanging", host=self.context.hostname, hook=True)
+            time.sleep(3600)
         record(
             "hook",
             hook="stopping",
@@ -110,6 +170,9 @@ class Recorder(Stoker):
     def next_timer_in(self, state: dict[str, Any]) -> float | None:
         raw = os.environ.get("STOKER_TEST_TIMER")
         return float(raw) if raw else None
+
+    def shutdown_hook_hangs(self) -> bool:
+        return os.environ.get("STOKER_TEST_HOOK_HANG") == self.context.hostname
 
 
 @app.task(name="recorder.sleep")

@@ -1,0 +1,707 @@
+"""One event pump per worker: sends each Stoker's events to the pool, one at a time, in order.
+
+Every Stoker this worker leads has a *lane*: the events waiting to be sent,
+the one in flight, and its next timer.  One thread (``stoker-pump``) serves
+every lane: it sends a lane's next event as the dispatch task to the worker's
+own queue only once the previous event of that lane is over, keeps every
+lane's timer in one heap, and learns that an event is over in one of three
+ways:
+
+* its **report**, pushed by the task to the worker's report list in Redis and
+  read by one ``stoker-reports`` thread per Redis (a single BLPOP for every
+  Stoker of the worker);
+* **what Celery saw**, told by the dispatch task's request class in this
+  process: the pool process running it was lost (``WorkerLostError``: a
+  crash, an OOM kill, ``os._exit``) or a hard time limit ended it.  Noticed
+  within milliseconds, not after a report timeout;
+* the **watchdog**: a request the worker has finished or dropped (it left
+  Celery's own table of requests) whose report never came, for instance
+  because Redis refused the write, is over after a short grace; a message
+  the worker never saw at all is given up after :data:`UNSEEN_TIMEOUT`, the
+  moment the message itself expires, so it can never run later beside a
+  newer event.
+
+So no event of a Stoker starts while another of the same Stoker may still
+run, and nothing waits on a report that cannot come.  Different Stokers'
+events still run side by side in the pool.
+
+The election stays one thread per Stoker (see ``activator.py``): user hooks
+and ``shutdown`` run on it, and a shared election loop would let one slow hook
+make another Stoker's renewal late.  The pump never waits on a user callback
+(they run in the pool), so one thread serves every lane.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis
+
+from .dispatch import DISPATCH_TASK, Outcome
+
+logger = logging.getLogger("celery_stoker.pump")
+
+#: How long a request that left Celery's table may take to report before the pump
+#: counts it as finished without a report.
+REPORT_GRACE = 0.5
+#: How often the pump looks at events in flight (Celery's table of requests).
+WATCH_INTERVAL = 0.25
+#: An event whose message the worker never received is given up after this long;
+#: its message expires at the same moment (see ``dispatch.EVENT_MESSAGE_EXPIRES``).
+UNSEEN_TIMEOUT = 300.0
+#: Longest single wait of the pump: a timer further away than this is waited in parts,
+#: so any ``next_timer_in`` value is safe.
+MAX_WAIT = 3600.0
+#: Pause before sending again an event the broker refused.
+SEND_RETRY = 0.5
+#: ``init()`` raised: the event is sent again after this long, doubling up to the cap.
+INIT_RETRY_START = 1.0
+INIT_RETRY_MAX = 60.0
+#: Longest the pump waits for a pool process that a hard time limit is killing.
+KILL_WAIT = 5.0
+#: Events that are delivered once more when the pool process running them was lost.
+REDELIVERED = ("now_leader", "cluster_change")
+#: Backoff of a pump or report loop that hit an unexpected error.
+LOOP_BACKOFF_MAX = 5.0
+
+_pumps: dict[str, EventPump] = {}
+_pumps_lock = threading.Lock()
+
+
+def pump_of(hostname: str) -> EventPump | None:
+    """The pump of the worker called ``hostname`` in this process, if it runs."""
+    with _pumps_lock:
+        return _pumps.get(hostname)
+
+
+@dataclass
+class PendingEvent:
+    """An event waiting to be sent: it belongs to the term whose token it carries."""
+
+    seq: int
+    token: int
+    event: str
+    reason: Any
+    #: 2 when it is delivered again after the pool process running it was lost.
+    attempt: int = 1
+
+
+@dataclass
+class InFlight:
+    """An event sent to the pool and not over yet."""
+
+    item: PendingEvent
+    task_id: str
+    sent_at: float
+    #: When the pool started running it (Celery's ``on_accepted``), on time.time().
+    started_at: float | None = None
+    #: The pool process running it, when that is not this process (prefork).
+    pid: int | None = None
+    #: The worker received the message (it is, or was, in Celery's table of requests).
+    seen: bool = False
+    #: When the watchdog first found the request gone without a report (monotonic).
+    gone_at: float | None = None
+    #: A hard time limit fired: the pool process being killed, and the outcome to
+    #: give once it is gone (Celery tells us just *before* it kills it).
+    killing_pid: int | None = None
+    killed_outcome: Outcome | None = None
+    killing_since: float = 0.0
+
+
+class LaneOwner(Protocol):
+    """What the pump needs from a Stoker's activator."""
+
+    name: str
+
+    def acting_token(self) -> int | None:
+        """The token of the term that may send events now, or None."""
+
+    def send_event(self, item: PendingEvent, task_id: str) -> None:
+        """Send ``item`` as the dispatch task with ``task_id``; raise if the broker refuses."""
+
+    def event_done(self, item: PendingEvent, outcome: Outcome) -> None:
+        """Bookkeeping after an event is over (last error, failures, the state copy)."""
+
+
+@dataclass
+class Lane:
+    """One Stoker's events on this worker."""
+
+    owner: LaneOwner
+    #: The term this lane serves, or None between terms.
+    token: int | None = None
+    pending: collections.deque[PendingEvent] = field(default_factory=collections.deque)
+    inflight: InFlight | None = None
+    timer_due: float | None = None
+    last_interval: float | None = None
+    #: The next pending event is not sent before this (monotonic): a send or init retry.
+    not_before: float | None = None
+    init_retry: float = INIT_RETRY_START
+    idle: threading.Event = field(default_factory=threading.Event)
+    send_error: str | None = None
+
+
+class EventPump:
+    """Sends every Stoker's events of one worker; see the module docstring."""
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+        self._lanes: dict[str, Lane] = {}
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, str]] = []
+        self._order = itertools.count()
+        self._seq = itertools.count(1)
+        self._ready: set[str] = set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._readers: list[ReportReader] = []
+        #: The pump's own fault, shown in status until it clears.
+        self.error: str | None = None
+        self.error_since: float | None = None
+
+    # ------------------------------------------------------------ wiring
+
+    def add_lane(self, owner: LaneOwner) -> None:
+        """Serve ``owner``'s Stoker (before :meth:`start`)."""
+        lane = Lane(owner)
+        lane.idle.set()
+        self._lanes[owner.name] = lane
+
+    def add_reports(self, client_factory: Callable[[], redis.Redis], keys: Iterable[str]) -> None:
+        """Read reports from ``keys`` (one Redis) with one BLPOP thread."""
+        self._readers.append(ReportReader(client_factory, sorted(set(keys)), self.reported))
+
+    def start(self) -> None:
+        with _pumps_lock:
+            _pumps[self.hostname] = self
+        self._watch_celery_signals(connect=True)
+        for reader in self._readers:
+            reader.start()
+        self._thread = threading.Thread(target=self._run, name="stoker-pump", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for reader in self._readers:
+            reader.stop()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        self._watch_celery_signals(connect=False)
+        with _pumps_lock:
+            if _pumps.get(self.hostname) is self:
+                del _pumps[self.hostname]
+
+    # ------------------------------------------------ called by activators
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def begin_term(self, name: str, token: int) -> None:
+        """A term starts acting: ``now_leader`` is its first event, before anything else."""
+        with self._cond:
+            lane = self._lanes[name]
+            lane.token = token
+            lane.pending.clear()
+            lane.pending.append(PendingEvent(self.next_seq(), token, "now_leader", None))
+            lane.timer_due = lane.not_before = None
+            lane.init_retry = INIT_RETRY_START
+            self._ready.add(name)
+            self._cond.notify_all()
+
+    def end_term(self, name: str) -> None:
+        """The term stops acting: nothing more is sent (an event in flight runs to its end)."""
+        with self._cond:
+            lane = self._lanes[name]
+            lane.token = None
+            lane.pending.clear()
+            lane.timer_due = lane.not_before = None
+            self._ready.discard(name)
+
+    def submit(self, name: str, token: int, event: str, reason: Any) -> None:
+        """Queue ``event`` for the term ``token`` (dropped if that term is not the lane's)."""
+        with self._cond:
+            lane = self._lanes[name]
+            if lane.token != token:
+                return
+            lane.pending.append(PendingEvent(self.next_seq(), token, event, reason))
+            self._ready.add(name)
+            self._cond.notify_all()
+
+    def wait_idle(self, name: str, timeout: float) -> bool:
+        """Wait until no event of ``name`` is in flight; True if none is."""
+        return self._lanes[name].idle.wait(max(0.0, timeout))
+
+    def running(self, name: str) -> dict[str, Any] | None:
+        """The event of ``name`` in flight: what, since when (for status), or None."""
+        with self._cond:
+            inflight = self._lanes[name].inflight
+            if inflight is None:
+                return None
+            return {
+                "event": inflight.item.event,
+                "seq": inflight.item.seq,
+                "started_at": inflight.started_at,
+            }
+
+    # --------------------------------------------- what Celery and Redis say
+
+    def reported(self, outcome: Outcome) -> None:
+        """A report arrived from the pool (any thread)."""
+        self._finish(outcome.name, outcome.token, outcome.seq, outcome)
+
+    def celery_saw(
+        self,
+        name: str,
+        token: int,
+        seq: int,
+        what: str,
+        cause: str | None,
+        task_id: str,
+        pid: int | None = None,
+    ) -> None:
+        """Called in the main process by the dispatch request: accepted, lost or timeout."""
+        kind = "timeout" if what == "timeout" else "lost"
+        outcome = Outcome(seq=seq, token=token, ran=True, name=name, kind=kind, error=cause)
+        with self._cond:
+            lane = self._lanes.get(name)
+            inflight = lane.inflight if lane is not None else None
+            if inflight is None or inflight.task_id != task_id:
+                return
+            if what == "accepted":
+                inflight.seen = True
+                inflight.started_at = time.time()
+                inflight.pid = pid if pid and pid != os.getpid() else None
+                return
+            pid = pid or inflight.pid
+            if pid and pid != os.getpid() and _process_exists(pid):
+                # A hard time limit: Celery tells us just before it kills the pool
+                # process.  The next event waits until it is gone, so two never run at
+                # once (the watchdog ends this one then).
+                inflight.killing_pid, inflight.killed_outcome = pid, outcome
+                inflight.killing_since = time.monotonic()
+                self._cond.notify_all()
+                return
+        self._finish(name, token, seq, outcome, task_id=task_id)
+
+    def _finish(
+        self,
+        name: str,
+        token: int,
+        seq: int,
+        outcome: Outcome,
+        *,
+        task_id: str | None = None,
+    ) -> None:
+        """End the event in flight if it is this one (the first word on it wins)."""
+        with self._cond:
+            lane = self._lanes.get(name)
+            inflight = lane.inflight if lane is not None else None
+            if lane is None or inflight is None:
+                return
+            if inflight.item.seq != seq or inflight.item.token != token:
+                return
+            if task_id is not None and inflight.task_id != task_id:
+                return
+            if inflight.killed_outcome is not None:
+                # Its report came as the time limit unwound it: it is the timeout's.
+                outcome = inflight.killed_outcome
+            lane.inflight = None
+            lane.idle.set()
+            item = inflight.item
+        if outcome.kind in ("lost", "timeout"):
+            logger.error(
+                "Stoker %s: the %s event (seq %d, term %d) did not finish: %s; the stored "
+                "state is kept and the Stoker carries on",
+                name,
+                item.event,
+                item.seq,
+                item.token,
+                outcome.error or outcome.kind,
+            )
+        try:
+            lane.owner.event_done(item, outcome)
+        except Exception:
+            logger.exception("Stoker %s: bookkeeping after %s failed", name, item.event)
+        with self._cond:
+            self._schedule_after(lane, item, outcome)
+            if lane.pending and lane.not_before is None:
+                self._ready.add(name)
+            self._cond.notify_all()
+
+    def _schedule_after(self, lane: Lane, item: PendingEvent, outcome: Outcome) -> None:
+        """What comes next on ``lane`` after ``item`` ended with ``outcome`` (lock held)."""
+        if lane.token != item.token:
+            return  # the term ended meanwhile
+        now = time.monotonic()
+        if outcome.kind in ("lost", "timeout"):
+            if item.event in REDELIVERED and item.attempt == 1:
+                lane.pending.appendleft(
+                    PendingEvent(self.next_seq(), item.token, item.event, item.reason, 2)
+                )
+                self._ready.add(lane.owner.name)
+            elif item.event in REDELIVERED:
+                logger.error(
+                    "Stoker %s: %s was lost twice; it is dropped (reason was %r)",
+                    lane.owner.name,
+                    item.event,
+                    item.reason,
+                )
+            if lane.last_interval is not None:
+                self._arm_timer(lane, now + lane.last_interval)
+            return
+        if outcome.init_failed:
+            # init() raised: send the same event again after a backoff, never idle.
+            lane.pending.appendleft(
+                PendingEvent(self.next_seq(), item.token, item.event, item.reason, item.attempt)
+            )
+            self._hold_lane(lane, now + lane.init_retry)
+            logger.warning(
+                "Stoker %s: init() failed; %s is sent again in %.0f s",
+                lane.owner.name,
+                item.event,
+                lane.init_retry,
+            )
+            lane.init_retry = min(lane.init_retry * 2, INIT_RETRY_MAX)
+            return
+        if not outcome.ran:
+            return  # skipped: the term is over or ending
+        lane.init_retry = INIT_RETRY_START
+        interval = lane.last_interval if outcome.timer_error else outcome.next_timer
+        lane.last_interval = interval
+        if interval is None:
+            lane.timer_due = None
+        else:
+            self._arm_timer(lane, now + interval)
+
+    def _arm_timer(self, lane: Lane, due: float) -> None:
+        lane.timer_due = due
+        heapq.heappush(self._heap, (due, next(self._order), lane.owner.name))
+
+    def _hold_lane(self, lane: Lane, until: float) -> None:
+        lane.not_before = until
+        heapq.heappush(self._heap, (until, next(self._order), lane.owner.name))
+
+    # ---------------------------------------------------------- the loop
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                if not self._step():
+                    return
+                backoff = 0.1
+                if self.error is not None:
+                    logger.warning("celery-stoker: the event pump is working again")
+                    self.error = self.error_since = None
+            except Exception as exc:
+                text = f"{exc.__class__.__name__}: {exc}"
+                if text != self.error:
+                    logger.exception("celery-stoker: event pump error (%s); retrying", text)
+                    self.error, self.error_since = text, time.time()
+                with self._cond:
+                    if self._stopping:
+                        return
+                    self._cond.wait(backoff)
+                backoff = min(backoff * 2, LOOP_BACKOFF_MAX)
+
+    def _step(self) -> bool:
+        """One round: wait, fire due timers, watch events in flight, send what is ready."""
+        with self._cond:
+            if self._stopping:
+                return False
+            if not self._ready:
+                self._cond.wait(self._next_wait())
+            if self._stopping:
+                return False
+            now = time.monotonic()
+            self._fire_due(now)
+            to_send = self._take_ready(now)
+        self._watch(time.monotonic())
+        for lane, item, task_id in to_send:
+            self._send(lane, item, task_id)
+        return True
+
+    def _next_wait(self) -> float:
+        now = time.monotonic()
+        wait = MAX_WAIT
+        if self._heap:
+            wait = min(wait, self._heap[0][0] - now)
+        if any(lane.inflight is not None for lane in self._lanes.values()):
+            wait = min(wait, WATCH_INTERVAL)
+        return max(0.0, wait)
+
+    def _fire_due(self, now: float) -> None:
+        while self._heap and self._heap[0][0] <= now:
+            _, _, name = heapq.heappop(self._heap)
+            lane = self._lanes[name]
+            if lane.not_before is not None and lane.not_before <= now:
+                lane.not_before = None
+                self._ready.add(name)
+            if lane.timer_due is not None and lane.timer_due <= now and lane.token is not None:
+                lane.timer_due = None
+                lane.pending.append(PendingEvent(self.next_seq(), lane.token, "timer", None))
+                self._ready.add(name)
+
+    def _take_ready(self, now: float) -> list[tuple[Lane, PendingEvent, str]]:
+        """The next event of every lane that may send one now, marked in flight."""
+        out = []
+        for name in list(self._ready):
+            lane = self._lanes[name]
+            self._ready.discard(name)
+            if lane.inflight is not None:
+                continue  # it is ready again when the event in flight ends
+            if lane.not_before is not None and lane.not_before > now:
+                continue  # the heap wakes it
+            while lane.pending:
+                item = lane.pending.popleft()
+                if item.token != lane.token or lane.owner.acting_token() != item.token:
+                    continue  # that term is over
+                task_id = str(uuid.uuid4())
+                lane.inflight = InFlight(item, task_id, now)
+                lane.idle.clear()
+                lane.timer_due = None  # re-armed from the event's own answer
+                out.append((lane, item, task_id))
+                break
+        return out
+
+    def _send(self, lane: Lane, item: PendingEvent, task_id: str) -> None:
+        name = lane.owner.name
+        try:
+            lane.owner.send_event(item, task_id)
+        except Exception as exc:
+            text = f"{exc.__class__.__name__}: {exc}"
+            if text != lane.send_error:
+                logger.warning(
+                    "Stoker %s: could not send its %s event (%s); retrying", name, item.event, text
+                )
+                lane.send_error = text
+            with self._cond:
+                if lane.inflight is not None and lane.inflight.task_id == task_id:
+                    lane.inflight = None
+                    lane.idle.set()
+                    if lane.token == item.token:
+                        lane.pending.appendleft(item)
+                        self._hold_lane(lane, time.monotonic() + SEND_RETRY)
+            return
+        if lane.send_error is not None:
+            logger.warning("Stoker %s: sending events again", name)
+            lane.send_error = None
+
+    def _watch(self, now: float) -> None:
+        """End events the worker is done with but that never reported (see module doc)."""
+        known = _celery_requests()
+        overdue: list[tuple[str, InFlight, Outcome]] = []
+        with self._cond:
+            for name, lane in self._lanes.items():
+                inflight = lane.inflight
+                if inflight is None or now - inflight.sent_at < WATCH_INTERVAL:
+                    continue
+                item = inflight.item
+                if inflight.killed_outcome is not None:
+                    gone = not _process_exists(inflight.killing_pid or 0)
+                    if gone or now - inflight.killing_since > KILL_WAIT:
+                        overdue.append((name, inflight, inflight.killed_outcome))
+                    continue
+                if inflight.pid is not None and not _process_exists(inflight.pid):
+                    # Killed from outside (SIGKILL, the OOM killer): Celery's own
+                    # WorkerLostError may come seconds later; the process is gone now.
+                    overdue.append(
+                        (
+                            name,
+                            inflight,
+                            Outcome(
+                                seq=item.seq,
+                                token=item.token,
+                                ran=True,
+                                name=name,
+                                kind="lost",
+                                error=f"its pool process (pid {inflight.pid}) died",
+                            ),
+                        )
+                    )
+                    continue
+                if known is not None and inflight.task_id in known:
+                    inflight.seen, inflight.gone_at = True, None
+                    continue
+                if inflight.seen and known is not None:
+                    if inflight.gone_at is None:
+                        inflight.gone_at = now
+                    elif now - inflight.gone_at >= REPORT_GRACE:
+                        overdue.append(
+                            (
+                                name,
+                                inflight,
+                                Outcome(
+                                    seq=item.seq,
+                                    token=item.token,
+                                    ran=True,
+                                    name=name,
+                                    kind="error",
+                                    timer_error=True,  # the timer keeps its last interval
+                                    error="finished, but its report never arrived "
+                                    "(Redis refused or lost it)",
+                                ),
+                            )
+                        )
+                elif now - inflight.sent_at >= UNSEEN_TIMEOUT:
+                    overdue.append(
+                        (
+                            name,
+                            inflight,
+                            Outcome(
+                                seq=item.seq,
+                                token=item.token,
+                                ran=False,
+                                name=name,
+                                kind="lost",
+                                error=f"its message never reached the pool in "
+                                f"{UNSEEN_TIMEOUT:.0f} s (it has expired)",
+                            ),
+                        )
+                    )
+        for name, inflight, outcome in overdue:
+            if outcome.kind == "error":  # (lost ones are logged by _finish)
+                logger.warning(
+                    "Stoker %s: the %s event %s; carrying on",
+                    name,
+                    inflight.item.event,
+                    outcome.error,
+                )
+            self._finish(name, inflight.item.token, inflight.item.seq, outcome)
+
+    # ------------------------------------------------ Celery's own signals
+
+    def _watch_celery_signals(self, *, connect: bool) -> None:
+        from celery import signals
+
+        if connect:
+            signals.task_received.connect(self._on_received, weak=False)
+            signals.task_revoked.connect(self._on_revoked, weak=False)
+        else:
+            signals.task_received.disconnect(self._on_received)
+            signals.task_revoked.disconnect(self._on_revoked)
+
+    def _on_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        """The worker received a message: an event in flight has been seen."""
+        if getattr(request, "name", None) != DISPATCH_TASK:
+            return
+        with self._cond:
+            for lane in self._lanes.values():
+                if lane.inflight is not None and lane.inflight.task_id == request.id:
+                    lane.inflight.seen = True
+
+    def _on_revoked(self, sender: Any = None, request: Any = None, **kwargs: Any) -> None:
+        """An event's message expired or was revoked: it will not run."""
+        if getattr(request, "name", None) != DISPATCH_TASK:
+            return
+        with contextlib.suppress(Exception):
+            name, token, seq = request.args[0], int(request.args[1]), int(request.args[2])
+            why = "expired" if kwargs.get("expired") else "revoked"
+            outcome = Outcome(
+                seq=seq, token=token, ran=False, name=name, kind="lost", error=f"message {why}"
+            )
+            self._finish(name, token, seq, outcome, task_id=request.id)
+
+
+def _process_exists(pid: int) -> bool:
+    """True while ``pid`` is a live process (a zombie, killed but not reaped, is not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _celery_requests() -> dict[str, Any] | None:
+    """Celery's table of this worker's requests (received and not yet finished)."""
+    try:
+        from celery.worker import state
+    except ImportError:  # pragma: no cover - Celery is a dependency
+        return None
+    return state.requests
+
+
+class ReportReader:
+    """One thread that BLPOPs the report lists of one Redis and hands each report on."""
+
+    #: Seconds one BLPOP blocks; the thread notices a stop within this.
+    BLOCK = 1
+
+    def __init__(
+        self,
+        client_factory: Callable[[], redis.Redis],
+        keys: list[str],
+        sink: Callable[[Outcome], None],
+    ) -> None:
+        self._client_factory = client_factory
+        self.keys = keys
+        self._sink = sink
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stoker-reports", daemon=True)
+        self.error: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        backoff = 0.05
+        client: redis.Redis | None = None
+        while not self._stopping.is_set():
+            try:
+                if client is None:
+                    client = self._client_factory()
+                popped = client.blpop(self.keys, timeout=self.BLOCK)
+                if self.error is not None:
+                    logger.warning("celery-stoker: reading reports again")
+                    self.error = None
+                backoff = 0.05
+                if popped is None:
+                    continue
+                outcome = Outcome.from_json(popped[1])
+                if outcome is not None:
+                    self._sink(outcome)
+            except Exception as exc:
+                text = f"{exc.__class__.__name__}: {exc}"
+                if text != self.error:
+                    logger.warning(
+                        "celery-stoker: cannot read event reports (%s); the pump still "
+                        "notices finished events from Celery",
+                        text,
+                    )
+                    self.error = text
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, LOOP_BACKOFF_MAX)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                client.close()
