@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import dispatch, failover, idle, scale  # noqa: E402
+from bench import dispatch, failover, idle, recovery, scale  # noqa: E402
 from bench.common import (  # noqa: E402
     RunDir,
     Table,
@@ -43,6 +43,7 @@ Runner = Callable[[str], tuple[dict[str, Any], list[Table]]]
 BENCHES: dict[str, Runner] = {
     "failover": failover.run,
     "dispatch": dispatch.run,
+    "recovery": recovery.run,
     "idle": idle.run,
     "scale": scale.run,
 }
@@ -51,6 +52,7 @@ BENCHES: dict[str, Runner] = {
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "failover": failover.render,
     "dispatch": dispatch.render,
+    "recovery": recovery.render,
     "idle": idle.render,
     "scale": scale.render,
 }

@@ -24,11 +24,35 @@ def _ago(iso: str | None) -> str:
     from datetime import datetime, timezone
 
     seconds = (datetime.now(timezone.utc) - datetime.fromisoformat(iso)).total_seconds()
+    return f"{_duration(seconds)} ago"
+
+
+#: An event running longer than this shows in the HEALTH column, with its age.
+SLOW_EVENT = 60.0
+
+
+def health(view: dict[str, Any]) -> str:
+    """The HEALTH cell of one Stoker: a fault any worker reports, a slow event, or ok."""
+    workers = view.get("workers") or {}
+    for node, activator in sorted(workers.items()):
+        fault = (activator.get("health") or {}).get("error")
+        if fault:
+            short = fault if len(fault) <= 60 else fault[:57] + "..."
+            return f"error on {node}: {short}"
+    for node, activator in sorted(workers.items()):
+        running = activator.get("running_event") or {}
+        age = running.get("running_for")
+        if isinstance(age, (int, float)) and age > SLOW_EVENT:
+            return f"{running.get('event')} running {_duration(age)} on {node}"
+    return "error" if view.get("last_error") else "ok"
+
+
+def _duration(seconds: float) -> str:
     if seconds < 120:
-        return f"{seconds:.0f}s ago"
+        return f"{seconds:.0f}s"
     if seconds < 7200:
-        return f"{seconds / 60:.0f}m ago"
-    return f"{seconds / 3600:.1f}h ago"
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
@@ -85,7 +109,7 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
                 ", ".join(v.get("followers") or []) or "-",
                 ", ".join(ineligible) or "-",
                 last,
-                "error" if v.get("last_error") else "ok",
+                health(v),
             ]
         )
     click.echo(

@@ -21,6 +21,7 @@ TABLES = (
     "Failover: RedBeat",
     "Failover ratio",
     "Dispatch latency",
+    "Recovery",
     "Redis cost",
     "Worker overhead",
     "Scale",
@@ -41,6 +42,6 @@ def test_run_all_smoke_prints_every_table(tmp_path: Path) -> None:
     assert result.returncode == 0, output[-6000:]
     for title in TABLES:
         assert title in result.stdout, f"no {title!r} table in:\n{result.stdout[-4000:]}"
-    for name in ("failover", "dispatch", "idle", "scale", "machine"):
+    for name in ("failover", "dispatch", "recovery", "idle", "scale", "machine"):
         json.loads((tmp_path / f"{name}.json").read_text())
     assert "Failover: celery-stoker" in (tmp_path / "tables.md").read_text()

@@ -248,3 +248,34 @@ def test_state_of_another_content_type_is_refused_not_decoded(fx: Fixture) -> No
     outcome = fx.run("planted")
     assert "cannot be decoded" in outcome.error and "pickle" in outcome.error
     assert fx.client.hget("stoker:{planted}:state", "body") == body
+
+
+def test_a_late_commit_never_overwrites_a_newer_state(
+    fx: Fixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An event that returns after another event of the same term committed is refused.
+
+    The slow event reads the state, then (while it "runs") a second event of the
+    same term runs to its end and commits; the slow one's commit must fail, and
+    the second one's state stays.
+    """
+    late: list[Any] = []
+
+    @stoker(fx.app, name="late")
+    class Late(Stoker):
+        def init(self) -> dict[str, int]:
+            return {"n": 0}
+
+        def event(self, state: Any, event: str, reason: Any) -> Any:
+            if event == "timer" and not late:
+                late.append(fx.run("late", "cluster_change"))  # a newer event, to its end
+                return {"n": state["n"] + 100}
+            return {"n": state["n"] + 1}
+
+    fx.run("late", "now_leader")
+    with caplog.at_level(logging.WARNING, logger="celery_stoker.dispatch"):
+        slow = fx.run("late", "timer")
+    assert late[0].committed and fx.store("late").load().value == {"n": 2}
+    assert slow.stale and not slow.committed and slow.state is None
+    assert "a newer state was stored while it ran" in caplog.text
+    assert fx.store("late").load().version == 2

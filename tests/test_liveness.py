@@ -39,9 +39,7 @@ def timers_after(records: Records, at: float) -> list[Record]:
 
 def assert_one_at_a_time(records: Records) -> None:
     """No event started before the one before it ended (each callback's own records)."""
-    events = sorted(
-        (r for r in records.events() if r.event != "shutdown"), key=lambda r: r.started
-    )
+    events = sorted((r for r in records.events() if r.event != "shutdown"), key=lambda r: r.started)
     for before, after in itertools.pairwise(events):
         assert after.started >= before.at, f"{after} started before {before} ended"
 
@@ -68,9 +66,7 @@ def test_pool_process_lost_mid_callback_is_noticed_at_once(
 
 
 @pytest.mark.parametrize("limit", ["soft", "hard"])
-def test_time_limits_bound_a_hanging_callback(
-    fleets: Fleets, records: Records, limit: str
-) -> None:
+def test_time_limits_bound_a_hanging_callback(fleets: Fleets, records: Records, limit: str) -> None:
     env = {"STOKER_TEST_SOFT_LIMIT" if limit == "soft" else "STOKER_TEST_HARD_LIMIT": "1"}
     fleet = fleets(
         "prefork", STOKER_TEST_TIMER=str(TIMER), STOKER_TEST_TIMER_FAULT="sleep:60", **env
@@ -78,9 +74,7 @@ def test_time_limits_bound_a_hanging_callback(
     w1 = fleet.start("w1@%h")
     leader = wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")[0]
     faulted = wait_for(lambda: records.raw("fault"), 30, what="the hanging timer")[0]
-    after = wait_for(
-        lambda: timers_after(records, faulted["at"]), 10, what="the next timer"
-    )[0]
+    after = wait_for(lambda: timers_after(records, faulted["at"]), 10, what="the next timer")[0]
     assert after.started - faulted["at"] <= 1 + TIMER + 1.0
     assert after.token == leader.token
     if limit == "soft":
@@ -113,17 +107,16 @@ def test_max_failures_moves_the_work_to_a_healthy_worker(
         15,
         what="the healthy worker leads",
     )[0]
-    failed = [
-        r for r in records.events() if r.host == first.host and r.started > failing_since
-    ]
+    failed = [r for r in records.events() if r.host == first.host and r.started > failing_since]
     third_failure = sorted(failed, key=lambda r: r.at)[2]
     assert moved.started - third_failure.at <= TTL + 1.0
     stepped = [r for r in records.of("shutdown") if r.host == first.host]
     assert stepped and stepped[-1].reason == "too_many_failures"
     # The healthy worker keeps leading: several timers later, no new term anywhere.
     wait_for(
-        lambda: len([r for r in timers_after(records, moved.started) if r.host == other.node])
-        >= 10,
+        lambda: (
+            len([r for r in timers_after(records, moved.started) if r.host == other.node]) >= 10
+        ),
         15,
         what="timers on the healthy worker",
     )

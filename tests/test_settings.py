@@ -11,6 +11,7 @@ import pytest
 from celery import Celery
 from celery.exceptions import ImproperlyConfigured
 
+from celery_stoker import Stoker, StokerRegistrationError, stoker
 from celery_stoker.settings import (
     DEFAULT_KEY_PREFIX,
     DEFAULT_LEASE_TTL,
@@ -340,3 +341,65 @@ def test_password_is_masked_in_url_errors(
 def test_password_of_a_redis_broker_never_appears_in_value_errors(conf: dict[str, object]) -> None:
     message = config_error(make_app(f"redis://default:{SECRET}@redis:6379/0", **conf))
     assert SECRET not in message
+
+
+# --------------------------------------------------------------- time limits
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(-1, "-1"), (0, "0"), (math.nan, "nan"), ("30", "'30'"), (True, "True"), (math.inf, "inf")],
+)
+@pytest.mark.parametrize("key", ["soft_time_limit", "time_limit"])
+def test_bad_time_limit_is_named_at_start_and_at_import(
+    key: str, value: object, shown: str
+) -> None:
+    with pytest.raises(StokerConfigurationError, match=f"stoker_{key}"):
+        load_settings({"broker_url": "redis://h", f"stoker_{key}": value})
+    app = Celery("limits")
+    with pytest.raises(StokerRegistrationError, match=rf"@stoker\('bad'\): {key}") as info:
+
+        @stoker(app, name="bad", **{key: value})
+        class Bad(Stoker):
+            def event(self, state: object, event: str, reason: object) -> object:
+                return state
+
+    assert shown in str(info.value)
+
+
+def test_soft_limit_above_hard_limit_is_refused() -> None:
+    with pytest.raises(StokerConfigurationError, match="soft limit must come first"):
+        load_settings(
+            {"broker_url": "redis://h", "stoker_soft_time_limit": 10, "stoker_time_limit": 5}
+        )
+    app = Celery("limits")
+    with pytest.raises(StokerRegistrationError, match="soft_time_limit=10 is greater than"):
+
+        @stoker(app, name="inverted", soft_time_limit=10, time_limit=5)
+        class Inverted(Stoker):
+            def event(self, state: object, event: str, reason: object) -> object:
+                return state
+
+
+def test_time_limits_default_to_none_and_overrides_win() -> None:
+    conf = {"broker_url": "redis://h", "stoker_soft_time_limit": 5, "stoker_time_limit": 10}
+    assert load_settings({"broker_url": "redis://h"}).time_limit is None
+    settings = load_settings(conf, {"time_limit": 20})
+    assert (settings.soft_time_limit, settings.time_limit) == (5.0, 20.0)
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "3", math.nan])
+def test_bad_max_failures_is_an_error_at_import(value: object) -> None:
+    app = Celery("failures")
+    with pytest.raises(StokerRegistrationError, match=r"max_failures=.* whole number >= 1"):
+
+        @stoker(app, name="x", max_failures=value)  # type: ignore[arg-type]
+        class X(Stoker):
+            def event(self, state: object, event: str, reason: object) -> object:
+                return state
+
+
+@pytest.mark.parametrize("value", [0, -2, "10", math.nan])
+def test_bad_stop_timeout(value: object) -> None:
+    with pytest.raises(StokerConfigurationError, match="stoker_stop_timeout"):
+        load_settings({"broker_url": "redis://h", "stoker_stop_timeout": value})

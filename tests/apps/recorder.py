@@ -142,10 +142,14 @@ class Recorder(Stoker):
         )
         if event == "timer" and os.environ.get("STOKER_TEST_RAISE_ON_TIMER") == ctx.hostname:
             raise RuntimeError("boom in timer")
-        if event != "shutdown" and os.environ.get("STOKER_TEST_FAIL_FLAG"):
-            # The test names the worker whose callbacks fail, once it knows who leads.
-            if _client().get("rec:fail-on") == ctx.hostname.encode():
-                raise RuntimeError(f"boom in {event} on {ctx.hostname}")
+        # STOKER_TEST_FAIL_FLAG: the test names the worker whose callbacks fail
+        # (rec:fail-on), once it knows who leads.
+        if (
+            event != "shutdown"
+            and os.environ.get("STOKER_TEST_FAIL_FLAG")
+            and _client().get("rec:fail-on") == ctx.hostname.encode()
+        ):
+            raise RuntimeError(f"boom in {event} on {ctx.hostname}")
         state = dict(state)
         state["events"] += 1
         if event == "timer":
