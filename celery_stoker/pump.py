@@ -56,7 +56,7 @@ logger = logging.getLogger("celery_stoker.pump")
 #: counts it as finished without a report.
 REPORT_GRACE = 0.5
 #: How often the pump looks at events in flight (Celery's table of requests).
-WATCH_INTERVAL = 0.25
+WATCH_INTERVAL = 0.1
 #: An event whose message the worker never received is given up after this long;
 #: its message expires at the same moment (see ``dispatch.EVENT_MESSAGE_EXPIRES``).
 UNSEEN_TIMEOUT = 300.0
