@@ -32,12 +32,12 @@ from celery import bootsteps, signals
 
 from .activator import Activator
 from .connection import redis_client
-from .lease import LeaseListener, draining_key, lease_channel
+from .keys import draining_key, lease_channel, reports_key
+from .listener import LeaseListener
 from .membership import Membership
 from .pump import EventPump
 from .settings import StokerConfigurationError, StokerSettings, check_timing, load_settings
 from .stoker import WorkerInfo, is_eligible, registry_of
-from .store import reports_key
 from .telemetry import EventEmitter
 
 logger = logging.getLogger("celery_stoker.bootstep")

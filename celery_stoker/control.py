@@ -17,7 +17,8 @@ import redis
 from celery.worker.control import inspect_command
 
 from .connection import redis_client
-from .lease import Holder, draining_key, handoff_key, lease_channel, lease_key
+from .keys import POKE, WAKE, draining_key, handoff_key, lease_channel, lease_key, message
+from .lease import Holder
 from .settings import StokerSettings, load_settings
 from .stoker import registry_of
 from .store import StokerStore
@@ -192,7 +193,7 @@ def handoff(
         f"{holder.token} {to or ''}",
         px=max(10_000, int(settings.lease_ttl * 2000)),
     )
-    client.publish(lease_channel(settings.key_prefix), f"poke 0 {name}")
+    client.publish(lease_channel(settings.key_prefix), message(POKE, name))
     deadline = started + timeout
     while time.monotonic() < deadline:
         now = _holder(client, settings, name)
@@ -240,7 +241,7 @@ def drain(app: Celery, nodes: list[str], *, timeout: float = 10.0) -> dict[str, 
         holder = _holder(client, settings, name)
         if holder is None or holder.hostname not in nodes:
             continue
-        client.publish(lease_channel(settings.key_prefix), f"poke 0 {name}")
+        client.publish(lease_channel(settings.key_prefix), message(POKE, name))
         while time.monotonic() < deadline:
             now = _holder(client, settings, name)
             if now is not None and now.hostname and now.hostname not in nodes:
@@ -258,7 +259,7 @@ def undrain(app: Celery, nodes: list[str]) -> dict[str, Any]:
         client = client_for(settings)
         client.srem(draining_key(prefix), *nodes)
         for name in registry_of(app):
-            client.publish(lease_channel(prefix), f"wake 0 {name}")
+            client.publish(lease_channel(prefix), message(WAKE, name))
     return {"draining": sorted(draining(app))}
 
 

@@ -31,9 +31,10 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.worker.request import Request
 
 from .connection import redis_client
+from .keys import reports_key
 from .settings import StokerSettings, load_settings
 from .stoker import Stoker, StokerContext, StokerSpec
-from .store import Commit, StateError, StokerStore, from_portable, portable, reports_key
+from .store import Commit, StateError, StokerStore, from_portable, portable
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -17,11 +17,14 @@ Redis lock recipe, with two additions that make it safe to act on:
   allowance, so its own view always ends before Redis can hand the lease to
   anyone else.
 
-Waiting is cheap: every release and every renewal is announced on one pub/sub
-channel per key prefix.  A waiter blocks until the lease it saw would expire;
-a release wakes it at once, and a renewal moves its wake-up to the new expiry
-without it sending anything.  So a follower sends no command at all while the
-leader keeps renewing, and one when the lease is released or expires.
+Waiting is cheap: every release, renewal and new term is announced on one
+pub/sub channel per key prefix (``listener.py``).  A waiter blocks until the
+lease it saw would expire; a renewal moves its wake-up to the new expiry
+without it sending anything, so a follower sends no command at all while the
+leader keeps renewing.  A release or an expiry wakes only the longest-waiting
+follower at once; the others try only if it does not announce a new term
+within :data:`HERD_DELAY` (see :class:`RedisLease`).  The Lua scripts are in
+``scripts.py``, the key names in ``keys.py``.
 
 What it does not promise (as client-go says of itself): a process paused longer
 than its remaining validity (a GC or VM stall) may act after its lease ended;
@@ -30,16 +33,30 @@ the fencing token is what lets a downstream system refuse it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import redis
+
+from . import scripts
+from .keys import (
+    ACQUIRED,
+    POKE,
+    RELEASED,
+    RENEWED,
+    draining_key,
+    handoff_key,
+    lease_channel,
+    lease_key,
+    token_key,
+    waiters_key,
+)
+from .listener import LeaseListener
 
 logger = logging.getLogger(__name__)
 
@@ -51,83 +68,10 @@ CLOCK_DRIFT_FIXED = 0.002
 WAKE_MARGIN = 0.005
 #: Our lease values are ~150 bytes; anything far larger is someone else's.
 MAX_LEASE_VALUE = 4096
-
-# Return codes: 1 taken, 0 held by someone else, 2 this host is draining.
-_ACQUIRE = """
-local current = redis.call('GET', KEYS[1])
-if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then
-  return {2, current or '', redis.call('PTTL', KEYS[1])}
-end
-if current then
-  local ok, data = pcall(cjson.decode, current)
-  if not (ok and type(data) == 'table' and data.reserved_for == ARGV[2]) then
-    return {0, current, redis.call('PTTL', KEYS[1])}
-  end
-end
-if redis.replicate_commands then pcall(redis.replicate_commands) end
-local clock = redis.call('TIME')
-local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local floor = tonumber(ARGV[4])
-local fresh = 0
-local counted = 0
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  fresh = 1
-else
-  counted = redis.call('INCR', KEYS[2])
-end
--- Above the counter, the caller's highest token and the clock: a lost
--- increment (an unreplicated write before a failover) cannot repeat a token.
-local token = math.max(counted, floor + 1, now_us)
-redis.call('SET', KEYS[2], string.format('%d', token))
-local value = string.format('{"v":1,"token":%d,"since":%d,"holder":%s,"host":%s}',
-  token, now_ms, cjson.encode(ARGV[1]), cjson.encode(ARGV[2]))
-redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
-return {1, value, tonumber(ARGV[3]), fresh}
-"""
-
-# Return codes: 1 renewed, 0 not ours, 2 asked to drain, 3 asked to hand over
-# (then the second element names the worker to hand to, or is empty for anyone).
-# On 2 and 3 the lease is left as it was: the holder steps down and releases.
-_RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return {0, ''}
-end
-if redis.call('SISMEMBER', KEYS[2], ARGV[5]) == 1 then
-  return {2, ''}
-end
-local request = redis.call('GET', KEYS[3])
-if request then
-  local token, to = string.match(request, '^(%d+) ?(.*)$')
-  if token == ARGV[6] then
-    redis.call('DEL', KEYS[3])
-    return {3, to}
-  end
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], 'renewed ' .. ARGV[2] .. ' ' .. ARGV[4])
-return {1, ''}
-"""
-
-# ARGV[4], when not empty, reserves the lease for that worker for one TTL (a handoff).
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  if ARGV[4] ~= '' then
-    local clock = redis.call('TIME')
-    redis.call('SET', KEYS[1], string.format('{"v":1,"reserved_for":%s,"since":%d}',
-      cjson.encode(ARGV[4]), tonumber(clock[1]) * 1000), 'PX', ARGV[5])
-  else
-    redis.call('DEL', KEYS[1])
-  end
-  redis.call('PUBLISH', ARGV[2], 'released 0 ' .. ARGV[3])
-  return 1
-end
-return 0
-"""
-
-_OBSERVE = """
-return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
-"""
+#: After a release that names another waiter to try first, or an expiry that finds
+#: this waiter behind others, it tries itself only if no new term is announced
+#: within this long: one command per failover instead of one per waiter.
+HERD_DELAY = 0.05
 
 
 @dataclass(frozen=True)
@@ -246,177 +190,20 @@ def validity(ttl: float) -> float:
     return ttl - ttl * CLOCK_DRIFT_FACTOR - CLOCK_DRIFT_FIXED
 
 
-def lease_key(prefix: str, name: str) -> str:
-    """The key of ``name``'s lease; braces keep one Stoker's keys in one Cluster slot."""
-    return f"{prefix}:{{{name}}}:lease"
-
-
-def draining_key(prefix: str) -> str:
-    """The set of worker node names that must not lead any lease under ``prefix``."""
-    return f"{prefix}:draining"
-
-
-def handoff_key(prefix: str, name: str) -> str:
-    """Where a handoff request for ``name`` waits for the holder's next renewal."""
-    return f"{prefix}:{{{name}}}:handoff"
-
-
-def token_key(prefix: str, name: str) -> str:
-    """The key of ``name``'s fencing-token counter (never expires)."""
-    return f"{prefix}:{{{name}}}:token"
-
-
-def lease_channel(prefix: str) -> str:
-    """The pub/sub channel every release and renewal under ``prefix`` is announced on.
-
-    Messages read ``released 0 <name>``, ``renewed <ttl ms> <name>`` and
-    ``poke 0 <name>`` (an operator's request: the holder renews at once and
-    learns whether it is asked to drain or hand over).
-    """
-    return f"{prefix}:lease-events"
-
-
-class LeaseWaiter(Protocol):
-    """What the listener tells: ``kind`` is released, renewed or reconnected."""
-
-    def notify(self, kind: str, ttl_ms: int) -> None: ...
-
-
-class LeaseListener:
-    """One pub/sub connection that tells every local waiter about releases and renewals.
-
-    A worker runs one of these per key prefix, whatever the number of leases:
-    one shared channel carrying the lease name costs less than a subscription
-    per lease.  If the connection drops, waiters still wake at the expiry they
-    observed; the listener reconnects with backoff and then wakes every waiter
-    so it looks again.
-    """
-
-    def __init__(
-        self,
-        client_factory: Callable[[], redis.Redis],
-        channel: str,
-        *,
-        thread_name: str = "stoker-lease-listener",
-        health_interval: float = 5.0,
-    ) -> None:
-        self._client_factory = client_factory
-        self.channel = channel
-        #: A PING goes out after this long without a message; no answer within
-        #: twice this means the connection died silently (a partition, a
-        #: failover behind a proxy), and the listener reconnects.
-        self.health_interval = health_interval
-        self._thread_name = thread_name
-        self._waiters: dict[str, set[LeaseWaiter]] = {}
-        self._lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._subscribed = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self, wait_subscribed: float = 1.0) -> None:
-        """Start listening; wait up to ``wait_subscribed`` for the subscription to be live."""
-        if self._thread is not None:
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
-        self._thread.start()
-        self._subscribed.wait(wait_subscribed)
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop the thread and close its connection."""
-        self._stopping.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-
-    @property
-    def subscribed(self) -> bool:
-        """True while the subscription is live (a release now wakes waiters at once)."""
-        return self._subscribed.is_set()
-
-    def register(self, name: str, waiter: LeaseWaiter) -> None:
-        """Tell ``waiter`` about every release and renewal of the lease called ``name``."""
-        with self._lock:
-            self._waiters.setdefault(name, set()).add(waiter)
-
-    def unregister(self, name: str, waiter: LeaseWaiter) -> None:
-        """Stop telling ``waiter`` about ``name``."""
-        with self._lock:
-            self._waiters.get(name, set()).discard(waiter)
-
-    def _dispatch(self, data: bytes | str) -> None:
-        text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
-        parts = text.split(" ", 2)
-        if len(parts) != 3 or not parts[1].isdigit():
-            return
-        kind, ttl_ms, name = parts[0], int(parts[1]), parts[2]
-        with self._lock:
-            waiters = list(self._waiters.get(name, ()))
-        for waiter in waiters:
-            waiter.notify(kind, ttl_ms)
-
-    def _wake_all(self) -> None:
-        with self._lock:
-            waiters = [w for group in self._waiters.values() for w in group]
-        for waiter in waiters:
-            waiter.notify("reconnected", 0)
-
-    def _run(self) -> None:
-        backoff = 0.05
-        logged_down = False
-        while not self._stopping.is_set():
-            pubsub = None
-            try:
-                pubsub = self._client_factory().pubsub(ignore_subscribe_messages=False)
-                pubsub.subscribe(self.channel)
-                last_heard = time.monotonic()
-                pinged = False
-                while not self._stopping.is_set():
-                    message = pubsub.get_message(timeout=0.25)
-                    quiet = time.monotonic() - last_heard
-                    if message is None:
-                        if quiet > 2 * self.health_interval:
-                            raise redis.ConnectionError("no answer to PING on the lease channel")
-                        if quiet > self.health_interval and not pinged:
-                            pubsub.ping()
-                            pinged = True
-                        continue
-                    last_heard, pinged = time.monotonic(), False
-                    if message["type"] == "subscribe":
-                        self._subscribed.set()
-                        if logged_down:
-                            logger.info("lease listener on %s is back", self.channel)
-                            logged_down = False
-                        backoff = 0.05
-                        # Anything released while we were away: let waiters look again.
-                        self._wake_all()
-                    elif message["type"] == "message":
-                        self._dispatch(message["data"])
-            except (redis.RedisError, OSError) as exc:
-                self._subscribed.clear()
-                if not logged_down:
-                    logger.warning(
-                        "lease listener lost Redis (%s: %s); waiters fall back to lease "
-                        "expiry until it is back",
-                        exc.__class__.__name__,
-                        exc,
-                    )
-                    logged_down = True
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
-            finally:
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):  # closing a broken socket
-                        pubsub.close()
-        self._subscribed.clear()
-
-
 class RedisLease:
     """A fenced lease for one ``name`` in one Redis, held by one ``holder_id``.
 
     Thread-safe for one caller at a time per method; an activator drives it from
     its own thread.  ``listener`` makes :meth:`wait` wake on releases; without
     one, :meth:`wait` simply sleeps its timeout.
+
+    **No herd.**  Followers queue in a sorted set that Redis keeps (oldest
+    first).  A release names the longest-waiting live follower; only that one
+    tries at once, and every other waits :data:`HERD_DELAY` for the new term to
+    be announced, which it then waits out without a command.  An expiry (the
+    holder crashed) wakes the first waiter at once and the others after the
+    same delay.  So a failover costs a couple of commands whatever the number
+    of followers, and a dead first waiter costs the others only the delay.
     """
 
     def __init__(
@@ -440,23 +227,27 @@ class RedisLease:
         self.token_key = token_key(key_prefix, name)
         self.draining_key = draining_key(key_prefix)
         self.handoff_key = handoff_key(key_prefix, name)
+        self.waiters_key = waiters_key(key_prefix, name)
         self.channel = lease_channel(key_prefix)
         #: Set by :meth:`renew` when the holder was asked to step down instead:
         #: ("drain", None) or ("handoff", worker or None).
         self.step_down_request: tuple[str, str | None] | None = None
+        #: This worker's place among the waiters (0: first to try), as of its last look.
+        self.rank: int | None = None
         self._poked = threading.Event()
         self._operator_poke = False
         self._ttl_ms = max(1, round(ttl * 1000))
         self._listener = listener
-        self._woken = threading.Event()  # released (or the listener reconnected)
+        self._woken = threading.Event()  # our turn: released to us (or the listener reconnected)
         self._nudged = threading.Event()  # anything happened: look at the deadline again
         self._renewed_until: float | None = None
+        self._released_to_other_at: float | None = None
         if listener is not None:
             listener.register(name, self)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
-        self._observe = client.register_script(_OBSERVE)
+        self._acquire = client.register_script(scripts.ACQUIRE)
+        self._renew = client.register_script(scripts.RENEW)
+        self._release = client.register_script(scripts.RELEASE)
+        self._observe = client.register_script(scripts.OBSERVE)
 
     def close(self) -> None:
         """Stop being woken by the listener (the client is the caller's to close)."""
@@ -464,7 +255,7 @@ class RedisLease:
             self._listener.unregister(self.name, self)
 
     def acquire(self, min_token: int = 0) -> AcquireResult:
-        """Take the lease if nobody holds it.
+        """Take the lease if nobody holds it; otherwise join the waiters.
 
         ``min_token`` is the highest token the caller has seen; a new term's
         token is above it even when Redis lost its counter.  Arms :meth:`wait`
@@ -473,11 +264,19 @@ class RedisLease:
         """
         self._woken.clear()
         self._renewed_until = None
+        self._released_to_other_at = None
         started = time.monotonic()
         try:
             ok, raw, pttl, *rest = self._acquire(
-                keys=[self.lease_key, self.token_key, self.draining_key],
-                args=[self.holder_id, self.hostname, self._ttl_ms, int(min_token)],
+                keys=[self.lease_key, self.token_key, self.draining_key, self.waiters_key],
+                args=[
+                    self.holder_id,
+                    self.hostname,
+                    self._ttl_ms,
+                    int(min_token),
+                    self.channel,
+                    self.name,
+                ],
             )
         except redis.ResponseError as exc:
             if not _is_foreign_data_error(exc):
@@ -489,10 +288,13 @@ class RedisLease:
             return AcquireResult(None, holder, draining=True)
         holder = Holder.parse(raw_bytes, int(pttl))
         if int(ok) == 1 and holder.token is not None:
+            self.rank = None
             value = raw_bytes.decode()
             fresh = bool(rest and int(rest[0]) == 1)
             term = Term(holder.token, value, started + validity(self.ttl), fresh=fresh)
             return AcquireResult(term, holder)
+        rank = int(rest[0]) if rest else -1
+        self.rank = rank if rank >= 0 else None
         return AcquireResult(None, holder)
 
     def renew(self, term: Term) -> bool:
@@ -534,18 +336,29 @@ class RedisLease:
             return True
         return False
 
-    def release(self, term: Term, *, reserve_for: str | None = None) -> bool:
-        """Give the lease up and wake every waiter; False if it was not ours any more.
+    def release(
+        self, term: Term, *, reserve_for: str | None = None, live: Iterable[str] = ()
+    ) -> bool:
+        """Give the lease up and announce who tries first; False if it was not ours any more.
 
         ``reserve_for`` (a handoff) keeps the lease for that worker for one TTL:
         only it may take it meanwhile, and if it never does, the reservation
-        expires like any lease.
+        expires like any lease.  ``live`` are the node names this worker sees
+        alive: waiters not among them are skipped and forgotten (empty: trust
+        every waiter).
         """
         term.valid_until = min(term.valid_until, time.monotonic())
         try:
             released = self._release(
-                keys=[self.lease_key],
-                args=[term.value, self.channel, self.name, reserve_for or "", self._ttl_ms],
+                keys=[self.lease_key, self.waiters_key],
+                args=[
+                    term.value,
+                    self.channel,
+                    self.name,
+                    reserve_for or "",
+                    self._ttl_ms,
+                    *sorted(live),
+                ],
             )
         except redis.ResponseError as exc:
             if not _is_foreign_data_error(exc):
@@ -566,38 +379,67 @@ class RedisLease:
         raw_bytes = raw if isinstance(raw, bytes) else str(raw).encode()
         return Holder.parse(raw_bytes, int(pttl))
 
-    def notify(self, kind: str, ttl_ms: int) -> None:
-        """Called by the listener's thread: a release wakes :meth:`wait`, a renewal defers it."""
-        if kind == "renewed":
-            self._renewed_until = time.monotonic() + ttl_ms / 1000.0
-        elif kind == "poke":
+    def notify(self, kind: str, ttl_ms: int, extra: str = "") -> None:
+        """Called by the listener's thread with each message about this lease."""
+        now = time.monotonic()
+        if kind == RENEWED:
+            self._renewed_until = now + ttl_ms / 1000.0
+        elif kind == ACQUIRED:
+            # A new term: wait for its expiry; everyone behind its winner moves up.
+            self._renewed_until = now + ttl_ms / 1000.0
+            self._released_to_other_at = None
+            winner_rank = extra.rpartition(" ")[2]
+            if self.rank is not None and winner_rank.isdigit() and self.rank > int(winner_rank):
+                self.rank -= 1
+        elif kind == POKE:
             self._operator_poke = True  # an operator asked: the holder renews now
             self._poked.set()
-        else:
+        elif kind == RELEASED and extra and extra != self.hostname:
+            self._released_to_other_at = now  # another waiter tries first
+        else:  # released to us (or to anyone), reconnected, wake
             self._woken.set()
         self._nudged.set()
 
     def wait(self, timeout: float, *, max_wait: float | None = None) -> bool:
-        """Block until a release of this lease is announced or the lease would expire.
+        """Block until it is this waiter's turn to try the lease; False if nothing happened.
 
-        ``timeout`` is the expiry the caller observed; each renewal announced
-        meanwhile moves it to the renewed expiry, so a waiter sends nothing while
-        the holder keeps renewing.  Returns True when woken by a release (or a
-        listener reconnect), False when the (possibly moved) deadline passed or
-        ``max_wait`` seconds went by, whichever is first.
+        ``timeout`` is the expiry the caller observed; each renewal or new term
+        announced meanwhile moves it to the announced expiry, so a waiter sends
+        nothing while a holder keeps renewing.  Returns True when its turn came
+        (a release named it, or named another who did not take the lease within
+        :data:`HERD_DELAY`; or the listener reconnected), False when the
+        (possibly moved) deadline passed or ``max_wait`` seconds went by.  At an
+        expiry, a waiter behind others first gives the first one
+        :data:`HERD_DELAY` to announce a new term.
         """
         started = time.monotonic()
         deadline = started + timeout
         cap = started + max_wait if max_wait is not None else float("inf")
+        turn_at: float | None = None  # another waiter's head start ends
+        expiry_deferred = False
         while not self._woken.is_set():
-            left = min(deadline, cap) - time.monotonic()
-            if left <= 0:
-                return False
-            self._nudged.wait(left)
-            self._nudged.clear()
+            released_at, self._released_to_other_at = self._released_to_other_at, None
+            if released_at is not None:
+                turn_at = released_at + HERD_DELAY
             renewed_until, self._renewed_until = self._renewed_until, None
             if renewed_until is not None:
                 deadline = max(deadline, renewed_until + WAKE_MARGIN)
+                turn_at = None  # a new term was announced: wait for its expiry
+                expiry_deferred = False
+            now = time.monotonic()
+            if turn_at is not None and now >= turn_at:
+                return True
+            if now >= cap:
+                return False
+            if now >= deadline:
+                if self.rank and not expiry_deferred:
+                    expiry_deferred = True
+                    deadline = now + HERD_DELAY
+                    continue
+                return False
+            wake_at = min(deadline, cap, turn_at if turn_at is not None else float("inf"))
+            self._nudged.wait(max(0.0, wake_at - now))
+            self._nudged.clear()
         return True
 
     def wake(self) -> None:
@@ -621,10 +463,6 @@ class RedisLease:
         came, self._operator_poke = self._operator_poke, False
         return came
 
-    def poke(self) -> None:
-        """Ask this lease's holder, wherever it runs, to renew now (see step_down_request)."""
-        self.client.publish(self.channel, f"poke 0 {self.name}")
-
     def wait_timeout(self, holder: Holder | None) -> float:
         """How long a waiter that saw ``holder`` may sleep before trying again.
 
@@ -637,23 +475,3 @@ class RedisLease:
             # Not ours: look again each TTL, so its removal is noticed soon.
             return self.ttl if holder.ttl_left is None else min(self.ttl, holder.ttl_left)
         return holder.ttl_left + WAKE_MARGIN
-
-
-def describe_holder(holder: Holder | None) -> dict[str, Any]:
-    """A JSON-friendly view of ``holder`` for dumps and logs."""
-    if holder is None:
-        return {"leader": None, "token": None, "since": None, "lease_time_left": None}
-    if holder.foreign:
-        return {
-            "leader": None,
-            "token": None,
-            "since": None,
-            "lease_time_left": holder.ttl_left,
-            "foreign_value": holder.raw[:80].decode(errors="replace"),
-        }
-    return {
-        "leader": holder.hostname,
-        "token": holder.token,
-        "since": holder.since,
-        "lease_time_left": holder.ttl_left,
-    }

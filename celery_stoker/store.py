@@ -21,60 +21,12 @@ import redis
 from kombu.serialization import dumps as kombu_dumps
 from kombu.serialization import loads as kombu_loads
 
-from .lease import lease_key
+from . import scripts
+from .keys import closing_key, info_key, lease_key, state_key, transitions_key
+from .lease import Holder
 
 #: How many leadership transitions the record keeps.
 TRANSITIONS_KEPT = 20
-
-# KEYS[1] lease, KEYS[2] state hash, KEYS[3] record hash.
-# ARGV[1] token, ARGV[2] '1' to write the state, ARGV[3..5] body, content type,
-# encoding, ARGV[6] time, ARGV[7] the state version the event started from ('' for
-# any), ARGV[8..] record field/value pairs.
-# Returns 1 stored, 0 the term is over (nothing written), -1 the state changed since
-# the event read it (nothing written).  The token is compared as digits in the
-# lease's JSON, so no float rounding applies; every check comes before any write.
-_COMMIT = """
-local lease = redis.call('GET', KEYS[1])
-if not lease then return 0 end
-local token = string.match(lease, '"token":(%d+)')
-if token ~= ARGV[1] then return 0 end
-local version = tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0
-if ARGV[2] == '1' and ARGV[7] ~= '' and version ~= tonumber(ARGV[7]) then return -1 end
-if ARGV[2] == '1' then
-  redis.call('HSET', KEYS[2], 'body', ARGV[3], 'content_type', ARGV[4],
-             'content_encoding', ARGV[5], 'token', ARGV[1], 'updated_at', ARGV[6],
-             'version', string.format('%d', version + 1))
-end
-for i = 8, #ARGV, 2 do
-  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
-end
-return 1
-"""
-
-
-def state_key(prefix: str, name: str) -> str:
-    """The hash that holds ``name``'s serialized state."""
-    return f"{prefix}:{{{name}}}:state"
-
-
-def info_key(prefix: str, name: str) -> str:
-    """The hash that holds ``name``'s cluster-wide record."""
-    return f"{prefix}:{{{name}}}:info"
-
-
-def transitions_key(prefix: str, name: str) -> str:
-    """The capped list of ``name``'s recent leadership transitions (newest first)."""
-    return f"{prefix}:{{{name}}}:transitions"
-
-
-def closing_key(prefix: str, name: str) -> str:
-    """Holds the token of a term whose leader is stepping down: no new event may start."""
-    return f"{prefix}:{{{name}}}:closing"
-
-
-def reports_key(prefix: str, hostname: str) -> str:
-    """The list every finished callback of ``hostname``'s Stokers reports to (its pump reads it)."""
-    return f"{prefix}:reports:{hostname}"
 
 
 class Commit(enum.Enum):
@@ -120,7 +72,7 @@ class StokerStore:
         self.transitions_key = transitions_key(key_prefix, name)
         self.closing_key = closing_key(key_prefix, name)
         self.accept = accepted_content(serializer)
-        self._commit = client.register_script(_COMMIT)
+        self._commit = client.register_script(scripts.COMMIT)
 
     def load(self) -> StoredState:
         """The stored state; raises :class:`StateError` if it cannot be decoded."""
@@ -227,8 +179,8 @@ class StokerStore:
         lease, closing = self.client.mget([self.lease_key, self.closing_key])
         if lease is None:
             return False
-        text = lease.decode(errors="replace") if isinstance(lease, bytes) else str(lease)
-        if f'"token":{token},' not in text and f'"token":{token}}}' not in text:
+        raw = lease if isinstance(lease, bytes) else str(lease).encode()
+        if Holder.parse(raw, None).token != token:
             return False
         return closing is None or _text(closing) != str(token)
 

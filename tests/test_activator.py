@@ -17,7 +17,7 @@ from support.workers import wait_for
 
 from celery_stoker import Stoker
 from celery_stoker.activator import Activator
-from celery_stoker.lease import lease_channel
+from celery_stoker.keys import lease_channel
 from celery_stoker.pump import EventPump
 from celery_stoker.settings import StokerSettings
 from celery_stoker.stoker import StokerSpec
@@ -60,7 +60,7 @@ def test_one_slow_renewal_is_retried_not_a_lost_lease(
 
     activator.start()
     try:
-        wait_for(lambda: activator.state == "leader", 10, what="leader")
+        wait_for(lambda: activator.election.state == "leader", 10, what="leader")
         token = activator.snapshot()["token"]
         first = wait_for(lambda: next_renewal(0.0), 5, what="a first renewal")
         # Cut Redis off from just before the next renewal until after its reply is late.
@@ -74,9 +74,9 @@ def test_one_slow_renewal_is_retried_not_a_lost_lease(
         late = first + 2.7
         wait_for(lambda: time.monotonic() >= late, 3, interval=0.005)
         wait_for(lambda: next_renewal(late), 3, what="a renewal on schedule after the cut")
-        assert activator.state == "leader"
+        assert activator.election.state == "leader"
         assert activator.snapshot()["token"] == token, "the term was lost and retaken"
-        assert activator.terms_won == 1
+        assert activator.election.terms_won == 1
     finally:
         activator.stop(5)
         pubsub.close()

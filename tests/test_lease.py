@@ -22,20 +22,19 @@ from pathlib import Path
 import pytest
 import redis
 from support.redis_server import RedisServer
+from support.workers import wait_for
 
+from celery_stoker import scripts
 from celery_stoker.connection import mask_url, redis_client
+from celery_stoker.keys import lease_channel, lease_key, token_key
 from celery_stoker.lease import (
     AcquireResult,
     Holder,
-    LeaseListener,
     RedisLease,
     Term,
-    describe_holder,
-    lease_channel,
-    lease_key,
-    token_key,
     validity,
 )
+from celery_stoker.listener import LeaseListener
 
 PREFIX = "stoker-test"
 
@@ -62,6 +61,8 @@ class Leases:
         self._clients: list[redis.Redis] = []
         self._leases: list[RedisLease] = []
         self._listeners: list[LeaseListener] = []
+        #: Called at close, before the leases: stop helper threads of a test.
+        self.stoppers: list[Callable[[], None]] = []
 
     def client(self, url: str | None = None) -> redis.Redis:
         client = redis_client(url or self.url, socket_timeout=5)
@@ -99,6 +100,8 @@ class Leases:
         return listener
 
     def close(self) -> None:
+        for stop in self.stoppers:
+            stop()
         for lease in self._leases:
             lease.wake()
             lease.close()
@@ -648,7 +651,7 @@ def test_foreign_lease_value_is_flagged_not_raised(
     assert seen is not None and seen.foreign is True
     timeout = lease.wait_timeout(seen)
     assert 0 < timeout <= 60.1
-    assert describe_holder(seen)["leader"] is None
+    assert seen is not None and seen.hostname is None
     assert raw.exists(lease.lease_key) == 1  # we never overwrite what is not ours
 
 
@@ -821,3 +824,99 @@ def test_holder_parse_round_trip() -> None:
     assert holder.since == pytest.approx(1700000000.123)
     assert holder.ttl_left == 1.5
     assert Holder.parse(raw, -1).ttl_left is None
+
+
+# --- no herd: a failover costs a few commands, whatever the number of followers ----------
+
+
+def _evalsha_calls(client: redis.Redis) -> int:
+    for script in (scripts.ACQUIRE, scripts.RELEASE, scripts.RENEW):
+        client.script_load(script)  # so no NOSCRIPT retry counts as a try
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+def _run_followers(leases: Leases, count: int, ttl: float) -> tuple[list[str], list[RedisLease]]:
+    """``count`` followers that each loop acquire / wait like an activator; returns winners."""
+    listener = leases.listener()
+    followers = [leases.lease(f"f{i}", ttl, listener=listener) for i in range(count)]
+    winners: list[str] = []
+    stop = threading.Event()
+
+    def follow(lease: RedisLease) -> None:
+        while not stop.is_set():
+            result = lease.acquire()
+            if result.term is not None:
+                winners.append(lease.holder_id)
+                return
+            lease.wait(lease.wait_timeout(result.holder), max_wait=2.0)
+
+    for lease in followers:  # in this order: f0 waits longest
+        assert lease.acquire().term is None
+    threads = [threading.Thread(target=follow, args=(lease,), daemon=True) for lease in followers]
+    for thread in threads:
+        thread.start()
+    leases.stoppers.append(stop.set)
+    return winners, followers
+
+
+@pytest.mark.parametrize("followers", [2, 8])
+def test_a_release_wakes_only_the_longest_waiting_follower(leases: Leases, followers: int) -> None:
+    holder = leases.lease("holder", 10.0)
+    term = must_acquire(holder)
+    winners, _ = _run_followers(leases, followers, 10.0)
+    admin = leases.client()
+    time.sleep(0.2)  # every follower is parked in wait()
+    before = _evalsha_calls(admin)
+    assert holder.release(term)
+    wait_for(lambda: winners, 5, what="a new holder")
+    time.sleep(0.3)  # longer than HERD_DELAY: any follower that would try has tried
+    assert winners == ["f0"], "the longest-waiting follower takes over"
+    # The release, and the one acquire of f0: not one try per follower.
+    assert _evalsha_calls(admin) - before == 2
+
+
+def test_an_expiry_wakes_the_first_waiter_and_not_the_herd(leases: Leases) -> None:
+    ttl = 0.6
+    holder = leases.lease("crashed", ttl)
+    must_acquire(holder)
+    winners, _ = _run_followers(leases, 8, ttl)
+    admin = leases.client()
+    time.sleep(0.1)
+    before = _evalsha_calls(admin)
+    wait_for(lambda: winners, 5, what="a new holder after the expiry")
+    time.sleep(0.3)
+    assert winners == ["f0"]
+    assert _evalsha_calls(admin) - before <= 2, "followers behind f0 waited for its new term"
+
+
+def test_a_release_naming_a_dead_waiter_still_hands_over(leases: Leases) -> None:
+    """The first waiter died without a trace: the others take over after the head start."""
+    holder = leases.lease("holder", 10.0)
+    term = must_acquire(holder)
+    ghost = leases.lease("ghost", 10.0)
+    assert ghost.acquire().term is None  # queued first, then never looks again
+    winners, _ = _run_followers(leases, 3, 10.0)
+    time.sleep(0.2)
+    released_at = time.monotonic()
+    assert holder.release(term)
+    wait_for(lambda: winners, 5, what="a new holder")
+    assert time.monotonic() - released_at < 1.0
+    assert winners[0] in {"f0", "f1", "f2"}
+
+
+def test_a_release_skips_waiters_the_holder_sees_dead(leases: Leases) -> None:
+    holder = leases.lease("holder", 10.0)
+    term = must_acquire(holder)
+    ghost = leases.lease("ghost", 10.0)
+    assert ghost.acquire().term is None
+    winners, followers = _run_followers(leases, 2, 10.0)
+    time.sleep(0.2)
+    live = {holder.hostname, *(f.hostname for f in followers)}
+    admin = leases.client()
+    before = _evalsha_calls(admin)
+    assert holder.release(term, live=live)
+    wait_for(lambda: winners, 5, what="a new holder")
+    time.sleep(0.3)
+    assert winners == ["f0"] and _evalsha_calls(admin) - before == 2
+    assert admin.zscore(holder.waiters_key, ghost.hostname) is None, "the dead waiter is dropped"

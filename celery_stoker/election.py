@@ -1,0 +1,558 @@
+"""The election of one Stoker on one worker: follow, take the lease, hold it, step down.
+
+It is ``Stoker.Activator``'s loop with a Redis lease in place of ``:global``:
+
+* **follower**: try the lease; if someone holds it, note who and wait until
+  that lease is released to us, or would expire (``lease.RedisLease.wait``);
+* **leader**: renew every ``renew_interval``; start acting (the handler's
+  ``start_acting``: the in-process hook, then ``now_leader`` first) once any
+  earlier term must be over and enough workers are seen (``min_members``);
+* **step down**: on a failed or late renewal (``lease_lost``), a stop
+  (``worker_stopping``), an operator's handoff or drain, or too many failed
+  events: stop events, let the handler say ``shutdown``, then release the
+  lease (when it is still ours) so the next follower takes over at once.
+
+One named thread per Stoker, ``stoker-lease:<name>``, runs it, so one Stoker's
+slow hook or ``shutdown`` never makes another Stoker's renewal late (a single
+loop for every Stoker would); the thread never waits on the broker or the
+pool.  What the term *does* is the handler's business (``activator.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import redis
+
+from .lease import Holder, RedisLease, Term
+from .settings import StokerSettings
+from .store import StokerStore
+
+logger = logging.getLogger("celery_stoker.activator")
+
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+#: Backoff while Redis is unreachable: first try, and the most between tries.
+BACKOFF_START = 0.05
+BACKOFF_MAX = 0.5
+#: A renewal may take a reconnect and the command, each up to the socket timeout:
+#: a holder with less validity left than this many timeouts steps down instead.
+RENEW_ATTEMPT = 2
+#: After a ``too_many_failures`` step-down this worker leaves the Stoker to others
+#: for one lease TTL, doubling on each repeat up to this (or one TTL, if longer).
+FAILURE_COOLDOWN_MAX = 300.0
+
+
+class TermHandler(Protocol):
+    """What a term does, on the election's thread (the activator implements it)."""
+
+    def term_won(self, term: Term) -> None:
+        """This worker holds a new term (it may not act yet)."""
+
+    def start_acting(self, term: Term) -> None:
+        """Begin the term's work: the ``leader_started`` hook, then ``now_leader``."""
+
+    def stop_events(self) -> None:
+        """Send no new event of the current term."""
+
+    def events_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until no event is in the pool; True if none is."""
+
+    def stop_acting(self, term: Term, reason: str, *, lost: bool) -> None:
+        """End the term's work: ``leader_stopping``, then ``shutdown`` (``lost``: from a copy)."""
+
+
+class Election:
+    """Elects, holds and hands over the lease of one Stoker on one worker."""
+
+    def __init__(
+        self,
+        name: str,
+        settings: StokerSettings,
+        *,
+        lease: RedisLease,
+        store: StokerStore,
+        hostname: str,
+        handler: TermHandler,
+        members: Callable[[], frozenset[str]],
+        eligible: bool = True,
+        min_members: int = 1,
+        emit: Callable[..., None] | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.lease = lease
+        self.store = store
+        self.client = store.client
+        self.hostname = hostname
+        self.handler = handler
+        self._members = members
+        self.eligible = eligible
+        self.min_members = min_members
+        self._emit = emit or (lambda *args, **kwargs: None)
+
+        # What dump() shows, as in the original's state map.
+        self.state = "unk"
+        self.created_at = time.time()
+        self.active_from: float | None = None
+        self.leader: str | None = None
+        self.leader_token: int | None = None
+        self.highest_token = 0
+        self.terms_won = 0
+        self.draining = False
+        #: True while this leader holds the lease but sees fewer than min_members.
+        self.suspended = False
+        #: The term this worker holds, or None.
+        self.term: Term | None = None
+        #: False from the moment a leader starts stepping down: no new events.
+        self.accepting = False
+        #: Step-downs for too many failures since the last successful event.
+        self.failure_step_downs = 0
+        #: The election loop's current fault, shown in status until it clears.
+        self.error: str | None = None
+        self.error_since: float | None = None
+        #: After giving leadership away, do not take it straight back (monotonic).
+        self._cooldown_until = 0.0
+        #: A term that found Redis without history acts only from then (see _quarantine).
+        self._act_not_before = 0.0
+        #: Whether the current term has acted yet (resuming vs. starting).
+        self._acted = False
+        #: When Redis last answered an election command (monotonic).
+        self._redis_ok_at = 0.0
+        #: When the holder renews next (monotonic); moved earlier to retry after an error.
+        self._renew_at = 0.0
+        self._last_error_text: str | None = None
+        self._record_error: str | None = None
+        #: Set from another thread when this worker should give the Stoker up.
+        self._step_down_request: str | None = None
+        self._stop = threading.Event()
+        self._stop_reason = "worker_stopping"
+        self._redis_down_since: float | None = None
+        self._foreign_logged: bytes | None = None
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- control
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run_election, name=f"stoker-lease:{self.name}", daemon=True
+        )
+        self._thread.start()
+
+    def request_stop(self, reason: str = "worker_stopping") -> None:
+        """Begin stepping down now, without waiting (safe from a signal handler)."""
+        if not self._stop.is_set():
+            self._stop_reason = reason
+            self._stop.set()
+            self.lease.wake()
+
+    def stop(self, timeout: float) -> bool:
+        """Step down (release if leader) and end the thread; False if busy past ``timeout``."""
+        self.request_stop(self._stop_reason)
+        if self._thread is not None:
+            self._thread.join(max(0.0, timeout))
+            if self._thread.is_alive():
+                return False
+        self.lease.close()
+        return True
+
+    def request_step_down(self, reason: str) -> None:
+        """Ask the election thread to step down and release now (from any thread)."""
+        self._step_down_request = reason
+        self.lease.poke_local()
+
+    def recheck(self) -> None:
+        """Make a holder look at its state now (a member came or went: min_members)."""
+        if self.term is not None and self.min_members > 1:
+            self.lease.poke_local()
+
+    @property
+    def _event_grace(self) -> float:
+        """Longest a stepping-down leader waits for its event in the pool: half the stop budget.
+
+        Its ``shutdown`` comes after that event, so the two never overlap unless
+        the event outlives this; then its late commit is refused (see ``store``).
+        """
+        return self.settings.stop_timeout / 2
+
+    # ---------------------------------------------------------------- the loop
+
+    def _run_election(self) -> None:
+        if not self.eligible:
+            self.state = "ineligible"
+            logger.info("Stoker %s: %s may not lead it (eligible=...)", self.name, self.hostname)
+            self._stop.wait()
+            return
+        backoff = BACKOFF_START
+        while not self._stop.is_set():
+            try:
+                if self.term is None:
+                    self._follow()
+                else:
+                    self._hold()
+                backoff = BACKOFF_START
+                self._last_error_text = None
+                if self.error is not None:
+                    logger.warning("Stoker %s: election working again", self.name)
+                    self.error = self.error_since = None
+                if self._redis_ok_at > (self._redis_down_since or float("inf")):
+                    self._redis_back()
+            except REDIS_DOWN as exc:
+                self._redis_down(exc)
+                self._note_election_error(exc)
+                self._after_error(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            except Exception as exc:
+                # A refusal such as OOM, NOPERM or READONLY, or a bug: log it once, not
+                # per retry; status shows it until it clears.
+                text = f"{exc.__class__.__name__}: {exc}"
+                if text != self._last_error_text:
+                    logger.exception("Stoker %s: election error (%s); retrying", self.name, text)
+                    self._last_error_text = text
+                self._note_election_error(exc)
+                self._after_error(BACKOFF_MAX)
+        try:
+            if self.term is not None:
+                self._step_down(self._stop_reason, release=True)
+        except Exception:
+            logger.exception("Stoker %s: error while stepping down at stop", self.name)
+        self.state = "unk"
+
+    def _note_election_error(self, exc: BaseException) -> None:
+        self.error = f"{exc.__class__.__name__}: {exc}"
+        if self.error_since is None:
+            self.error_since = time.time()
+
+    def _after_error(self, backoff: float) -> None:
+        """Wait before the next try; a leader retries its renewal, never past its lease."""
+        term = self.term
+        if term is None:
+            self._stop.wait(backoff)
+            return
+        wait = min(backoff, term.time_left() - RENEW_ATTEMPT * self.settings.socket_timeout)
+        self._stop.wait(max(0.0, wait))
+        self._renew_at = time.monotonic()  # retry the renewal now; _hold steps down if too late
+
+    def _follow(self) -> None:
+        cooldown = self._cooldown_until - time.monotonic()
+        if cooldown > 0:
+            # We just gave leadership away: let another worker take it first (a release,
+            # even our own, must not cut this short).
+            self._stop.wait(cooldown)
+            self._cooldown_until = 0.0
+            return
+        result = self.lease.acquire(min_token=self.highest_token)
+        self._redis_ok_at = time.monotonic()
+        if result.term is not None:
+            self._become_leader(result.term)
+            return
+        holder = result.holder
+        self._note_holder(holder)
+        self.state = "follower"
+        if result.draining != self.draining:
+            self.draining = result.draining
+            logger.warning(
+                "Stoker %s: %s is %s",
+                self.name,
+                self.hostname,
+                "draining: it will not lead" if self.draining else "no longer draining",
+            )
+        timeout = self.lease.wait_timeout(holder) if holder is not None else 0.0
+        if self.draining:
+            timeout = max(timeout, self.settings.lease_ttl)
+        self.lease.wait(timeout)
+
+    def _note_holder(self, holder: Holder | None) -> None:
+        if holder is None:
+            return
+        if holder.foreign:
+            if holder.raw != self._foreign_logged:
+                logger.error(
+                    "Stoker %s: the lease key %s holds a value celery-stoker did not write "
+                    "(%r); no worker can lead until it expires or is deleted",
+                    self.name,
+                    self.lease.lease_key,
+                    holder.raw[:80],
+                )
+                self._foreign_logged = holder.raw
+            self.leader = None
+            return
+        self._foreign_logged = None
+        if holder.reserved_for is not None:
+            self.leader = None  # handed over, not yet taken by the worker it is kept for
+            return
+        if holder.hostname != self.leader:
+            logger.info(
+                "Stoker %s: following %s (token %s)", self.name, holder.hostname, holder.token
+            )
+        self.leader = holder.hostname
+        self.leader_token = holder.token
+        self.highest_token = max(self.highest_token, holder.token or 0)
+
+    def _become_leader(self, term: Term) -> None:
+        self.suspended = True  # not acting until _check_acting says so
+        self.term = term
+        self.accepting = False
+        self._acted = False
+        self._renew_at = time.monotonic() + self.settings.renew_interval
+        self.highest_token = max(self.highest_token, term.token)
+        self.state = "leader"
+        self.leader = self.hostname
+        self.leader_token = term.token
+        self.active_from = time.time()
+        self.terms_won += 1
+        logger.warning(
+            "Stoker %s: %s became leader (token %d)", self.name, self.hostname, term.token
+        )
+        members = sorted(self._members())
+        self._record(
+            {
+                "leader": self.hostname,
+                "token": term.token,
+                "active_from": self.active_from,
+                "followers": [m for m in members if m != self.hostname],
+            },
+            transition={
+                "at": self.active_from,
+                "event": "elected",
+                "node": self.hostname,
+                "token": term.token,
+            },
+        )
+        self.handler.term_won(term)
+        self.draining = False
+        self._emit("stoker-elected", name=self.name, token=term.token)
+        self._act_not_before = time.monotonic() + self._quarantine(term)
+        if len(self._members()) < self.min_members:
+            self._suspend(term)
+        self._check_acting(term)
+
+    def _quarantine(self, term: Term) -> float:
+        """How long a term that found Redis without its history must wait before acting.
+
+        The fencing counter never expires, so a missing one means Redis lost its
+        data (a restart without persistence, a flush) or this is the first
+        election ever.  Either way an earlier leader may still count its lease
+        valid on its own clock: its last renewal came before Redis started, so
+        its term is surely over ``ttl`` after that.  Waiting ``ttl - uptime``
+        keeps two leaders from acting at once, and costs nothing on a Redis
+        that has been up longer than one TTL.
+        """
+        if not term.fresh:
+            return 0.0
+        try:
+            uptime = float(self.client.info("server").get("uptime_in_seconds", 0))
+        except (redis.RedisError, OSError, ValueError):
+            uptime = 0.0
+        wait = max(0.0, self.settings.lease_ttl - uptime)
+        if wait > 0:
+            logger.warning(
+                "Stoker %s: Redis holds no record of earlier terms (restarted empty?); %s "
+                "holds the lease but acts in %.1f s, once any earlier leader's term is over",
+                self.name,
+                self.hostname,
+                wait,
+            )
+        return wait
+
+    def _start_acting(self, term: Term) -> None:
+        """Begin the term's work: the hook, then now_leader as the term's first event."""
+        self.suspended = False
+        self._acted = True
+        # now_leader is queued before events are accepted, so a cluster_change that
+        # arrives meanwhile can never come first (now_leader carries the members anyway).
+        self.handler.start_acting(term)
+        self.accepting = True
+
+    def _suspend(self, term: Term) -> None:
+        """Hold the lease but stop acting: too few workers are visible (min_members)."""
+        self.suspended = True
+        logger.warning(
+            "Stoker %s: %s sees %d of the %d workers it needs; not acting until it sees more",
+            self.name,
+            self.hostname,
+            len(self._members()),
+            self.min_members,
+        )
+        self._emit("stoker-suspended", name=self.name, token=term.token)
+
+    def _check_acting(self, term: Term) -> None:
+        """Start or stop acting on the held term: quarantine over, enough workers seen."""
+        enough = len(self._members()) >= self.min_members
+        may_start = time.monotonic() >= self._act_not_before and (
+            term.time_left() > RENEW_ATTEMPT * self.settings.socket_timeout
+        )
+        if self.suspended and enough and may_start:
+            if self._acted:
+                logger.warning("Stoker %s: enough workers again; acting", self.name)
+                self._emit("stoker-resumed", name=self.name, token=term.token)
+            self._start_acting(term)
+        elif not self.suspended and not enough:
+            self.accepting = False
+            self.handler.stop_events()
+            self.handler.events_idle(min(self._event_grace, term.time_left() / 2))
+            self._suspend(term)
+            self.handler.stop_acting(term, "below_min_members", lost=False)
+
+    def _hold(self) -> None:
+        term = self.term
+        assert term is not None
+        while not self._stop.is_set():
+            renew_at = self._renew_at
+            self._check_acting(term)
+            left = term.time_left()
+            if left <= RENEW_ATTEMPT * self.settings.socket_timeout:
+                # A renewal sent now might answer after our lease ends: stop acting first.
+                self._step_down("lease_lost", release=False)
+                return
+            now = time.monotonic()
+            if now >= renew_at:
+                break
+            wait = min(renew_at - now, left - self.settings.socket_timeout)
+            if self.suspended and self._act_not_before > now:
+                wait = min(wait, self._act_not_before - now)
+            if self.lease.wait_poked(wait) and self.lease.poked_by_operator():
+                break  # an operator asked: renew now and hear why
+            if self._step_down_request is not None:
+                break
+        if self._stop.is_set():
+            return
+        if self._step_down_request is not None:
+            reason, self._step_down_request = self._step_down_request, None
+            self._step_down(reason, release=True)
+            self.failure_step_downs += 1
+            ttl = self.settings.lease_ttl
+            cooldown = min(ttl * 2 ** (self.failure_step_downs - 1), max(ttl, FAILURE_COOLDOWN_MAX))
+            self._cooldown_until = time.monotonic() + cooldown
+            logger.warning(
+                "Stoker %s: %s leaves it to other workers for %.1f s",
+                self.name,
+                self.hostname,
+                cooldown,
+            )
+            return
+        renewed = self.lease.renew(term)
+        self._redis_ok_at = time.monotonic()
+        self._renew_at = self._redis_ok_at + self.settings.renew_interval
+        if not renewed:
+            self._step_down("lease_lost", release=False)
+            return
+        request = self.lease.step_down_request
+        if request is not None:
+            kind, to = request
+            self._step_down(kind, release=True, reserve_for=to)
+            self._cooldown_until = time.monotonic() + self.settings.lease_ttl
+
+    def _step_down(self, reason: str, *, release: bool, reserve_for: str | None = None) -> None:
+        """Stop acting on the current term: no more events, ``shutdown`` here, then release."""
+        term = self.term
+        if term is None:
+            return
+        self.accepting = False
+        self.handler.stop_events()
+        logger.warning("Stoker %s: %s steps down (%s)", self.name, self.hostname, reason)
+        if release:
+            self._finish_running_event(term)
+            with contextlib.suppress(redis.RedisError):
+                # From here no event of this term may start in the pool (one already
+                # running was waited for above): shutdown is the term's last event.
+                # (After a loss there is no time for this: the term ends in Redis soon.)
+                ttl_ms = max(1, round(self.settings.lease_ttl * 1000))
+                self.store.mark_closing(term.token, ttl_ms)
+        self.term = None
+        self.state = "follower"
+        self.active_from = None
+        was_suspended, self.suspended = self.suspended, False
+        if not was_suspended:  # a suspended leader already said shutdown
+            self.handler.stop_acting(term, reason, lost=not release)
+        if release:
+            try:
+                if self.lease.release(term, reserve_for=reserve_for, live=self._live_nodes()):
+                    logger.info("Stoker %s: lease released (token %d)", self.name, term.token)
+            except REDIS_DOWN as exc:
+                logger.warning(
+                    "Stoker %s: could not release the lease (%s); it expires in %.1f s",
+                    self.name,
+                    exc.__class__.__name__,
+                    self.settings.lease_ttl,
+                )
+        self._record(
+            None,
+            transition={
+                "at": time.time(),
+                "event": "stepped_down",
+                "node": self.hostname,
+                "token": term.token,
+                "reason": reason,
+                **({"to": reserve_for} if reserve_for else {}),
+            },
+        )
+        self._emit(
+            "stoker-stepped-down", name=self.name, token=term.token, reason=reason, to=reserve_for
+        )
+
+    def _finish_running_event(self, term: Term) -> None:
+        """Let an event already in the pool finish before ``shutdown`` (one at a time).
+
+        At most :attr:`_event_grace`; the lease is renewed meanwhile, so a long
+        TTL is not needed for this.
+        """
+        deadline = time.monotonic() + self._event_grace
+        while not self.handler.events_idle(0):
+            margin = term.time_left() - RENEW_ATTEMPT * self.settings.socket_timeout
+            wait = min(deadline - time.monotonic(), self.settings.renew_interval, margin)
+            if wait <= 0 or self.handler.events_idle(wait):
+                break
+            with contextlib.suppress(redis.RedisError):
+                if not self.lease.renew(term):
+                    return
+        with contextlib.suppress(redis.RedisError):
+            self.lease.renew(term)  # a full TTL for shutdown and the release
+
+    def _live_nodes(self) -> frozenset[str]:
+        """The workers a release may name as next: empty (trust all) when gossip sees no one."""
+        members = self._members()
+        return members if len(members) > 1 else frozenset()
+
+    def _record(self, info: dict[str, Any] | None, transition: dict[str, Any]) -> None:
+        """Write the cluster record and a transition; a refusal never stops the election."""
+        try:
+            if info is not None and self.term is not None:
+                self.store.commit(self.term.token, None, info)
+            self.store.record_transition(transition)
+        except REDIS_DOWN:
+            pass
+        except redis.RedisError as exc:
+            text = str(exc)
+            if text != self._record_error:
+                logger.error(
+                    "Stoker %s: could not write its record in Redis (%s); leadership is "
+                    "unaffected, dump() and status may be stale",
+                    self.name,
+                    text,
+                )
+                self._record_error = text
+
+    def _redis_down(self, exc: BaseException) -> None:
+        if self._redis_down_since is None:
+            self._redis_down_since = time.monotonic()
+            logger.warning(
+                "Stoker %s: Redis at %s unreachable (%s: %s); retrying with backoff",
+                self.name,
+                self.settings.masked_url,
+                exc.__class__.__name__,
+                exc,
+            )
+
+    def _redis_back(self) -> None:
+        if self._redis_down_since is not None:
+            logger.warning(
+                "Stoker %s: Redis reachable again after %.1f s",
+                self.name,
+                time.monotonic() - self._redis_down_since,
+            )
+            self._redis_down_since = None

@@ -1,0 +1,173 @@
+"""Every Lua script celery-stoker runs, each headed by what its KEYS, ARGV and reply mean.
+
+One script touches the keys of one Stoker only (they share its hash tag), so
+every script runs in one Cluster slot; the draining set is the exception
+until the Cluster issue moves it.  Every check comes before the first write,
+so a script that is refused half-way leaves nothing half-applied.
+
+The lease value is JSON written by ``ACQUIRE`` (``{"v":1,"token":N,"since":ms,
+"holder":id,"host":node}``) or by ``RELEASE`` for a handoff
+(``{"v":1,"reserved_for":node,"since":ms}``); ``lease.Holder.parse`` reads it
+in Python and ``COMMIT`` finds the token in it as digits.
+"""
+
+from __future__ import annotations
+
+#: Take the lease if nobody holds it (or it is reserved for this worker).
+#:
+#: KEYS[1] lease, KEYS[2] token counter, KEYS[3] draining set, KEYS[4] waiters.
+#: ARGV[1] holder id, ARGV[2] this worker's node name, ARGV[3] TTL in ms,
+#: ARGV[4] the highest token the caller has seen, ARGV[5] channel, ARGV[6] Stoker name.
+#: Reply: ``{1, value, ttl ms, fresh}`` taken (``fresh`` 1 when the counter was
+#: missing: Redis lost its data, or this is the first term ever);
+#: ``{0, value, pttl, rank}`` held by another (this worker joins the waiters;
+#: ``rank`` is its place among them, 0 = first to try after a release, -1 unknown);
+#: ``{2, value or '', pttl}`` this worker is draining (it leaves the waiters).
+#: A new term is announced as ``acquired <ttl> <name> <node> <its former rank>``.
+ACQUIRE = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local current = redis.call('GET', KEYS[1])
+if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then
+  redis.pcall('ZREM', KEYS[4], ARGV[2])
+  return {2, current or '', redis.call('PTTL', KEYS[1])}
+end
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+if current then
+  local ok, data = pcall(cjson.decode, current)
+  if not (ok and type(data) == 'table' and data.reserved_for == ARGV[2]) then
+    -- Waiter bookkeeping is best effort (redis.pcall): a full Redis refuses ZADD,
+    -- and the follower must still learn who holds the lease.
+    redis.pcall('ZADD', KEYS[4], 'NX', now_ms, ARGV[2])
+    local rank = redis.pcall('ZRANK', KEYS[4], ARGV[2])
+    if type(rank) ~= 'number' then rank = -1 end
+    return {0, current, redis.call('PTTL', KEYS[1]), rank}
+  end
+end
+local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local floor = tonumber(ARGV[4])
+local fresh = 0
+local counted = 0
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  fresh = 1
+else
+  counted = redis.call('INCR', KEYS[2])
+end
+-- Above the counter, the caller's highest token and the clock: a lost
+-- increment (an unreplicated write before a failover) cannot repeat a token.
+local token = math.max(counted, floor + 1, now_us)
+redis.call('SET', KEYS[2], string.format('%d', token))
+local value = string.format('{"v":1,"token":%d,"since":%d,"holder":%s,"host":%s}',
+  token, now_ms, cjson.encode(ARGV[1]), cjson.encode(ARGV[2]))
+redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
+local rank = redis.pcall('ZRANK', KEYS[4], ARGV[2])
+if type(rank) ~= 'number' then rank = -1 end
+redis.pcall('ZREM', KEYS[4], ARGV[2])
+redis.call('PUBLISH', ARGV[5], 'acquired ' .. ARGV[3] .. ' ' .. ARGV[6] .. ' ' .. ARGV[2] ..
+  ' ' .. rank)
+return {1, value, tonumber(ARGV[3]), fresh}
+"""
+
+#: Extend the holder's lease, unless it is asked to drain or hand over.
+#:
+#: KEYS[1] lease, KEYS[2] draining set, KEYS[3] handoff request.
+#: ARGV[1] the exact lease value the holder wrote, ARGV[2] TTL in ms,
+#: ARGV[3] channel, ARGV[4] Stoker name, ARGV[5] node name, ARGV[6] token.
+#: Reply: ``{1, ''}`` renewed (announced as ``renewed <ttl> <name>``);
+#: ``{0, ''}`` not ours any more; ``{2, ''}`` asked to drain; ``{3, node or ''}``
+#: asked to hand over (to that node, or to anyone).  On 2 and 3 nothing is
+#: written but the consumed handoff request: the holder steps down and releases.
+RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return {0, ''}
+end
+if redis.call('SISMEMBER', KEYS[2], ARGV[5]) == 1 then
+  return {2, ''}
+end
+local request = redis.call('GET', KEYS[3])
+if request then
+  local token, to = string.match(request, '^(%d+) ?(.*)$')
+  if token == ARGV[6] then
+    redis.call('DEL', KEYS[3])
+    return {3, to}
+  end
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], 'renewed ' .. ARGV[2] .. ' ' .. ARGV[4])
+return {1, ''}
+"""
+
+#: Give the lease up (or keep it for one worker: a handoff) and name who tries first.
+#:
+#: KEYS[1] lease, KEYS[2] waiters.
+#: ARGV[1] the exact lease value the holder wrote, ARGV[2] channel, ARGV[3] Stoker
+#: name, ARGV[4] node to reserve the lease for ('' for none), ARGV[5] TTL in ms,
+#: ARGV[6..] the node names the holder sees alive (none: do not filter).
+#: Reply: 1 released, 0 not ours (nothing written).
+#: Announced as ``released 0 <name> <node>``: that node (the reserved one, or the
+#: longest-waiting live waiter) tries at once; the others try only if no new
+#: term is announced shortly after.  Waiters the holder sees dead are dropped.
+RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return 0
+end
+local first = ARGV[4]
+if first == '' then
+  local live = {}
+  for i = 6, #ARGV do live[ARGV[i]] = true end
+  for _, node in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    if #ARGV < 6 or live[node] then
+      first = node
+      break
+    end
+    redis.pcall('ZREM', KEYS[2], node)
+  end
+end
+if ARGV[4] ~= '' then
+  local clock = redis.call('TIME')
+  redis.call('SET', KEYS[1], string.format('{"v":1,"reserved_for":%s,"since":%d}',
+    cjson.encode(ARGV[4]), tonumber(clock[1]) * 1000), 'PX', ARGV[5])
+else
+  redis.call('DEL', KEYS[1])
+end
+if first ~= '' then
+  redis.call('PUBLISH', ARGV[2], 'released 0 ' .. ARGV[3] .. ' ' .. first)
+else
+  redis.call('PUBLISH', ARGV[2], 'released 0 ' .. ARGV[3])
+end
+return 1
+"""
+
+#: Who holds the lease, and for how long still.
+#:
+#: KEYS[1] lease.  Reply: ``{value or nil, pttl}``.
+OBSERVE = """
+return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
+"""
+
+#: Store a Stoker's state and record, only under the current term and state version.
+#:
+#: KEYS[1] lease, KEYS[2] state hash, KEYS[3] record hash.
+#: ARGV[1] token, ARGV[2] '1' to write the state, ARGV[3..5] body, content type,
+#: encoding, ARGV[6] time, ARGV[7] the state version the event started from ('' for
+#: any), ARGV[8..] record field/value pairs.
+#: Reply: 1 stored, 0 the term is over, -1 the state changed since the event read
+#: it (nothing written on 0 and -1).  The token is compared as digits in the
+#: lease's JSON, so no float rounding applies.
+COMMIT = """
+local lease = redis.call('GET', KEYS[1])
+if not lease then return 0 end
+local token = string.match(lease, '"token":(%d+)')
+if token ~= ARGV[1] then return 0 end
+local version = tonumber(redis.call('HGET', KEYS[2], 'version') or '0') or 0
+if ARGV[2] == '1' and ARGV[7] ~= '' and version ~= tonumber(ARGV[7]) then return -1 end
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[2], 'body', ARGV[3], 'content_type', ARGV[4],
+             'content_encoding', ARGV[5], 'token', ARGV[1], 'updated_at', ARGV[6],
+             'version', string.format('%d', version + 1))
+end
+for i = 8, #ARGV, 2 do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+end
+return 1
+"""
