@@ -1,167 +1,43 @@
-"""Real ``celery worker`` processes for tests, and readers for what their Stokers recorded.
+"""Workers for the tests, and readers for what their Stokers recorded.
 
-Each worker runs ``celery -A <app> worker -n <name>`` in its own process group
-(so a prefork pool's children die with it), logs to a file the test can show
-on failure, and can be stopped with SIGTERM, SIGQUIT or SIGKILL.
+The process helpers are :mod:`celery_stoker.testing`'s (one copy for tests, benchmarks and
+the demo); what stays here is the tests' own: workers run from the repository root (so
+``tests.apps.*`` import), and the readers of the recorder app's ``rec:*`` lists with the
+safety check every worker test ends with.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 
+from celery_stoker import testing
+from celery_stoker.testing import WaitTimeout, WorkerProcess, wait_for
+
+__all__ = [
+    "ROOT",
+    "Fleet",
+    "Record",
+    "Records",
+    "WaitTimeout",
+    "WorkerProcess",
+    "check_terms",
+    "wait_for",
+]
+
 ROOT = Path(__file__).resolve().parents[2]
-T = TypeVar("T")
 
 
-def wait_for(
-    predicate: Callable[[], T | None], timeout: float, interval: float = 0.02, what: str = ""
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.1f}s waiting for {what or predicate!r}")
-
-
-@dataclass
-class WorkerProcess:
-    """One ``celery worker`` process."""
-
-    name: str
-    app: str
-    env: dict[str, str]
-    pool: str = "solo"
-    concurrency: int = 2
-    extra_args: list[str] = field(default_factory=list)
-    log_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="stoker-w-")))
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def node(self) -> str:
-        """The worker's node name as it reports it (``%h`` expanded)."""
-        import socket
-
-        return self.name.replace("%h", socket.gethostname())
-
-    @property
-    def log_path(self) -> Path:
-        return self.log_dir / f"{self.name.replace('%', '_')}.log"
-
-    def start(self) -> WorkerProcess:
-        args = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            self.app,
-            "worker",
-            "-n",
-            self.name,
-            "-P",
-            self.pool,
-            "-l",
-            "info",
-            "--without-mingle",
-        ]
-        if self.pool not in ("solo",):
-            args += ["-c", str(self.concurrency)]
-        args += self.extra_args
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            assert self.proc is not None
-            os.kill(self.proc.pid, sig)
-
-    def sigterm(self) -> None:
-        self.signal(signal.SIGTERM)
-
-    def sigkill(self) -> None:
-        """Kill the worker and its pool children at once, as a crash would."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def wait_exit(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-
-class Fleet:
-    """The workers of one test; all are killed at teardown."""
+class Fleet(testing.Fleet):
+    """A :class:`celery_stoker.testing.Fleet` whose workers run from the repository root."""
 
     def __init__(self, app: str, env: dict[str, str], pool: str = "solo") -> None:
-        self.app = app
-        self.env = env
-        self.pool = pool
-        self.workers: list[WorkerProcess] = []
-
-    def start(self, name: str, **overrides: Any) -> WorkerProcess:
-        env = {**self.env, **overrides.pop("env", {})}
-        worker = WorkerProcess(
-            name=name, app=self.app, env=env, pool=overrides.pop("pool", self.pool), **overrides
-        ).start()
-        self.workers.append(worker)
-        return worker
-
-    def by_node(self, node: str) -> WorkerProcess:
-        """The worker with that node name, the live one if it was restarted."""
-        matches = [w for w in self.workers if w.node == node]
-        if not matches:
-            raise KeyError(node)
-        alive = [w for w in matches if w.alive()]
-        return (alive or matches)[-1]
-
-    def logs(self) -> str:
-        return "\n".join(f"===== {w.node} =====\n{w.log()[-6000:]}" for w in self.workers)
-
-    def cleanup(self) -> None:
-        for worker in self.workers:
-            worker.cleanup()
+        super().__init__(app, env, pool, cwd=ROOT, pythonpath=[ROOT])
 
 
 @dataclass(frozen=True)
