@@ -5,16 +5,9 @@ Public names only; see README.md for the quick start.
 
 from .bootstep import StokerStep
 from .control import StokerOperationError, drain, dump, handoff, undrain, whereis
+from .registry import StokerRegistrationError, WorkerInfo, consuming, stoker
 from .settings import StokerConfigurationError, StokerSettings
-from .stoker import (
-    EVENTS,
-    Stoker,
-    StokerContext,
-    StokerRegistrationError,
-    WorkerInfo,
-    consuming,
-    stoker,
-)
+from .stoker import EVENTS, Stoker, StokerContext
 
 __all__ = [
     "EVENTS",

@@ -25,8 +25,9 @@ from .election import REDIS_DOWN, Election
 from .lease import RedisLease, Term
 from .listener import LeaseListener
 from .pump import EventPump, PendingEvent
+from .registry import StokerSpec
 from .settings import StokerSettings
-from .stoker import Stoker, StokerContext, StokerSpec
+from .stoker import Stoker, StokerContext
 from .store import StokerStore
 
 if TYPE_CHECKING:

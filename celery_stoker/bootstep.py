@@ -32,16 +32,20 @@ from celery import bootsteps, signals
 
 from .activator import Activator
 from .connection import redis_client
+from .dispatch import register_dispatch_task, warm_process
 from .keys import draining_key, lease_channel, reports_key
 from .listener import LeaseListener
 from .membership import Membership
 from .pump import EventPump
+from .registry import WorkerInfo, is_eligible, registry_of
 from .settings import StokerConfigurationError, StokerSettings, check_timing, load_settings
-from .stoker import WorkerInfo, is_eligible, registry_of
 from .telemetry import EventEmitter
 
 logger = logging.getLogger("celery_stoker.bootstep")
 
+#: Connections the activators of one worker share per Redis URL (commands are short:
+#: a renewal takes well under a millisecond, so a few serve hundreds of Stokers).
+MAX_SHARED_CONNECTIONS = 4
 #: What each Celery pool enforces of a task's (soft, hard) time limit.
 POOL_LIMITS = {
     "prefork": (True, True),
@@ -71,6 +75,9 @@ class StokerStep(bootsteps.StartStopStep):
         self.app = worker.app
         self.hostname: str = worker.hostname
         self.registry = registry_of(self.app)
+        register_dispatch_task(self.app)
+        if self.registry:
+            signals.worker_process_init.connect(self._warm_pool_process, weak=False)
         self.activators: dict[str, Activator] = {}
         self.listeners: dict[tuple[str, str], LeaseListener] = {}
         self.membership = Membership(self.hostname)
@@ -123,7 +130,7 @@ class StokerStep(bootsteps.StartStopStep):
         for activator in self.activators.values():
             activator.start()
         self._add_report_readers()
-        self.pump.start()
+        self.pump.start(warm_up=self._warm_main_process)
         signals.worker_shutting_down.connect(self._on_shutting_down, weak=False)
         logger.info(
             "celery-stoker: %d activator(s) on %s: %s",
@@ -133,12 +140,15 @@ class StokerStep(bootsteps.StartStopStep):
         )
 
     def _client(self, url: str, socket_timeout: float, settings: StokerSettings) -> redis.Redis:
-        """One client (connection pool) per URL and timeout, shared by every activator."""
+        """One client per URL and timeout, shared by every activator, its pool capped."""
         key = (url, socket_timeout)
         client = self.clients.get(key)
         if client is None:
             client = self.clients[key] = redis_client(
-                url, transport_options=settings.transport_options, socket_timeout=socket_timeout
+                url,
+                transport_options=settings.transport_options,
+                socket_timeout=socket_timeout,
+                max_connections=MAX_SHARED_CONNECTIONS,
             )
         return client
 
@@ -178,6 +188,24 @@ class StokerStep(bootsteps.StartStopStep):
                     pool,
                     " and ".join(missing),
                 )
+
+    def _warm_pool_process(self, **kwargs: Any) -> None:
+        """``worker_process_init``: a new pool process gets ready for its first event."""
+        warm_process(self.app)
+
+    def _warm_main_process(self) -> None:
+        """On the pump's thread at start: what the first ``send_task`` of a term would pay.
+
+        A producer connection from the app's pool and the declaration of this
+        worker's event queue; and, for pools that run tasks in this process,
+        what a pool process pays in ``worker_process_init``.
+        """
+        try:
+            with self.app.producer_or_acquire() as producer:
+                producer.maybe_declare(self.app.amqp.queues[self.queue_name])
+        except Exception as exc:
+            logger.debug("celery-stoker: producer not warmed up (%s)", exc)
+        warm_process(self.app)
 
     def _consumed_queues(self) -> frozenset[str]:
         try:

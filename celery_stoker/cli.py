@@ -15,7 +15,7 @@ from .control import StokerOperationError, cluster_view, draining, dump
 from .control import drain as drain_nodes
 from .control import handoff as handoff_leader
 from .control import undrain as undrain_nodes
-from .stoker import registry_of
+from .registry import registry_of
 
 
 def _ago(iso: str | None) -> str:

@@ -73,12 +73,15 @@ def redis_client(
     transport_options: Mapping[str, Any] | None = None,
     socket_timeout: float | None = None,
     socket_connect_timeout: float | None = None,
+    max_connections: int | None = None,
 ) -> redis.Redis:
     """A client for ``url``; ``sentinel://`` URLs resolve the master through Sentinel.
 
     ``socket_timeout`` bounds every command: a lease holder must learn that
     Redis is unreachable before its lease could be handed to someone else, so
-    it may never block longer than its validity allows.
+    it may never block longer than its validity allows.  ``max_connections``
+    caps the client's pool (a caller waits at most ``socket_timeout`` for a free
+    connection), so a worker's connections do not grow with its Stokers.
     """
     options = dict(transport_options or {})
     timeouts: dict[str, Any] = {
@@ -92,6 +95,15 @@ def redis_client(
         raise ValueError(
             f"{mask_url(url)!r} is not a Redis URL: use redis://, rediss://, unix:// or sentinel://"
         )
+    if max_connections is not None:
+        pool = redis.BlockingConnectionPool.from_url(
+            normalize_url(url),
+            max_connections=max_connections,
+            timeout=socket_timeout,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=timeouts["socket_connect_timeout"],
+        )
+        return redis.Redis(connection_pool=pool, retry=NO_RETRY)
     return redis.Redis.from_url(normalize_url(url), **timeouts)
 
 

@@ -19,8 +19,8 @@ from celery.worker.control import inspect_command
 from .connection import redis_client
 from .keys import POKE, WAKE, draining_key, handoff_key, lease_channel, lease_key, message
 from .lease import Holder
+from .registry import registry_of
 from .settings import StokerSettings, load_settings
-from .stoker import registry_of
 from .store import StokerStore
 
 if TYPE_CHECKING:

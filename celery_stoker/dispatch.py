@@ -30,10 +30,12 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.worker.request import Request
 
+from . import scripts
 from .connection import redis_client
 from .keys import reports_key
+from .registry import StokerSpec, registry_of
 from .settings import StokerSettings, load_settings
-from .stoker import Stoker, StokerContext, StokerSpec
+from .stoker import Stoker, StokerContext
 from .store import Commit, StateError, StokerStore, from_portable, portable
 
 if TYPE_CHECKING:
@@ -111,7 +113,7 @@ class _ProcessResources:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._clients: dict[tuple[str, float], redis.Redis] = {}
+        self._clients: dict[str, redis.Redis] = {}
         self._instances: dict[tuple[int, str], Stoker] = {}
         self._settings: dict[tuple[int, str], StokerSettings] = {}
 
@@ -122,7 +124,8 @@ class _ProcessResources:
             self._instances.clear()
 
     def client(self, settings: StokerSettings) -> redis.Redis:
-        key = (settings.url, settings.socket_timeout)
+        """This process's one client for ``settings.url`` (every Stoker on it shares it)."""
+        key = settings.url
         with self._lock:
             self._check_fork()
             client = self._clients.get(key)
@@ -155,6 +158,24 @@ class _ProcessResources:
 
 
 resources = _ProcessResources()
+
+
+def warm_process(app: Celery) -> None:
+    """Pay now what the first event of a term would: settings, a Redis client, scripts, instances.
+
+    Called in every pool process as it starts (``worker_process_init``) and in
+    the worker's main process, so a follower that becomes leader runs its
+    first event as fast as any other.  Never raises: a Redis that is not up
+    yet is simply connected to later.
+    """
+    for spec in list(registry_of(app).values()):
+        try:
+            settings = resources.settings(app, spec)
+            client = resources.client(settings)
+            client.script_load(scripts.COMMIT)
+            resources.instance(app, spec)
+        except Exception as exc:
+            logger.debug("Stoker %s: not warmed up (%s)", spec.name, exc)
 
 
 def check_timer(name: str, value: Any) -> float | None:
@@ -428,8 +449,6 @@ def register_dispatch_task(app: Celery) -> None:
         members: list[str],
         hostname: str,
     ) -> None:
-        from .stoker import registry_of
-
         spec = registry_of(task.app).get(name)
         if spec is None:
             logger.error(

@@ -305,6 +305,13 @@ class Election:
         self.leader_token = term.token
         self.active_from = time.time()
         self.terms_won += 1
+        self.draining = False
+        self._act_not_before = time.monotonic() + self._quarantine(term)
+        if len(self._members()) < self.min_members:
+            self._suspend(term)
+        # Act first (now_leader is on its way), then the bookkeeping: a failover is
+        # not slowed by the record, the log line or the state copy.
+        self._check_acting(term)
         logger.warning(
             "Stoker %s: %s became leader (token %d)", self.name, self.hostname, term.token
         )
@@ -324,12 +331,7 @@ class Election:
             },
         )
         self.handler.term_won(term)
-        self.draining = False
         self._emit("stoker-elected", name=self.name, token=term.token)
-        self._act_not_before = time.monotonic() + self._quarantine(term)
-        if len(self._members()) < self.min_members:
-            self._suspend(term)
-        self._check_acting(term)
 
     def _quarantine(self, term: Term) -> float:
         """How long a term that found Redis without its history must wait before acting.

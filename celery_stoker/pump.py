@@ -166,6 +166,7 @@ class EventPump:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._readers: list[ReportReader] = []
+        self._warm_up: Callable[[], None] | None = None
         #: The pump's own fault, shown in status until it clears.
         self.error: str | None = None
         self.error_since: float | None = None
@@ -182,12 +183,14 @@ class EventPump:
         """Read reports from ``keys`` (one Redis) with one BLPOP thread."""
         self._readers.append(ReportReader(client_factory, sorted(set(keys)), self.reported))
 
-    def start(self) -> None:
+    def start(self, warm_up: Callable[[], None] | None = None) -> None:
+        """Start the pump thread; it first runs ``warm_up`` (what a first send would pay)."""
         with _pumps_lock:
             _pumps[self.hostname] = self
         self._watch_celery_signals(connect=True)
         for reader in self._readers:
             reader.start()
+        self._warm_up = warm_up
         self._thread = threading.Thread(target=self._run, name="stoker-pump", daemon=True)
         self._thread.start()
 
@@ -400,6 +403,11 @@ class EventPump:
     # ---------------------------------------------------------- the loop
 
     def _run(self) -> None:
+        if self._warm_up is not None:
+            try:
+                self._warm_up()
+            except Exception:
+                logger.exception("celery-stoker: warming up the event pump failed; carrying on")
         backoff = 0.1
         while True:
             try:

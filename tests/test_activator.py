@@ -19,8 +19,8 @@ from celery_stoker import Stoker
 from celery_stoker.activator import Activator
 from celery_stoker.keys import lease_channel
 from celery_stoker.pump import EventPump
+from celery_stoker.registry import StokerSpec
 from celery_stoker.settings import StokerSettings
-from celery_stoker.stoker import StokerSpec
 
 
 class Quiet(Stoker):

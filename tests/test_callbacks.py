@@ -19,7 +19,7 @@ from celery import Celery
 from celery_stoker import Stoker, StokerRegistrationError, stoker
 from celery_stoker.dispatch import check_timer, run_event
 from celery_stoker.lease import RedisLease, Term
-from celery_stoker.stoker import registry_of
+from celery_stoker.registry import registry_of
 from celery_stoker.store import StokerStore
 
 

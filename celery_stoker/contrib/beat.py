@@ -38,8 +38,9 @@ from celery import beat
 from redbeat import RedBeatScheduler
 
 from ..connection import mask_url, url_scheme
+from ..registry import StokerRegistrationError, stoker
 from ..settings import StokerConfigurationError, load_settings
-from ..stoker import Stoker, StokerRegistrationError, stoker
+from ..stoker import Stoker
 
 if TYPE_CHECKING:
     from celery import Celery

@@ -184,3 +184,17 @@ def sleep(seconds: float) -> None:
     """Keep a pool slot busy, then say so (to show a busy pool never delays renewals)."""
     time.sleep(seconds)
     record("slept", seconds=seconds)
+
+
+def _extra_stokers(count: int) -> None:
+    """STOKER_TEST_EXTRA_STOKERS=N: N more Stokers that do nothing (a worker with many)."""
+
+    class Idle(Stoker):
+        def event(self, state: Any, event: str, reason: Any) -> Any:
+            return state
+
+    for n in range(count):
+        stoker(app, name=f"idle-{n}")(type(f"Idle{n}", (Idle,), {}))
+
+
+_extra_stokers(int(os.environ.get("STOKER_TEST_EXTRA_STOKERS", "0")))

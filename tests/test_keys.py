@@ -1,0 +1,63 @@
+"""The wire protocol: README's list of Redis keys is the code's, and channel messages round-trip."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from celery_stoker import keys
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _documented_keys() -> set[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Redis keys") :]
+    section = section[: section.index("\n## ")]
+    return set(re.findall(r"^\| `([^`]+)` \|", section, re.M))
+
+
+def _code_keys() -> set[str]:
+    name, host, prefix = "{name}", "<hostname>", "stoker"
+    found = set()
+    for attr in dir(keys):
+        fn = getattr(keys, attr)
+        if not callable(fn) or not (attr.endswith("_key") or attr.endswith("_channel")):
+            continue
+        params = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+        args = {"prefix": prefix, "name": "name", "hostname": host}
+        found.add(fn(*[args[p] for p in params]).replace("{name}", name))
+    return found
+
+
+def test_readme_lists_exactly_the_keys_the_code_builds() -> None:
+    assert _documented_keys() == _code_keys()
+
+
+def test_every_stoker_key_shares_its_hash_tag() -> None:
+    for attr in (
+        "lease_key",
+        "token_key",
+        "state_key",
+        "info_key",
+        "transitions_key",
+        "closing_key",
+        "handoff_key",
+        "waiters_key",
+    ):
+        assert getattr(keys, attr)("p", "a.b").startswith("p:{a.b}:"), attr
+
+
+def test_channel_messages_round_trip() -> None:
+    text = keys.message(keys.RELEASED, "poller", 0, "w2@host")
+    assert text == "released 0 poller w2@host"
+    assert keys.parse_message(text.encode()) == ("released", 0, "poller", "w2@host")
+    assert keys.parse_message("renewed 3000 poller") == ("renewed", 3000, "poller", "")
+    assert keys.parse_message("acquired 3000 poller w1@h 2") == (
+        "acquired",
+        3000,
+        "poller",
+        "w1@h 2",
+    )
+    assert keys.parse_message("garbage") is None
+    assert keys.parse_message("renewed soon poller") is None

@@ -1,0 +1,63 @@
+"""A worker's cost does not grow with its Stokers: Redis connections and threads.
+
+A real prefork worker (-c 2) with 1 Stoker, then with 101, each on its own
+``stoker_url``; the connections are counted on that Redis (``CLIENT LIST``)
+once every Stoker leads, and the threads in the worker's main process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support.redis_server import RedisServer
+from support.workers import Fleet, wait_for
+
+pytestmark = pytest.mark.workers
+
+
+def _measure(
+    fleets: Callable[..., Fleet], lease_redis: RedisServer, stokers: int
+) -> tuple[int, int]:
+    fleet = fleets(
+        "prefork",
+        ttl=2.0,
+        STOKER_TEST_URL=lease_redis.url_for(0),
+        STOKER_TEST_EXTRA_STOKERS=str(stokers - 1),
+    )
+    worker = fleet.start("w1@%h", concurrency=2)
+    client = lease_redis.client()
+    wait_for(
+        lambda: len(client.keys("stoker:{*}:lease")) == stokers,
+        60,
+        what=f"{stokers} leases held",
+    )
+    wait_for(lambda: " ready." in worker.log(), 30, what="the worker ready")
+    # Every Stoker ran its now_leader (pool processes connected), then settle.
+    wait_for(
+        lambda: (
+            len(client.keys("stoker:{*}:state")) >= 1
+            and client.llen("stoker:reports:" + worker.node) == 0
+        ),
+        30,
+        what="events ran",
+    )
+    own = client.client_id()
+    connections = [c for c in client.client_list() if int(c["id"]) != own]
+    threads = len(list(Path(f"/proc/{worker.pid}/task").iterdir()))
+    worker.sigterm()
+    worker.wait_exit(30)
+    lease_redis.flushall()
+    return len(connections), threads
+
+
+def test_connections_and_threads_do_not_grow_with_stokers(
+    fleets: Callable[..., Fleet], make_redis_server: Callable[..., RedisServer]
+) -> None:
+    lease_redis = make_redis_server()
+    one = _measure(fleets, lease_redis, 1)
+    many = _measure(fleets, lease_redis, 101)
+    print(f"\n1 Stoker: {one[0]} connections, {one[1]} threads; 101: {many[0]}, {many[1]}")
+    assert many[0] - one[0] <= 4, f"connections grew from {one[0]} to {many[0]}"
+    assert many[1] - one[1] <= 100, f"threads grew from {one[1]} to {many[1]}"
