@@ -87,29 +87,47 @@ def tcp_proxy() -> Iterator[Callable[[int], TcpProxy]]:
 
 
 @pytest.fixture
-def records(redis_server: RedisServer) -> Records:
-    """What the recorder app's callbacks wrote (``rec:*`` in ``redis_server``)."""
-    return Records(redis_server.client())
+def record_redis(redis_server: RedisServer) -> RedisServer:
+    """Where the recorder app writes its records: ``redis_server``, the broker's.
+
+    A module whose tests fault the broker's Redis overrides this fixture with a server of
+    its own (tests/test_reliability.py), so what the callbacks did stays readable.
+    """
+    return redis_server
+
+
+@pytest.fixture
+def records(record_redis: RedisServer) -> Records:
+    """What the recorder app's callbacks wrote (``rec:*`` in ``record_redis``)."""
+    return Records(record_redis.client())
 
 
 @pytest.fixture
 def fleets(
-    redis_server: RedisServer, request: pytest.FixtureRequest
+    redis_server: RedisServer, record_redis: RedisServer, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., Fleet]]:
-    """Factory ``make(pool="solo", ttl=1.5, **env) -> Fleet`` of recorder workers.
+    """Factory ``make(pool="solo", ttl=1.5, *, broker=None, app=RECORDER_APP, **env) -> Fleet``.
 
-    The broker, and the Redis the records go to, is ``redis_server``; ``env`` sets the
-    recorder's STOKER_TEST_* knobs.  Every worker is killed at teardown, and the
-    workers' logs are printed when the test failed.
+    The broker is ``redis_server`` unless ``broker`` names another; records go to
+    ``record_redis``; ``env`` sets the app's STOKER_TEST_* knobs.  Every worker is killed
+    at teardown, and the workers' logs are printed when the test failed.
     """
     made: list[Fleet] = []
 
-    def make(pool: str = "solo", ttl: float = TEST_TTL, **env: str) -> Fleet:
-        fleet = Fleet(
-            RECORDER_APP,
-            env={"STOKER_TEST_BROKER": redis_server.url_for(0), "STOKER_TEST_TTL": str(ttl), **env},
-            pool=pool,
-        )
+    def make(
+        pool: str = "solo",
+        ttl: float = TEST_TTL,
+        *,
+        broker: str | None = None,
+        app: str = RECORDER_APP,
+        **env: str,
+    ) -> Fleet:
+        base = {
+            "STOKER_TEST_BROKER": broker or redis_server.url_for(0),
+            "STOKER_TEST_RECORD_URL": record_redis.url_for(0),
+            "STOKER_TEST_TTL": str(ttl),
+        }
+        fleet = Fleet(app, env={**base, **env}, pool=pool)
         made.append(fleet)
         return fleet
 

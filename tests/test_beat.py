@@ -20,7 +20,7 @@ import json
 import signal
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -54,21 +54,8 @@ class Stop:
 
 
 @pytest.fixture
-def fleet(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[Fleet]:
-    fleet = Fleet(
-        APP,
-        env={
-            "STOKER_TEST_BROKER": redis_server.url_for(0),
-            "STOKER_TEST_TTL": str(TTL),
-            "STOKER_TEST_BEAT_PERIOD": str(PERIOD),
-        },
-        pool="prefork",
-    )
-    failed_before = request.session.testsfailed
-    yield fleet
-    fleet.cleanup()
-    if request.session.testsfailed > failed_before:
-        print(fleet.logs())  # shown with the failure, as "Captured stdout teardown"
+def fleet(fleets: Callable[..., Fleet]) -> Fleet:
+    return fleets("prefork", ttl=TTL, app=APP, STOKER_TEST_BEAT_PERIOD=str(PERIOD))
 
 
 def sends(client: redis.Redis) -> list[Send]:

@@ -16,7 +16,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from support.redis_server import RedisServer
@@ -43,16 +43,12 @@ def amqp_url() -> str:
 
 
 @pytest.fixture
-def amqp_fleet(amqp_url: str, redis_server: RedisServer) -> Iterator[Fleet]:
-    fleet = Fleet(
-        APP,
-        env={
-            "STOKER_TEST_BROKER": amqp_url,
-            "STOKER_TEST_URL": redis_server.url_for(0),
-            "STOKER_TEST_RECORD_URL": redis_server.url_for(0),
-            "STOKER_TEST_TTL": str(TTL),
-            "STOKER_TEST_TIMER": "0.25",
-        },
+def amqp_fleet(
+    amqp_url: str, redis_server: RedisServer, fleets: Callable[..., Fleet]
+) -> Iterator[Fleet]:
+    """RabbitMQ as the broker; the lease and the records in ``redis_server``."""
+    fleet = fleets(
+        broker=amqp_url, STOKER_TEST_URL=redis_server.url_for(0), STOKER_TEST_TIMER="0.25"
     )
     yield fleet
     fleet.cleanup()

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,31 +19,8 @@ from celery_stoker import StokerOperationError, handoff
 pytestmark = pytest.mark.workers
 
 APP = "tests.apps.recorder"
-
-
-@pytest.fixture
-def records(redis_server: RedisServer) -> Records:
-    return Records(redis_server.client())
-
-
-@pytest.fixture
-def fleets(redis_server: RedisServer, request: pytest.FixtureRequest) -> Iterator[Any]:
-    made: list[Fleet] = []
-
-    def make(ttl: float = 4.0, **env: str) -> Fleet:
-        fleet = Fleet(
-            APP,
-            env={"STOKER_TEST_BROKER": redis_server.url_for(0), "STOKER_TEST_TTL": str(ttl), **env},
-        )
-        made.append(fleet)
-        return fleet
-
-    yield make
-    failed = getattr(request.node, "rep_call", None)
-    for fleet in made:
-        fleet.cleanup()
-        if failed is not None and failed.failed:
-            print(fleet.logs())
+#: Longer than the suite's default: handoffs and drains must not race an expiry.
+TTL = 4.0
 
 
 def client_app(redis_server: RedisServer) -> Celery:
@@ -70,7 +46,7 @@ def wait_followers(fleet: Fleet, *nodes: str) -> None:
 
 
 def test_handoff_to_a_named_worker(fleets: Any, records: Records) -> None:
-    fleet = fleets()
+    fleet = fleets(ttl=TTL)
     w1 = fleet.start("w1@%h")
     first = wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")[0]
     w2, w3 = fleet.start("w2@%h"), fleet.start("w3@%h")
@@ -94,7 +70,7 @@ def test_handoff_to_a_named_worker(fleets: Any, records: Records) -> None:
 def test_handoff_to_anyone_moves_away_from_the_leader(
     fleets: Any, records: Records, redis_server: RedisServer
 ) -> None:
-    fleet = fleets()
+    fleet = fleets(ttl=TTL)
     w1 = fleet.start("w1@%h")
     wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
     w2 = fleet.start("w2@%h")
@@ -112,7 +88,7 @@ def test_handoff_to_anyone_moves_away_from_the_leader(
 def test_handoff_to_a_worker_that_is_not_alive_changes_nothing(
     fleets: Any, records: Records, redis_server: RedisServer
 ) -> None:
-    fleet = fleets()
+    fleet = fleets(ttl=TTL)
     w1 = fleet.start("w1@%h")
     first = wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")[0]
     out = cli(fleet, "handoff", "recorder", "--to", "ghost@nowhere")
@@ -127,7 +103,7 @@ def test_handoff_to_a_worker_that_is_not_alive_changes_nothing(
 
 def test_drain_moves_leadership_once_and_never_back(fleets: Any, records: Records) -> None:
     """A rolling deploy: old w1, w2; new w3, w4; drain the old ones, then stop them."""
-    fleet = fleets(STOKER_TEST_TIMER="0.3")
+    fleet = fleets(ttl=TTL, STOKER_TEST_TIMER="0.3")
     w1 = fleet.start("w1@%h")
     wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
     w2, w3, w4 = (fleet.start(f"w{i}@%h") for i in (2, 3, 4))
@@ -193,7 +169,7 @@ def test_ineligible_worker_never_leads_even_when_alone(
 
 
 def test_eligibility_by_queue(fleets: Any, records: Records) -> None:
-    fleet = fleets(STOKER_TEST_ELIGIBLE="queue:critical")
+    fleet = fleets(ttl=TTL, STOKER_TEST_ELIGIBLE="queue:critical")
     w1 = fleet.start("w1@%h")
     wait_for(lambda: "may not lead it" in w1.log(), 30, what="w1 (default queue) is ineligible")
     w2 = fleet.start("w2@%h", extra_args=["-Q", "celery,critical"])
@@ -243,7 +219,7 @@ def test_transitions_are_sent_as_celery_events(
     thread.start()
     try:
         assert ready.wait(10)
-        fleet = fleets()
+        fleet = fleets(ttl=TTL)
         w1 = fleet.start("w1@%h")
         wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
         w2 = fleet.start("w2@%h")

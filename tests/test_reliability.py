@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from support.redis_server import RedisServer, free_port
@@ -24,40 +24,8 @@ APP = "tests.apps.recorder"
 
 @pytest.fixture
 def record_redis(make_redis_server: Callable[..., RedisServer]) -> RedisServer:
+    """Records on a server of their own (conftest's ``records`` and ``fleets`` use this)."""
     return make_redis_server()
-
-
-@pytest.fixture
-def records(record_redis: RedisServer) -> Records:
-    return Records(record_redis.client())
-
-
-@pytest.fixture
-def fleets(
-    record_redis: RedisServer, request: pytest.FixtureRequest
-) -> Iterator[Callable[..., Fleet]]:
-    made: list[Fleet] = []
-
-    def make(broker: str, pool: str = "solo", **env: str) -> Fleet:
-        fleet = Fleet(
-            APP,
-            env={
-                "STOKER_TEST_BROKER": broker,
-                "STOKER_TEST_RECORD_URL": record_redis.url_for(0),
-                "STOKER_TEST_TTL": str(TTL),
-                **env,
-            },
-            pool=pool,
-        )
-        made.append(fleet)
-        return fleet
-
-    yield make
-    failed = getattr(request.node, "rep_call", None)
-    for fleet in made:
-        fleet.cleanup()
-        if failed is not None and failed.failed:
-            print(fleet.logs())
 
 
 def lease_holder(server: RedisServer) -> bytes | None:
@@ -76,7 +44,7 @@ def test_partitioned_leader_steps_down_before_expiry_and_rejoins(
 ) -> None:
     proxy = tcp_proxy(redis_server.port)
     through_proxy = f"redis://127.0.0.1:{proxy.port}/0"
-    fleet = fleets(redis_server.url_for(0), STOKER_TEST_TIMER="0.2")
+    fleet = fleets(STOKER_TEST_TIMER="0.2")
     w1 = fleet.start("w1@%h", env={"STOKER_TEST_BROKER": through_proxy})
     first = wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")[0]
     w2 = fleet.start("w2@%h")
@@ -118,7 +86,7 @@ def test_a_callback_running_across_a_partition_cannot_commit(
     """The old leader's slow now_leader finishes after the new term began: its write is refused."""
     proxy = tcp_proxy(redis_server.port)
     through_proxy = f"redis://127.0.0.1:{proxy.port}/0"
-    fleet = fleets(redis_server.url_for(0), pool="threads", STOKER_TEST_EVENT_SLEEP="3")
+    fleet = fleets(pool="threads", STOKER_TEST_EVENT_SLEEP="3")
     w1 = fleet.start("w1@%h", env={"STOKER_TEST_BROKER": through_proxy})
     wait_for(lambda: records.raw("started"), 30, what="w1's now_leader running")
     w2 = fleet.start("w2@%h", env={"STOKER_TEST_EVENT_SLEEP": "0"})
@@ -145,7 +113,7 @@ def test_a_callback_running_across_a_partition_cannot_commit(
 def test_redis_restart_that_loses_everything(
     redis_server: RedisServer, records: Records, fleets: Callable[..., Fleet]
 ) -> None:
-    fleet = fleets(redis_server.url_for(0), STOKER_TEST_TIMER="0.2")
+    fleet = fleets(STOKER_TEST_TIMER="0.2")
     workers = [fleet.start(f"w{i}@%h") for i in (1, 2, 3)]
     first = wait_for(lambda: records.of("now_leader"), 30, what="a leader")[0]
     wait_for(lambda: len(records.of("timer")) >= 3, 30, what="timers")
@@ -182,7 +150,7 @@ def test_redis_unavailable_at_worker_start(
 ) -> None:
     port = free_port()
     lease_url = f"redis://127.0.0.1:{port}/0"
-    fleet = fleets(redis_server.url_for(0), STOKER_TEST_URL=lease_url)
+    fleet = fleets(STOKER_TEST_URL=lease_url)
     w1 = fleet.start("w1@%h")
     wait_for(lambda: "ready." in w1.log(), 30, what="the worker starts without its lease Redis")
     wait_for(lambda: "unreachable" in w1.log(), 10, what="one warning")
@@ -214,7 +182,7 @@ def test_redis_unavailable_at_worker_start(
 def test_bad_setting_stops_the_worker_at_start(
     redis_server: RedisServer, fleets: Callable[..., Fleet], conf: dict[str, str], expected: str
 ) -> None:
-    fleet = fleets(redis_server.url_for(0), **conf)
+    fleet = fleets(**conf)
     worker = fleet.start("w1@%h")
     code = worker.wait_exit(60)
     assert code != 0
@@ -225,7 +193,7 @@ def test_bad_setting_stops_the_worker_at_start(
 def test_non_redis_broker_without_stoker_url_stops_the_worker(
     fleets: Callable[..., Fleet],
 ) -> None:
-    fleet = fleets("amqp://guest:secret-pw@127.0.0.1:1//")
+    fleet = fleets(broker="amqp://guest:secret-pw@127.0.0.1:1//")
     worker = fleet.start("w1@%h")
     assert worker.wait_exit(60) != 0
     log = worker.log()
@@ -238,7 +206,7 @@ def test_foreign_lease_value_is_reported_once_and_survived(
 ) -> None:
     client = redis_server.client()
     client.set("stoker:{recorder}:lease", b"someone else's", px=60_000)
-    fleet = fleets(redis_server.url_for(0))
+    fleet = fleets()
     w1 = fleet.start("w1@%h")
     wait_for(lambda: "did not write" in w1.log(), 30, what="the foreign value reported")
     assert not records.of("now_leader")
@@ -255,7 +223,7 @@ def test_foreign_record_keys_never_stop_the_leader(
     client = redis_server.client()
     client.set("stoker:{recorder}:info", b"not a hash")
     client.set("stoker:{recorder}:transitions", b"not a list")
-    fleet = fleets(redis_server.url_for(0), STOKER_TEST_TIMER="0.2")
+    fleet = fleets(STOKER_TEST_TIMER="0.2")
     w1 = fleet.start("w1@%h")
     wait_for(lambda: len(records.of("timer")) >= 2, 30, what="the leader acts")
     assert w1.log().count("could not write its record") == 1
