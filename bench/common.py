@@ -1,9 +1,15 @@
 """What every benchmark shares: statistics, tables, machine facts, /proc readers, cleanup.
 
 The benchmarks run real processes (``redis-server``, ``celery worker``,
-``celery beat``) and must never leave one behind, also when interrupted: every
-process or thread they start is registered here, and :func:`cleanup_all` runs
-on normal exit, on Ctrl-C and on SIGTERM.
+``celery beat``) with the helpers of :mod:`celery_stoker.testing`, as the tests
+do, and must never leave one behind, also when interrupted: those helpers kill
+what is left at exit, and every other thing the benchmarks start (servers,
+proxies, threads) is registered here, where :func:`cleanup_all` runs on normal
+exit, on Ctrl-C and on SIGTERM.
+
+Run the benchmarks as modules from the repository root (``python -m
+bench.run_all --quick``), so that ``bench`` and the test apps import without
+any ``sys.path`` edits.
 
 CPU, RSS and socket ownership are read from ``/proc`` (Linux only) so the
 benchmarks need nothing beyond the test dependencies; matplotlib is the only
@@ -27,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,12 +41,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (str(ROOT), str(ROOT / "tests")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from celery_stoker.testing import ManagedProcess, RedisServer, WorkerProcess, resolve_binary
 
-from support.redis_server import RedisServer, resolve_binary  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MODES = ("smoke", "quick", "full")
 
@@ -277,6 +279,12 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _invocation() -> list[str]:
+    """How this run was started: ``-m bench.run_all`` rather than the file's full path."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return ["-m", spec.name] if spec is not None else sys.argv[:1]
+
+
 def machine_info() -> dict[str, Any]:
     """What BENCHMARKS.md quotes with every figure: machine, software versions, commit, date."""
     binary = resolve_binary()
@@ -315,7 +323,7 @@ def machine_info() -> dict[str, Any]:
         "git_commit": commit or None,
         # Uncommitted changes to the package at the start (workers import the tree).
         "package_dirty": bool(dirty),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, *_invocation(), *sys.argv[1:]]),
     }
 
 
@@ -490,98 +498,12 @@ def by_owner(
     return out
 
 
-# --------------------------------------------------------------------------- waiting
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01
-) -> Any:
-    """Poll ``predicate`` until truthy; raise TimeoutError naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def log_has(path: Path, text: str) -> bool:
-    try:
-        return text in path.read_text(errors="replace")
-    except FileNotFoundError:
-        return False
-
-
 # --------------------------------------------------------------------------- processes
 
 
-@dataclass
-class ManagedProcess:
-    """A child process in its own session, logging to a file, killed at cleanup."""
-
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    cwd: Path = ROOT
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path = field(default_factory=lambda: RunDir.sub("proc") / "out.log")
-
-    def start(self) -> ManagedProcess:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), **self.env}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.args,
-                cwd=self.cwd,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        on_cleanup(self.kill)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group (a crash), and reap it."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(10)
-        forget_cleanup(self.kill)
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
-        self.signal(signal.SIGTERM)
-        self.wait_exit(timeout)
-
-    def wait_exit(self, timeout: float) -> None:
-        """Wait for an exit already asked for (a second SIGTERM would change its meaning);
-        SIGKILL whatever is left after ``timeout``."""
-        if self.proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        self.kill()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+def command(name: str, args: Sequence[str], env: dict[str, str], cwd: Path) -> ManagedProcess:
+    """A process (not yet started) run in ``cwd`` that can import ``bench`` and ``tests``."""
+    return ManagedProcess(name, args, env=env, cwd=cwd, pythonpath=[ROOT], log_path=cwd / "out.log")
 
 
 def celery_worker(
@@ -593,40 +515,17 @@ def celery_worker(
     concurrency: int = 2,
     loglevel: str = "info",
     extra: Sequence[str] = (),
-) -> ManagedProcess:
-    """A ``celery worker`` process (not yet started), as ``tests/support/workers.py`` runs one."""
-    args = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        app,
-        "worker",
-        "-n",
+) -> WorkerProcess:
+    """A ``celery worker`` process (not yet started), as the tests run one; logs in the run dir."""
+    return WorkerProcess(
         name,
-        "-P",
+        app,
+        env,
         pool,
-        "-l",
-        loglevel,
-        "--without-mingle",
-    ]
-    if pool != "solo":
-        args += ["-c", str(concurrency)]
-    args += list(extra)
-    return ManagedProcess(name=name, args=args, env=env)
-
-
-def node_name(name: str) -> str:
-    """A worker's node name as it reports it (``%h`` expanded)."""
-    return name.replace("%h", socket.gethostname())
-
-
-def wait_worker_ready(worker: ManagedProcess, timeout: float = 60.0) -> None:
-    """Until the worker logs ``ready.`` (its consumer is up); fail fast if it died."""
-
-    def ready() -> bool:
-        if not worker.alive():
-            raise RuntimeError(f"{worker.name} exited:\n{worker.log()[-3000:]}")
-        return log_has(worker.log_path, " ready.")
-
-    wait_until(ready, timeout, f"{worker.name} ready", interval=0.05)
+        concurrency,
+        loglevel=loglevel,
+        extra_args=extra,
+        cwd=ROOT,
+        pythonpath=[ROOT],
+        log_dir=RunDir.sub("worker"),
+    )

@@ -10,23 +10,18 @@ activator runs per event (the callback's report back, the wait for the
 report, the timer): end of one callback to the publish of the next, minus the
 timer interval.
 
-    python bench/dispatch.py --mode quick
+    python -m bench.dispatch --mode quick
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     Table,
     celery_worker,
     cleanup_all,
@@ -35,10 +30,9 @@ from bench.common import (  # noqa: E402
     print_table,
     start_redis,
     summarize,
-    wait_until,
-    wait_worker_ready,
     write_json,
 )
+from celery_stoker.testing import wait_for
 
 APP = "bench.apps.dispatch_app"
 #: Events per pool, and the first ones left out (imports, first connections).
@@ -57,12 +51,12 @@ def measure(pool: str, events: int, warmup: int, timer: float) -> dict[str, Any]
     env = {"BENCH_BROKER": server.url_for(0), "BENCH_TIMER": str(timer)}
     worker = celery_worker("d1@%h", APP, env, pool=pool).start()
     try:
-        wait_worker_ready(worker)
-        wait_until(
+        worker.wait_ready()
+        wait_for(
             lambda: client.llen("disp:start") >= events + warmup + 1,
             (events + warmup) * (timer + 0.5) + 30,
-            f"{events} events on {pool}",
-            interval=0.1,
+            0.1,
+            what=f"{events} events on {pool}",
         )
     finally:
         worker.stop(20)

@@ -24,7 +24,7 @@ Redis): their results are whole seconds to minutes, quantised by poll
 intervals, and running them one after another would take hours.
 celery-stoker's are run alone, one after another.
 
-    python bench/failover.py --mode quick
+    python -m bench.failover --mode quick
 """
 
 from __future__ import annotations
@@ -41,35 +41,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (str(ROOT), str(ROOT / "tests")):  # bench.*, and support.* from the tests
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+from celery.beat import DEFAULT_MAX_INTERVAL
 
-from celery.beat import DEFAULT_MAX_INTERVAL  # noqa: E402
-from support.redis_server import RedisServer  # noqa: E402
-from support.tcp_proxy import TcpProxy  # noqa: E402
-from support.workers import Record, Records  # noqa: E402
-
-from bench.common import (  # noqa: E402
-    ManagedProcess,
+from bench.common import (
     RunDir,
     Table,
     celery_worker,
     cleanup_all,
+    command,
     fmt_duration,
     install_signal_handlers,
-    log_has,
-    node_name,
     on_cleanup,
     print_table,
     start_redis,
     summarize,
-    wait_until,
-    wait_worker_ready,
     write_json,
 )
-from celery_stoker.lease import Holder, lease_channel, lease_key  # noqa: E402
+from celery_stoker.lease import Holder, lease_channel, lease_key
+from celery_stoker.testing import ManagedProcess, RedisServer, WorkerProcess, wait_for
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.workers import Record, Records
 
 KINDS = ("sigterm", "sigkill", "partition")
 RECORDER_APP = "tests.apps.recorder"
@@ -182,12 +173,12 @@ class Member:
     """One worker of the fleet, and the proxy its Redis traffic goes through (if any)."""
 
     name: str
-    worker: ManagedProcess
+    worker: WorkerProcess
     proxy: TcpProxy | None = None
 
     @property
     def node(self) -> str:
-        return node_name(self.name)
+        return self.worker.node
 
 
 class StokerFleet:
@@ -226,7 +217,7 @@ class StokerFleet:
         for name in self.names:
             self.start(name)
         for member in self.members.values():
-            wait_worker_ready(member.worker)
+            member.worker.wait_ready()
 
     def holder(self) -> Holder | None:
         raw = self.client.get(lease_key("stoker", RECORDER_STOKER))
@@ -238,8 +229,10 @@ class StokerFleet:
 
     def wait_steady(self, settle: float) -> Member:
         """Three live workers, all listening for releases, one of them leading; then settle."""
-        wait_until(lambda: all(m.worker.alive() for m in self.members.values()), 5, "workers")
-        wait_until(lambda: self.subscribers() >= 3, 60, "three lease listeners")
+        wait_for(
+            lambda: all(m.worker.alive() for m in self.members.values()), 5, 0.01, what="workers"
+        )
+        wait_for(lambda: self.subscribers() >= 3, 60, 0.01, what="three lease listeners")
 
         def leader() -> Member | None:
             """The holder, once it acts: its now_leader ran (a first term on a fresh
@@ -254,7 +247,7 @@ class StokerFleet:
                     return member
             return None
 
-        wait_until(leader, self.ttl * 3 + 30, "a leader")
+        wait_for(leader, self.ttl * 3 + 30, 0.01, what="a leader")
         time.sleep(settle)
         found = leader()
         assert found is not None
@@ -262,7 +255,7 @@ class StokerFleet:
 
     def stop_member(self, member: Member, graceful: bool) -> None:
         if graceful:
-            member.worker.wait_exit(30)
+            member.worker.stop(30, sig=None)  # SIGTERM was sent: wait, then kill
         else:
             member.worker.kill()
         if member.proxy is not None:
@@ -307,7 +300,7 @@ def stoker_rounds(
         def new_leader(seen: int = seen) -> list[Record]:
             return fleet.records.of("now_leader")[seen:]
 
-        new = wait_until(new_leader, fleet.ttl * 2 + 20, f"a new leader after {kind}")[0]
+        new = wait_for(new_leader, fleet.ttl * 2 + 20, 0.01, what=f"a new leader after {kind}")[0]
         stopped_at = _hook_at(fleet.records, "stopping", holder.token or -1)
         elected_at = _hook_at(fleet.records, "started", new.token)
         out.append(
@@ -329,7 +322,7 @@ def stoker_rounds(
             }
         )
         fleet.stop_member(victim, graceful=kind == "sigterm")
-        wait_worker_ready(fleet.start(victim.name).worker)
+        fleet.start(victim.name).worker.wait_ready()
     return out
 
 
@@ -437,8 +430,7 @@ class BeatPair:
             "info",
         ]
         home = RunDir.sub("beat")  # its cwd too: beat may write files there
-        beat = ManagedProcess(name=label, args=args, env=env, cwd=home, log_path=home / "out.log")
-        beat.start()
+        beat = command(label, args, env, cwd=home).start()
         self.beats.append((beat, proxy))
         return beat
 
@@ -448,15 +440,17 @@ class BeatPair:
         def started() -> bool:
             if not beat.alive():
                 raise RuntimeError(f"beat exited:\n{beat.log()[-3000:]}")
-            return log_has(beat.log_path, "beat: Starting...")
+            return "beat: Starting..." in beat.log()
 
-        wait_until(started, 60, "beat start", interval=0.05)
+        wait_for(started, 60, 0.05, what="beat start")
         time.sleep(1.0)
 
     def start_both(self) -> None:
         """A leader that is sending, then a standby that has tried the lock once."""
         first = self.start_beat("a")
-        wait_until(lambda: self.log.first_after(first.pid, 0.0), 60, "the first beat's sends")
+        wait_for(
+            lambda: self.log.first_after(first.pid, 0.0), 60, 0.01, what="the first beat's sends"
+        )
         second = self.start_beat("b")
         self.wait_started(second)
 
@@ -464,7 +458,7 @@ class BeatPair:
         for item in list(self.beats):
             if item[0] is beat:
                 if graceful:
-                    beat.wait_exit(30)
+                    beat.stop(30, sig=None)  # SIGTERM was sent: wait, then kill
                 else:
                     beat.kill()
                 if item[1] is not None:

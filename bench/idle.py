@@ -12,25 +12,19 @@ One idle fleet answers both questions, measured over the same windows:
   idle ``celery worker -P prefork -c 2`` without celery-stoker, and with
   ``StokerStep`` and three Stokers, as leader and as follower.
 
-    python bench/idle.py --mode quick
+    python -m bench.idle --mode quick
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     CommandCounter,
-    ManagedProcess,
     Table,
     by_owner,
     celery_worker,
@@ -39,19 +33,17 @@ from bench.common import (  # noqa: E402
     fmt_num,
     install_signal_handlers,
     local_ports_to,
-    node_name,
     print_table,
     process_tree,
     rss_bytes,
     start_redis,
     summarize,
     thread_count,
-    wait_until,
-    wait_worker_ready,
     write_json,
 )
-from celery_stoker.lease import Holder, lease_channel, lease_key  # noqa: E402
-from celery_stoker.store import state_key  # noqa: E402
+from celery_stoker.lease import Holder, lease_channel, lease_key
+from celery_stoker.store import state_key
+from celery_stoker.testing import WorkerProcess, wait_for
 
 APP = "bench.apps.idle_app"
 STOKERS = ("idle-a", "idle-b", "idle-c")
@@ -70,7 +62,7 @@ def run(mode: str) -> tuple[dict[str, Any], list[Table]]:
     broker, stoker_redis = start_redis(), start_redis()
     sclient = stoker_redis.client()
     base = {"BENCH_BROKER": broker.url_for(0), "BENCH_STOKER_URL": stoker_redis.url_for(0)}
-    workers: dict[str, ManagedProcess] = {}
+    workers: dict[str, WorkerProcess] = {}
     samples: dict[str, list[dict[str, Any]]] = {role: [] for role in ROLES}
     try:
         workers["without stoker"] = celery_worker(
@@ -80,32 +72,34 @@ def run(mode: str) -> tuple[dict[str, Any], list[Table]]:
             "lead@%h", APP, {**base, "BENCH_WITH_STOKER": "1"}
         ).start()
         for worker in workers.values():
-            wait_worker_ready(worker)
+            worker.wait_ready()
 
         def leads_all() -> bool:
             holders = [sclient.get(lease_key("stoker", name)) for name in STOKERS]
             return all(
-                h is not None and Holder.parse(h, None).hostname == node_name("lead@%h")
+                h is not None and Holder.parse(h, None).hostname == workers["stoker leader"].node
                 for h in holders
             )
 
-        wait_until(leads_all, 30, "the first Stoker worker to lead all three Stokers")
+        wait_for(leads_all, 30, 0.01, what="the first Stoker worker to lead all three Stokers")
         # On a fresh Redis a first term waits out one TTL before it acts; wait until
         # each Stoker's first event has committed its state, so no window sees it.
-        wait_until(
+        wait_for(
             lambda: all(sclient.exists(state_key("stoker", name)) for name in STOKERS),
             TTL * 2 + 30,
-            "the leader's first events",
+            0.01,
+            what="the leader's first events",
         )
         workers["stoker follower"] = celery_worker(
             "follow@%h", APP, {**base, "BENCH_WITH_STOKER": "1"}
         ).start()
-        wait_worker_ready(workers["stoker follower"])
+        workers["stoker follower"].wait_ready()
         channel = lease_channel("stoker")
-        wait_until(
+        wait_for(
             lambda: dict(sclient.pubsub_numsub(channel)).get(channel.encode(), 0) >= 2,
             30,
-            "two lease listeners",
+            0.01,
+            what="two lease listeners",
         )
         time.sleep(plan["settle_s"])  # start-up work and cluster_change events are over
 

@@ -4,7 +4,7 @@ matplotlib is an optional bench dependency (``pip install -e '.[bench]'``);
 :func:`plot` returns None with a reason when it is missing, so the benchmarks
 themselves never need it.
 
-    python bench/plot.py bench/results/full/failover.json bench/results/full/failover.png
+    python -m bench.plot bench/results/full/failover.json bench/results/full/failover.png
 """
 
 from __future__ import annotations

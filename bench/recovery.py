@@ -8,7 +8,7 @@ killer does), and measures the time from that loss to the start of the
 Stoker's next callback.  Before this release the Stoker waited out a 300 s
 report timeout instead (and kept the lease meanwhile).
 
-    python bench/recovery.py --mode quick
+    python -m bench.recovery --mode quick
 """
 
 from __future__ import annotations
@@ -17,16 +17,11 @@ import argparse
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     Table,
     celery_worker,
     cleanup_all,
@@ -35,10 +30,9 @@ from bench.common import (  # noqa: E402
     print_table,
     start_redis,
     summarize,
-    wait_until,
-    wait_worker_ready,
     write_json,
 )
+from celery_stoker.testing import wait_for
 
 APP = "bench.apps.recovery_app"
 PLANS: dict[str, dict[str, Any]] = {
@@ -58,11 +52,11 @@ def measure(how: str, rounds: int, timer: float) -> dict[str, Any]:
     worker = celery_worker("r1@%h", APP, env, pool="prefork", concurrency=2).start()
     gaps: list[float] = []
     try:
-        wait_worker_ready(worker)
-        wait_until(lambda: client.llen("rec:start") >= 3, 30, "timer events", interval=0.05)
+        worker.wait_ready()
+        wait_for(lambda: client.llen("rec:start") >= 3, 30, 0.05, what="timer events")
         for n in range(rounds):
             client.set("rec:fault", "exit" if how == "exit" else "hang")
-            wait_until(lambda n=n: client.llen("rec:lost") > n, 30, "a lost callback", 0.01)
+            wait_for(lambda n=n: client.llen("rec:lost") > n, 30, 0.01, what="a lost callback")
             lost = json.loads(client.lindex("rec:lost", n))
             lost_at = lost["at"]
             if how == "sigkill":
@@ -75,7 +69,7 @@ def measure(how: str, rounds: int, timer: float) -> dict[str, Any]:
                 later = [s for s in starts if s > at]
                 return min(later) if later else None
 
-            started = wait_until(next_start, 30, "the next timer", interval=0.005)
+            started = wait_for(next_start, 30, 0.005, what="the next timer")
             gaps.append(started - lost_at)
             time.sleep(3 * timer)  # a few ordinary timers between rounds
     finally:

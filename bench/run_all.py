@@ -1,8 +1,8 @@
 """Run every benchmark in one go, print every table, write JSON, Markdown and the plot.
 
-    python bench/run_all.py --quick     # under five minutes; fewer rounds, RedBeat capped
-    python bench/run_all.py --full      # the figures BENCHMARKS.md quotes (about an hour)
-    python bench/run_all.py --smoke     # a minute: only checks that everything runs
+    python -m bench.run_all --quick     # under five minutes; fewer rounds, RedBeat capped
+    python -m bench.run_all --full      # the figures BENCHMARKS.md quotes (about an hour)
+    python -m bench.run_all --smoke     # a minute: only checks that everything runs
 
 Results go to ``bench/results/<mode>/`` (``--out`` to change): one JSON per
 benchmark with the machine it ran on, ``tables.md`` / ``tables.txt`` with
@@ -22,12 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from bench import dispatch, failover, idle, recovery, scale  # noqa: E402
-from bench.common import (  # noqa: E402
+from bench import dispatch, failover, idle, recovery, scale
+from bench.common import (
+    ROOT,
     RunDir,
     Table,
     cleanup_all,
@@ -36,7 +33,7 @@ from bench.common import (  # noqa: E402
     print_table,
     write_json,
 )
-from bench.plot import plot  # noqa: E402
+from bench.plot import plot
 
 Runner = Callable[[str], tuple[dict[str, Any], list[Table]]]
 #: In this order: failover first, while the machine is freshest for the ms figures.

@@ -20,7 +20,7 @@ Per fleet size it measures:
   (MONITOR), Redis CPU, and the activators' own CPU, while one leader renews
   and every other activator waits.
 
-    python bench/scale.py --mode quick
+    python -m bench.scale --mode quick
 """
 
 from __future__ import annotations
@@ -30,20 +30,15 @@ import math
 import multiprocessing as mp
 import queue
 import random
-import sys
 import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import redis
 
-import redis  # noqa: E402
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     CommandCounter,
     Table,
     by_owner,
@@ -58,7 +53,7 @@ from bench.common import (  # noqa: E402
     summarize,
     write_json,
 )
-from celery_stoker.lease import (  # noqa: E402
+from celery_stoker.lease import (
     Holder,
     LeaseListener,
     RedisLease,

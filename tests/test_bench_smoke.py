@@ -1,4 +1,4 @@
-"""The benchmarks still run: ``bench/run_all.py --smoke`` finishes and prints every table.
+"""The benchmarks still run: ``python -m bench.run_all --smoke`` finishes and prints every table.
 
 Benchmark figures are never asserted here (a shared CI machine is too noisy
 for that); BENCHMARKS.md quotes them from a full run.  This only guards the
@@ -32,7 +32,7 @@ TABLES = (
 @pytest.mark.timeout(240)
 def test_run_all_smoke_prints_every_table(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "bench/run_all.py", "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench.run_all", "--smoke", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
