@@ -253,6 +253,11 @@ class Activator:
     # ------------------------------------------------------------------ events
     # Called by the worker's pump, on its thread.
 
+    @property
+    def time_limit(self) -> float | None:
+        """The hard time limit of this Stoker's events (the pump enforces it if Celery cannot)."""
+        return self.settings.time_limit
+
     def acting_token(self) -> int | None:
         """The token of the term that may send events now, or None."""
         term = self.election.term
@@ -288,13 +293,28 @@ class Activator:
             self.last_error = outcome.error
         if outcome.state is not None:
             self._state_cache, self._state_version = outcome.state, outcome.version
-        if not outcome.ran and outcome.kind == "ok":
-            return  # skipped (its term was ending): neither a success nor a failure
+        if not outcome.ran:
+            return  # skipped, or never started: neither a success nor a failure
         if not outcome.failed:
             self.failures = 0
             self.election.failure_step_downs = 0
             return
         self.failures += 1
+        if (
+            item.event == "now_leader"
+            and item.attempt > 1
+            and outcome.kind in ("lost", "timeout")
+            and self.election.term is not None
+        ):
+            # Dropped after its second loss: no event of this term ever ran and no timer
+            # is armed, so the term would do nothing at all.  Let it start afresh.
+            logger.error(
+                "Stoker %s: now_leader was lost twice on %s; stepping down",
+                self.name,
+                self.hostname,
+            )
+            self.election.request_step_down("now_leader_lost")
+            return
         limit = self.spec.max_failures
         if limit is not None and self.failures >= limit and self.election.term is not None:
             logger.error(

@@ -365,10 +365,11 @@ class Election:
         """Begin the term's work: the hook, then now_leader as the term's first event."""
         self.suspended = False
         self._acted = True
-        # now_leader is queued before events are accepted, so a cluster_change that
-        # arrives meanwhile can never come first (now_leader carries the members anyway).
-        self.handler.start_acting(term)
+        # Accepting first, so the pump never finds the new lane's now_leader unwanted; a
+        # cluster_change cannot come before it (the lane takes none until it begins,
+        # and now_leader carries the members anyway).
         self.accepting = True
+        self.handler.start_acting(term)
 
     def _suspend(self, term: Term) -> None:
         """Hold the lease but stop acting: too few workers are visible (min_members)."""
@@ -455,6 +456,7 @@ class Election:
         if term is None:
             return
         self.accepting = False
+        self._step_down_request = None  # asked of this term: the next one starts clean
         self.handler.stop_events()
         logger.warning("Stoker %s: %s steps down (%s)", self.name, self.hostname, reason)
         if release:

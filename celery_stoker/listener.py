@@ -138,7 +138,7 @@ class LeaseListener:
                         self._wake_all()
                     elif message["type"] == "message":
                         self._dispatch(message["data"])
-            except (redis.RedisError, OSError) as exc:
+            except Exception as exc:  # Redis gone, or anything else: never a dead thread
                 self._subscribed.clear()
                 if not logged_down:
                     logger.warning(
@@ -146,6 +146,7 @@ class LeaseListener:
                         "expiry until it is back",
                         exc.__class__.__name__,
                         exc,
+                        exc_info=not isinstance(exc, (redis.RedisError, OSError)),
                     )
                     logged_down = True
                 self._stopping.wait(backoff)

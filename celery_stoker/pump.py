@@ -39,6 +39,7 @@ import heapq
 import itertools
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -70,6 +71,8 @@ INIT_RETRY_START = 1.0
 INIT_RETRY_MAX = 60.0
 #: Longest the pump waits for a pool process that a hard time limit is killing.
 KILL_WAIT = 5.0
+#: A pool process still running an event this long past its hard limit is killed by the pump.
+LIMIT_GRACE = 1.0
 #: Events that are delivered once more when the pool process running them was lost.
 REDELIVERED = ("now_leader", "cluster_change")
 #: Backoff of a pump or report loop that hit an unexpected error.
@@ -123,6 +126,10 @@ class LaneOwner(Protocol):
     """What the pump needs from a Stoker's activator."""
 
     name: str
+
+    @property
+    def time_limit(self) -> float | None:
+        """The hard time limit of an event, which the pump enforces if Celery cannot."""
 
     def acting_token(self) -> int | None:
         """The token of the term that may send events now, or None."""
@@ -352,6 +359,13 @@ class EventPump:
         if lane.token != item.token:
             return  # the term ended meanwhile
         now = time.monotonic()
+        if outcome.kind == "lost" and not outcome.ran:
+            # It never started (dropped or expired before the pool took it): send it again.
+            lane.pending.appendleft(
+                PendingEvent(self.next_seq(), item.token, item.event, item.reason, item.attempt)
+            )
+            self._ready.add(lane.owner.name)
+            return
         if outcome.kind in ("lost", "timeout"):
             if item.event in REDELIVERED and item.attempt == 1:
                 lane.pending.appendleft(
@@ -526,6 +540,28 @@ class EventPump:
                     if gone or now - inflight.killing_since > KILL_WAIT:
                         overdue.append((name, inflight, inflight.killed_outcome))
                     continue
+                limit = lane.owner.time_limit
+                if (
+                    limit is not None
+                    and inflight.pid is not None
+                    and inflight.started_at is not None
+                    and time.time() - inflight.started_at > limit + LIMIT_GRACE
+                    and _process_exists(inflight.pid)
+                ):
+                    # Past its hard limit and Celery has not killed it: its timers run on
+                    # the event loop, which stops during a warm shutdown.  Kill it here.
+                    with contextlib.suppress(OSError):
+                        os.kill(inflight.pid, signal.SIGKILL)
+                    inflight.killing_pid, inflight.killing_since = inflight.pid, now
+                    inflight.killed_outcome = Outcome(
+                        seq=item.seq,
+                        token=item.token,
+                        ran=True,
+                        name=name,
+                        kind="timeout",
+                        error=f"hard time limit ({limit:g} s) exceeded",
+                    )
+                    continue
                 if inflight.pid is not None and not _process_exists(inflight.pid):
                     # Killed from outside (SIGKILL, the OOM killer): Celery's own
                     # WorkerLostError may come seconds later; the process is gone now.
@@ -550,6 +586,27 @@ class EventPump:
                 if inflight.seen and known is not None:
                     if inflight.gone_at is None:
                         inflight.gone_at = now
+                    elif now - inflight.gone_at >= REPORT_GRACE and inflight.started_at is None:
+                        # It left the table before the pool ever started it: Celery's
+                        # consumer forgets its reserved requests when it loses the broker.
+                        # It never ran: revoke it here (a redelivered copy is skipped) and
+                        # send it again.
+                        _revoke_locally(inflight.task_id)
+                        overdue.append(
+                            (
+                                name,
+                                inflight,
+                                Outcome(
+                                    seq=item.seq,
+                                    token=item.token,
+                                    ran=False,
+                                    name=name,
+                                    kind="lost",
+                                    error="dropped by the worker before it started (the "
+                                    "broker connection was lost); sent again",
+                                ),
+                            )
+                        )
                     elif now - inflight.gone_at >= REPORT_GRACE:
                         overdue.append(
                             (
@@ -642,6 +699,14 @@ def _process_exists(pid: int) -> bool:
         except PermissionError:
             return True
         return True
+
+
+def _revoke_locally(task_id: str) -> None:
+    """Mark ``task_id`` revoked in this worker only: a copy the broker redelivers is skipped."""
+    with contextlib.suppress(Exception):
+        from celery.worker import state
+
+        state.revoked.add(task_id)
 
 
 def _celery_requests() -> dict[str, Any] | None:

@@ -84,6 +84,12 @@ def _first_time(what: str) -> bool:
 
 def _misbehave(event: str, host: str) -> None:
     """The faults a test asks for by environment, on the first timer event (once)."""
+    # STOKER_TEST_NOW_LEADER_EXITS=N: the first N now_leader callbacks (across workers and
+    # pool processes) kill their pool process, as a crash at start of term would.
+    exits = int(os.environ.get("STOKER_TEST_NOW_LEADER_EXITS", "0"))
+    if event == "now_leader" and exits and _client().incr("rec:now-leader-exits") <= exits:
+        record("fault", fault="exit", event=event, host=host)
+        os._exit(9)
     if event != "timer":
         return
     fault = os.environ.get("STOKER_TEST_TIMER_FAULT", "")
