@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
@@ -36,7 +36,7 @@ from .keys import reports_key
 from .registry import StokerSpec, registry_of
 from .settings import StokerSettings, load_settings
 from .stoker import Stoker, StokerContext
-from .store import Commit, StateError, StokerStore, from_portable, portable
+from .store import Commit, StateError, StokerStore, StoredState, from_portable, portable
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -212,26 +212,88 @@ def run_event(
     prefer_cached: bool = False,
     client: redis.Redis | None = None,
 ) -> Outcome:
+    """Run one callback of ``spec`` as a worker does: this process's instance, Redis, settings.
+
+    See :func:`run_callbacks` for what happens; ``client`` replaces the
+    process's shared client.
+    """
+    settings = resources.settings(app, spec)
+    store = StokerStore(
+        client or resources.client(settings),
+        spec.name,
+        key_prefix=settings.key_prefix,
+        serializer=settings.state_serializer,
+    )
+    return run_callbacks(
+        store,
+        resources.instance(app, spec),
+        spec,
+        seq=seq,
+        token=token,
+        event=event,
+        reason=reason,
+        hostname=hostname,
+        members=members,
+        check_current=check_current,
+        cached_state=cached_state,
+        cached_version=cached_version,
+        prefer_cached=prefer_cached,
+    )
+
+
+class StateStore(Protocol):
+    """Where :func:`run_callbacks` reads and commits a state (Redis, or a test's memory)."""
+
+    serializer: str
+
+    def term_accepts_events(self, token: int) -> bool: ...
+    def load(self) -> StoredState: ...
+    def encode(self, value: Any) -> tuple[str, str, bytes | str]: ...
+    def commit(
+        self,
+        token: int,
+        encoded: tuple[str, str, bytes | str] | None,
+        info: dict[str, Any],
+        *,
+        version: int | None = None,
+    ) -> Commit: ...
+
+
+def run_callbacks(
+    store: StateStore,
+    instance: Stoker,
+    spec: StokerSpec,
+    *,
+    seq: int,
+    token: int,
+    event: str,
+    reason: Any,
+    hostname: str,
+    members: frozenset[str],
+    check_current: bool = True,
+    cached_state: tuple[str, str, str] | None = None,
+    cached_version: int | None = None,
+    prefer_cached: bool = False,
+    reraise: bool = False,
+) -> Outcome:
     """Run one callback under ``token`` and commit its state if the token is still current.
 
-    Never raises for the user's mistakes: a raising callback, garbage returned, or
-    a state that cannot be stored is logged with the Stoker's name and
-    traceback, the stored state is kept, and the outcome carries the error.
-    The commit names the state version the event started from, so an event that
-    returns after a newer one committed cannot overwrite it.
+    The one implementation of an event, for a worker's pool, its main process
+    (``shutdown``) and :class:`celery_stoker.testing.StokerHarness`.  Never
+    raises for the user's mistakes (unless ``reraise``, as the harness asks): a
+    raising callback, garbage returned, or a state that cannot be stored is
+    logged with the Stoker's name and traceback, the stored state is kept, and
+    the outcome carries the error.  The commit names the state version the
+    event started from, so an event that returns after a newer one committed
+    cannot overwrite it.
 
     ``cached_state`` (an earlier :attr:`Outcome.state`, with ``cached_version``)
     is used when Redis cannot be read, or first of all with ``prefer_cached``: a
     leader that lost its lease must tell its Stoker to stop before the lease can
     expire, without waiting on a Redis it may not reach (with no copy, it starts
-    from ``init()``).  ``client`` replaces the process's shared client.
+    from ``init()``).
     """
     started = time.monotonic()
-    settings = resources.settings(app, spec)
-    client = client or resources.client(settings)
-    store = StokerStore(
-        client, spec.name, key_prefix=settings.key_prefix, serializer=settings.state_serializer
-    )
     outcome = Outcome(seq=seq, token=token, ran=False, name=spec.name)
     if check_current and not store.term_accepts_events(token):
         logger.info(
@@ -242,7 +304,6 @@ def run_event(
         )
         return outcome
 
-    instance = resources.instance(app, spec)
     instance.context = StokerContext(spec.name, hostname, token, frozenset(members))
     outcome.ran = True
     errors: list[str] = []
@@ -251,7 +312,7 @@ def run_event(
     have_state = from_init = False
     try:
         if prefer_cached and cached_state is not None:
-            state, have_state = from_portable(cached_state, settings.state_serializer), True
+            state, have_state = from_portable(cached_state, store.serializer), True
             version = cached_version
         else:
             stored = store.load()
@@ -259,6 +320,8 @@ def run_event(
             if stored.found:
                 state, have_state = stored.value, True
     except StateError as exc:
+        if reraise:
+            raise
         logger.error("%s; the stored state is left as it is", exc)
         errors.append(str(exc))
         have_state = True  # nothing to start from, and init() must not replace it
@@ -266,10 +329,10 @@ def run_event(
     except redis.RedisError:
         if cached_state is None:
             raise
-        state, have_state = from_portable(cached_state, settings.state_serializer), True
+        state, have_state = from_portable(cached_state, store.serializer), True
         version = cached_version
     if not have_state:
-        state, have_state = _call(spec, "init", errors, instance.init)
+        state, have_state = _call(spec, "init", errors, reraise, instance.init)
         from_init = have_state
         outcome.init_failed = not have_state
     if state is _UNREADABLE:
@@ -278,13 +341,15 @@ def run_event(
     new_state = state
     encoded = None
     if have_state:
-        new_state, ok = _call(spec, "event", errors, instance.event, state, event, reason)
+        new_state, ok = _call(spec, "event", errors, reraise, instance.event, state, event, reason)
         if not ok:
             new_state = state
         else:
             try:
                 encoded = store.encode(new_state)
             except StateError as exc:
+                if reraise:
+                    raise
                 logger.error("%s; the previous state is kept", exc)
                 errors.append(str(exc))
                 new_state = state
@@ -293,11 +358,13 @@ def run_event(
             try:
                 encoded = store.encode(state)
             except StateError as exc:
+                if reraise:
+                    raise
                 logger.error("%s", exc)
                 errors.append(str(exc))
 
         timer, ok = _call(
-            spec, "next_timer_in", errors, _next_timer, instance, spec.name, new_state
+            spec, "next_timer_in", errors, reraise, _next_timer, instance, spec.name, new_state
         )
         outcome.next_timer = timer if ok else None
         outcome.timer_error = not ok
@@ -355,11 +422,15 @@ def _next_timer(instance: Stoker, name: str, state: Any) -> float | None:
     return check_timer(name, method(state) if method is not None else None)
 
 
-def _call(spec: StokerSpec, what: str, errors: list[str], fn: Any, *args: Any) -> tuple[Any, bool]:
-    """Call one user callback; log and record instead of raising."""
+def _call(
+    spec: StokerSpec, what: str, errors: list[str], reraise: bool, fn: Any, *args: Any
+) -> tuple[Any, bool]:
+    """Call one user callback; log and record instead of raising (unless ``reraise``)."""
     try:
         return fn(*args), True
     except Exception as exc:
+        if reraise:
+            raise
         logger.error(
             "Stoker %s: %s() raised %s: %s; the stored state is kept",
             spec.name,

@@ -71,7 +71,6 @@ class StokerStore:
         self.info_key = info_key(key_prefix, name)
         self.transitions_key = transitions_key(key_prefix, name)
         self.closing_key = closing_key(key_prefix, name)
-        self.accept = accepted_content(serializer)
         self._commit = client.register_script(scripts.COMMIT)
 
     def load(self) -> StoredState:
@@ -85,18 +84,16 @@ class StokerStore:
             ) from exc
         if not raw or b"body" not in raw:
             return StoredState(found=False)
-        try:
-            value = kombu_loads(
-                raw[b"body"],
+        value = decode_state(
+            self.name,
+            self.serializer,
+            (
                 _text(raw.get(b"content_type", b"application/json")),
                 _text(raw.get(b"content_encoding", b"utf-8")),
-                accept=self.accept,
-            )
-        except Exception as exc:
-            raise StateError(
-                f"the stored state of Stoker {self.name!r} ({self.state_key}) cannot be decoded: "
-                f"{exc.__class__.__name__}: {exc}"
-            ) from exc
+                raw[b"body"],
+            ),
+            where=self.state_key,
+        )
         token = raw.get(b"token")
         version = raw.get(b"version")
         return StoredState(
@@ -130,15 +127,7 @@ class StokerStore:
 
     def encode(self, value: Any) -> tuple[str, str, bytes | str]:
         """Serialize ``value``; raises :class:`StateError` naming the Stoker and serializer."""
-        try:
-            content_type, encoding, body = kombu_dumps(value, serializer=self.serializer)
-        except Exception as exc:
-            raise StateError(
-                f"the state returned by Stoker {self.name!r} cannot be serialized with "
-                f"{self.serializer!r} ({exc.__class__.__name__}: {exc}); return plain data "
-                "or set stoker_state_serializer"
-            ) from exc
-        return content_type, encoding, body
+        return encode_state(self.name, self.serializer, value)
 
     def commit(
         self,
@@ -214,6 +203,33 @@ class StokerStore:
             if isinstance(item, dict):
                 out.append(item)
         return out
+
+
+def encode_state(name: str, serializer: str, value: Any) -> tuple[str, str, bytes | str]:
+    """``value`` serialized as (content type, encoding, body); StateError naming what failed."""
+    try:
+        content_type, encoding, body = kombu_dumps(value, serializer=serializer)
+    except Exception as exc:
+        raise StateError(
+            f"the state returned by Stoker {name!r} cannot be serialized with "
+            f"{serializer!r} ({exc.__class__.__name__}: {exc}); return plain data "
+            "or set stoker_state_serializer"
+        ) from exc
+    return content_type, encoding, body
+
+
+def decode_state(
+    name: str, serializer: str, encoded: tuple[str, str, bytes | str], *, where: str
+) -> Any:
+    """What :func:`encode_state` made, accepting only ``serializer``'s content type."""
+    content_type, encoding, body = encoded
+    try:
+        return kombu_loads(body, content_type, encoding, accept=accepted_content(serializer))
+    except Exception as exc:
+        raise StateError(
+            f"the stored state of Stoker {name!r} ({where}) cannot be decoded: "
+            f"{exc.__class__.__name__}: {exc}"
+        ) from exc
 
 
 def portable(content_type: str, encoding: str, body: bytes | str) -> tuple[str, str, str]:

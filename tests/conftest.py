@@ -20,12 +20,9 @@ TEST_TTL = 1.5
 
 
 @pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A server owned by one test, so it may kill/restart/pause it freely."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.close()
+def redis_server(stoker_redis: RedisServer) -> RedisServer:
+    """A server owned by one test, so it may kill/restart/pause it freely (the plugin's)."""
+    return stoker_redis
 
 
 @pytest.fixture
@@ -161,11 +158,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("chaos") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(int(minutes * 60 + 180)))
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
-    """Keep each phase's report on the item, so fixtures can show worker logs on failure."""
-    outcome = yield
-    report = outcome.get_result()
-    setattr(item, f"rep_{report.when}", report)

@@ -1,4 +1,7 @@
-"""Real processes for testing code that uses celery-stoker: Redis servers and Celery workers.
+"""Testing code that uses celery-stoker: a harness for one Stoker, and real Redis and workers.
+
+:class:`StokerHarness` drives a Stoker's callbacks in the test's process with
+no Redis and no worker, through the same code a worker runs.
 
 Leader election is about what happens when a worker crashes or Redis goes away, restarts
 empty or is cut off; mocks cannot show that, so these helpers run the real things on this
@@ -12,6 +15,7 @@ package itself.  The project's own tests, benchmarks and demo use them too.
 
 from __future__ import annotations
 
+from .harness import StokerHarness
 from .redis_server import (
     RedisProcessError,
     RedisSentinel,
@@ -34,6 +38,7 @@ __all__ = [
     "RedisProcessError",
     "RedisSentinel",
     "RedisServer",
+    "StokerHarness",
     "WaitTimeout",
     "WorkerExited",
     "WorkerProcess",
