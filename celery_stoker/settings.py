@@ -7,6 +7,11 @@ and the allowed range instead of failing later inside a thread.
 
 A Stoker may override ``lease_ttl``, ``renew_interval``, ``key_prefix``,
 ``soft_time_limit`` and ``time_limit``; the overrides go through the same checks.
+
+An app configured with ``config_from_object(obj, namespace="CELERY")`` spells
+every setting ``CELERY_<NAME>`` (Celery reads ``CELERY_STOKER_LEASE_TTL`` for
+``conf.get("stoker_lease_ttl")``); errors name the setting that way
+(:func:`setting_name`), so the user finds it in their own file.
 """
 
 from __future__ import annotations
@@ -32,6 +37,47 @@ _KEY_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 
 class StokerConfigurationError(ImproperlyConfigured):
     """A ``stoker_*`` setting (or a Stoker's override of one) is missing or out of range."""
+
+
+def _namespace(conf: Any) -> str | None:
+    """The prefix Celery reads settings under (``"CELERY_"``), or None without a namespace.
+
+    ``app.config_from_object(obj, namespace="CELERY")`` keeps it on the finalized
+    ``app.conf`` (``ConfigurationView.prefix``); a plain mapping has none.  Reading
+    a key first finalizes a pending configuration, which is when the prefix is set.
+    """
+    get = getattr(conf, "get", None)
+    if callable(get):
+        get("stoker_url")
+    from celery.app.base import PendingConfiguration
+
+    target = conf.data if isinstance(conf, PendingConfiguration) else conf
+    prefix = getattr(target, "__dict__", {}).get("prefix")
+    return prefix if isinstance(prefix, str) and prefix else None
+
+
+def setting_name(conf: Any, key: str) -> str:
+    """``key`` as the user's configuration spells it, for an error message.
+
+    Under a namespace Celery reads ``CELERY_STOKER_LEASE_TTL`` for
+    ``stoker_lease_ttl`` (and still finds the plain key, if the user wrote that):
+    name the one they wrote, or the namespaced one when they wrote neither.
+    """
+    prefix = _namespace(conf)
+    if prefix is None:
+        return key
+    prefixed = prefix + key.upper() if prefix.isupper() else prefix + key
+    maps = list(getattr(conf, "maps", None) or [])[:-1]  # the last is Celery's defaults
+
+    def written(name: str) -> bool:
+        try:
+            return any(name in m for m in maps)
+        except Exception:
+            return False
+
+    if written(key) and not written(prefixed):
+        return key
+    return prefixed
 
 
 @dataclass(frozen=True)
@@ -94,8 +140,8 @@ def resolve_url(conf: Any) -> tuple[str, dict[str, Any]]:
         url = str(explicit)
         if not is_redis_url(url):
             raise StokerConfigurationError(
-                f"stoker_url={mask_url(url)!r} is not a Redis URL: it must start with redis://, "
-                "rediss://, unix:// or sentinel://"
+                f"{setting_name(conf, 'stoker_url')}={mask_url(url)!r} is not a Redis URL: it "
+                "must start with redis://, rediss://, unix:// or sentinel://"
             )
         return normalize_url(url), options
     broker = broker_url_of(conf)
@@ -104,7 +150,8 @@ def resolve_url(conf: Any) -> tuple[str, dict[str, Any]]:
         return normalize_url(broker), {**broker_options, **options}
     raise StokerConfigurationError(
         f"the broker {mask_url(broker)!r} is not Redis, so celery-stoker has no Redis to elect in: "
-        "set stoker_url = 'redis://host:6379/0' (any Redis the workers reach)"
+        f"set {setting_name(conf, 'stoker_url')} = 'redis://host:6379/0' (any Redis the workers "
+        "reach)"
     )
 
 
@@ -118,7 +165,12 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
     try:
         check_url(url)
     except ValueError as exc:
-        name = "stoker_url" if conf.get("stoker_url") else "broker_url (used as stoker_url)"
+        url_name = setting_name(conf, "stoker_url")
+        name = (
+            url_name
+            if conf.get("stoker_url")
+            else f"{setting_name(conf, 'broker_url')} (used as {url_name})"
+        )
         raise StokerConfigurationError(f"{name}: {exc}") from None
     ttl, renew, prefix = check_timing(conf, overrides)
     serializer = conf.get("stoker_state_serializer") or "json"
@@ -126,17 +178,16 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
 
     if serializer not in registry._encoders:
         raise StokerConfigurationError(
-            f"stoker_state_serializer={serializer!r} is not a registered kombu serializer: "
-            f"use one of {sorted(registry._encoders)}"
+            f"{setting_name(conf, 'stoker_state_serializer')}={serializer!r} is not a registered "
+            f"kombu serializer: use one of {sorted(registry._encoders)}"
         )
     soft, hard = check_limits(conf, overrides)
     stop_value = conf.get("stoker_stop_timeout")
-    stop_timeout = (
-        DEFAULT_STOP_TIMEOUT if stop_value is None else _number("stoker_stop_timeout", stop_value)
-    )
+    stop_name = setting_name(conf, "stoker_stop_timeout")
+    stop_timeout = DEFAULT_STOP_TIMEOUT if stop_value is None else _number(stop_name, stop_value)
     if not 0 < stop_timeout <= 3600:
         raise StokerConfigurationError(
-            f"stoker_stop_timeout={stop_value!r} is out of range: it must be greater than 0 "
+            f"{stop_name}={stop_value!r} is out of range: it must be greater than 0 "
             "and at most 3600 seconds"
         )
     return StokerSettings(
@@ -164,7 +215,7 @@ def check_limits(
     limits: list[float | None] = []
     names = []
     for key in ("soft_time_limit", "time_limit"):
-        name = key if key in overrides else f"stoker_{key}"
+        name = key if key in overrides else setting_name(conf, f"stoker_{key}")
         value = overrides.get(key, conf.get(f"stoker_{key}"))
         names.append((name, value))
         if value is None:
@@ -202,7 +253,7 @@ def check_timing(
             f"{', '.join(OVERRIDABLE)}"
         )
 
-    ttl_name = "lease_ttl" if "lease_ttl" in overrides else "stoker_lease_ttl"
+    ttl_name = "lease_ttl" if "lease_ttl" in overrides else setting_name(conf, "stoker_lease_ttl")
     ttl_value = overrides.get("lease_ttl", conf.get("stoker_lease_ttl"))
     ttl = DEFAULT_LEASE_TTL if ttl_value is None else _number(ttl_name, ttl_value)
     if not MIN_LEASE_TTL <= ttl <= MAX_LEASE_TTL:
@@ -211,7 +262,11 @@ def check_timing(
             f"{MAX_LEASE_TTL:.0f} seconds"
         )
 
-    renew_name = "renew_interval" if "renew_interval" in overrides else "stoker_renew_interval"
+    renew_name = (
+        "renew_interval"
+        if "renew_interval" in overrides
+        else setting_name(conf, "stoker_renew_interval")
+    )
     renew_value = overrides.get("renew_interval", conf.get("stoker_renew_interval"))
     renew = ttl / 3 if renew_value is None else _number(renew_name, renew_value)
     if not 0 < renew < ttl / 2:
@@ -221,7 +276,9 @@ def check_timing(
             "second try before its lease runs out"
         )
 
-    prefix_name = "key_prefix" if "key_prefix" in overrides else "stoker_key_prefix"
+    prefix_name = (
+        "key_prefix" if "key_prefix" in overrides else setting_name(conf, "stoker_key_prefix")
+    )
     prefix = overrides.get("key_prefix", conf.get("stoker_key_prefix"))
     if prefix is None:
         prefix = DEFAULT_KEY_PREFIX
@@ -231,3 +288,4 @@ def check_timing(
             "letters, digits and _ . : / -"
         )
     return ttl, renew, prefix
+
