@@ -24,6 +24,7 @@ from .dispatch import DISPATCH_TASK, EVENT_MESSAGE_EXPIRES, Outcome, run_event
 from .election import REDIS_DOWN, Election
 from .lease import RedisLease, Term
 from .listener import LeaseListener
+from .metrics import NO_METRICS, MetricsHooks
 from .pump import EventPump, PendingEvent
 from .registry import StokerSpec
 from .settings import StokerSettings
@@ -59,6 +60,7 @@ class Activator:
         eligible: bool = True,
         min_members: int = 1,
         emit: Callable[..., None] | None = None,
+        metrics: MetricsHooks = NO_METRICS,
     ) -> None:
         self.app = app
         self.spec = spec
@@ -95,7 +97,9 @@ class Activator:
             eligible=eligible,
             min_members=min_members,
             emit=emit,
+            metrics=metrics,
         )
+        self.metrics = metrics
         self.last_event: str | None = None
         self.last_event_at: float | None = None
         self.last_error: str | None = None
@@ -242,6 +246,7 @@ class Activator:
                 prefer_cached=lost,
                 client=self.client,
             )
+            self.metrics.event_done(self.name, "shutdown", outcome)
             self.last_error = outcome.error or self.last_error
         except Exception as exc:
             logger.warning(
@@ -289,6 +294,7 @@ class Activator:
 
     def event_done(self, item: PendingEvent, outcome: Outcome) -> None:
         """Note what an event did; too many failures in a row move the Stoker elsewhere."""
+        self.metrics.event_done(self.name, item.event, outcome)
         if outcome.error:
             self.last_error = outcome.error
         if outcome.state is not None:

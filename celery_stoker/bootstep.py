@@ -9,7 +9,8 @@ first message on.
 
 It owns the worker's pieces: one event pump (``pump.py``) with one report
 reader per Redis, one pub/sub listener per key prefix, one Redis client per
-URL shared by every activator, and one election thread per Stoker.
+URL shared by every activator, one election thread per Stoker, and, with
+``stoker_metrics_port``, the Prometheus endpoint (``metrics.py``).
 
 Shutdown: Celery sends ``worker_shutting_down`` from the signal handler of a
 warm, soft or cold shutdown; the activators begin stepping down right there, so
@@ -36,9 +37,17 @@ from .dispatch import register_dispatch_task, warm_process
 from .keys import draining_key, lease_channel, reports_key
 from .listener import LeaseListener
 from .membership import Membership
+from .metrics import NO_METRICS, MetricsHooks
 from .pump import EventPump
 from .registry import WorkerInfo, is_eligible, registry_of
-from .settings import StokerConfigurationError, StokerSettings, check_timing, load_settings
+from .settings import (
+    StokerConfigurationError,
+    StokerSettings,
+    check_metrics_port,
+    check_timing,
+    load_settings,
+    setting_name,
+)
 from .telemetry import EventEmitter
 
 logger = logging.getLogger("celery_stoker.bootstep")
@@ -95,9 +104,26 @@ class StokerStep(bootsteps.StartStopStep):
         self.queue_name = event_queue_name(self.app.conf, self.hostname)
         if self.registry:
             self.app.amqp.queues.select_add(self.queue_name)
+        self.metrics = self._metrics()
         worker.stoker = self
 
+    def _metrics(self) -> MetricsHooks:
+        """Prometheus metrics when ``stoker_metrics_port`` is set; only then is
+        prometheus_client imported (a missing one stops the worker here, with the fix)."""
+        port = check_metrics_port(self.app.conf)
+        if port is None:
+            return NO_METRICS
+        from .metrics import PrometheusMetrics
+
+        return PrometheusMetrics(
+            self.hostname,
+            port,
+            members=self.membership.members,
+            setting=setting_name(self.app.conf, "stoker_metrics_port"),
+        )
+
     def start(self, worker: Any) -> None:
+        self.metrics.start()  # first: a port in use stops the worker before any election
         if not self.registry:
             logger.info("celery-stoker: no Stokers registered in this app; nothing to run")
             return
@@ -124,7 +150,9 @@ class StokerStep(bootsteps.StartStopStep):
                 eligible=self._eligible(spec, info),
                 min_members=spec.min_members,
                 emit=self.emitter.emit,
+                metrics=self.metrics,
             )
+            self.metrics.watch(name, activator.election)
             self.membership.subscribe(activator.on_cluster_change)
             self.activators[name] = activator
         for activator in self.activators.values():
@@ -191,6 +219,7 @@ class StokerStep(bootsteps.StartStopStep):
 
     def _warm_pool_process(self, **kwargs: Any) -> None:
         """``worker_process_init``: a new pool process gets ready for its first event."""
+        self.metrics.close_in_child()
         warm_process(self.app)
 
     def _warm_main_process(self) -> None:
@@ -315,6 +344,7 @@ class StokerStep(bootsteps.StartStopStep):
         for listener in self.listeners.values():
             listener.stop()
         self.emitter.stop()
+        self.metrics.stop()  # last: a scrape during shutdown still sees the step-down
 
     def shutdown(self, worker: Any) -> None:
         self.stop(worker)

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import redis
 
 from .lease import Holder, RedisLease, Term
+from .metrics import NO_METRICS, MetricsHooks
 from .settings import StokerSettings
 from .store import StokerStore
 
@@ -82,6 +83,7 @@ class Election:
         eligible: bool = True,
         min_members: int = 1,
         emit: Callable[..., None] | None = None,
+        metrics: MetricsHooks = NO_METRICS,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -94,6 +96,7 @@ class Election:
         self.eligible = eligible
         self.min_members = min_members
         self._emit = emit or (lambda *args, **kwargs: None)
+        self.metrics = metrics
 
         # What dump() shows, as in the original's state map.
         self.state = "unk"
@@ -305,6 +308,7 @@ class Election:
         self.leader_token = term.token
         self.active_from = time.time()
         self.terms_won += 1
+        self.metrics.term_won(self.name)
         self.draining = False
         self._act_not_before = time.monotonic() + self._quarantine(term)
         if len(self._members()) < self.min_members:
@@ -438,8 +442,10 @@ class Election:
                 cooldown,
             )
             return
+        sent_at = time.monotonic()
         renewed = self.lease.renew(term)
         self._redis_ok_at = time.monotonic()
+        self.metrics.lease_renewed(self.name, self._redis_ok_at - sent_at)
         self._renew_at = self._redis_ok_at + self.settings.renew_interval
         if not renewed:
             self._step_down("lease_lost", release=False)
@@ -459,6 +465,7 @@ class Election:
         self._step_down_request = None  # asked of this term: the next one starts clean
         self.handler.stop_events()
         logger.warning("Stoker %s: %s steps down (%s)", self.name, self.hostname, reason)
+        self.metrics.stepped_down(self.name, reason)
         if release:
             self._finish_running_event(term)
             with contextlib.suppress(redis.RedisError):

@@ -289,3 +289,28 @@ def check_timing(
         )
     return ttl, renew, prefix
 
+
+def check_metrics_port(conf: Any) -> int | None:
+    """``stoker_metrics_port``: the port this worker serves ``/metrics`` on, or None (off).
+
+    One setting for the worker, not per Stoker.  ``0`` would make the OS pick a
+    port nobody could scrape, so it is refused like any value outside 1-65535;
+    so are booleans (``True`` is an int in Python, and never meant as port 1) and
+    strings (a value read from the environment must be converted where it is read).
+    """
+    value = conf.get("stoker_metrics_port")
+    if value is None:
+        return None
+    name = setting_name(conf, "stoker_metrics_port")
+    if isinstance(value, bool) or not isinstance(value, int):
+        hint = " (read from the environment? wrap it in int(...))" if isinstance(value, str) else ""
+        raise StokerConfigurationError(
+            f"{name} must be a port number (an integer from 1 to 65535), got {value!r} "
+            f"({type(value).__name__}){hint}; leave it unset to serve no metrics"
+        )
+    if not 1 <= value <= 65535:
+        raise StokerConfigurationError(
+            f"{name}={value!r} is out of range: it must be a port from 1 to 65535 (leave it "
+            "unset to serve no metrics)"
+        )
+    return value

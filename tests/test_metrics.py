@@ -1,0 +1,296 @@
+"""Prometheus metrics: the setting, the optional import, and real workers scraped over HTTP.
+
+The worker tests read ``/metrics`` as Prometheus would and parse it with
+``prometheus_client``'s own parser, so a name, a label or the text format that
+drifted would fail here, not on a team's dashboard.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from celery import Celery
+from support.redis_server import RedisServer
+from support.workers import ROOT, Fleet, Records, check_terms, wait_for
+
+from celery_stoker import handoff
+from celery_stoker.dispatch import Outcome
+from celery_stoker.metrics import INSTALL_HINT, outcome_label
+from celery_stoker.settings import StokerConfigurationError, check_metrics_port
+
+prometheus_client = pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+TTL = 2.0
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(port: int) -> Samples:
+    """Every sample of ``/metrics`` on ``port``, keyed by (sample name, labels)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def named(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    return {labels: v for (n, labels), v in samples.items() if n == name}
+
+
+# --- the setting -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("port", [1, 9100, 65535])
+def test_a_port_from_1_to_65535_is_accepted(port: int) -> None:
+    assert check_metrics_port({"stoker_metrics_port": port}) == port
+
+
+def test_unset_means_no_metrics() -> None:
+    assert check_metrics_port({}) is None
+    assert check_metrics_port({"stoker_metrics_port": None}) is None
+
+
+@pytest.mark.parametrize(
+    ("port", "shown"),
+    [
+        (0, "out of range"),
+        (-1, "out of range"),
+        (65536, "out of range"),
+        (True, "must be a port number"),
+        (False, "must be a port number"),
+        (9100.0, "must be a port number"),
+        ("9100", "wrap it in int(...)"),
+        ([9100], "must be a port number"),
+    ],
+)
+def test_a_bad_port_is_refused_with_the_setting_name(port: object, shown: str) -> None:
+    with pytest.raises(StokerConfigurationError) as info:
+        check_metrics_port({"stoker_metrics_port": port})
+    assert str(info.value).startswith("stoker_metrics_port")
+    assert shown in str(info.value)
+
+
+def test_a_namespaced_port_is_read_and_named_as_written() -> None:
+    class Config:
+        CELERY_BROKER_URL = "redis://localhost:6379/0"
+        CELERY_STOKER_METRICS_PORT = 9101
+
+    app = Celery("metrics-ns", set_as_current=False)
+    app.config_from_object(Config, namespace="CELERY")
+    assert check_metrics_port(app.conf) == 9101
+    Config.CELERY_STOKER_METRICS_PORT = 0
+    app = Celery("metrics-ns", set_as_current=False)
+    app.config_from_object(Config, namespace="CELERY")
+    with pytest.raises(StokerConfigurationError, match=r"^CELERY_STOKER_METRICS_PORT=0 is out"):
+        check_metrics_port(app.conf)
+
+
+# --- optional dependency -------------------------------------------------------------------
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+_STEP = """
+    import sys
+    from types import SimpleNamespace
+    from celery import Celery
+    from celery_stoker import Stoker, StokerStep, stoker
+
+    app = Celery("opt", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    {conf}
+
+    @stoker(app, name="s")
+    class S(Stoker):
+        def event(self, state, event, reason):
+            return state
+
+    worker = SimpleNamespace(app=app, hostname="w1@host")
+"""
+
+
+def test_without_the_setting_nothing_imports_prometheus_client() -> None:
+    out = _python(
+        _STEP.format(conf="")
+        + """
+    step = StokerStep(worker)
+    step.metrics.start()
+    step.metrics.stop()
+    assert "prometheus_client" not in sys.modules, "imported"
+    print("ok")
+    """
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_with_the_setting_and_no_prometheus_client_the_worker_stops_saying_what_to_install() -> (
+    None
+):
+    out = _python(
+        """
+    import sys
+    sys.modules["prometheus_client"] = None  # as if it were not installed
+    """
+        + _STEP.format(conf="app.conf.stoker_metrics_port = 9102")
+        + """
+    try:
+        StokerStep(worker)
+    except Exception as exc:
+        print(type(exc).__name__, exc)
+    """
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("StokerConfigurationError stoker_metrics_port=9102"), out.stdout
+    assert INSTALL_HINT in out.stdout
+
+
+def test_outcome_labels() -> None:
+    def outcome(**fields: Any) -> Outcome:
+        return Outcome(seq=1, token=1, **{"ran": True, **fields})
+
+    assert outcome_label(outcome()) == "ok"
+    assert outcome_label(outcome(kind="error", error="boom")) == "error"
+    assert outcome_label(outcome(kind="timeout")) == "timeout"
+    assert outcome_label(outcome(ran=False, kind="lost")) == "lost"
+    assert outcome_label(outcome(ran=False)) is None  # skipped: its term was over
+    assert outcome_label(outcome(ran=False, error="Redis unreachable")) == "error"
+
+
+# --- real workers --------------------------------------------------------------------------
+
+
+@pytest.mark.workers
+def test_workers_serve_metrics_through_a_handoff_and_a_failover(
+    fleets: Callable[..., Fleet], records: Records, redis_server: RedisServer
+) -> None:
+    # prefork: durations measured in the pool processes must reach the main process's
+    # registry with the reports (no multiprocess directory).
+    fleet = fleets("prefork", ttl=TTL, STOKER_TEST_TIMER="0.2")
+    p1, p2 = free_port(), free_port()
+    while p2 == p1:
+        p2 = free_port()
+    w1 = fleet.start("w1@%h", env={"STOKER_TEST_METRICS_PORT": str(p1)})
+    first = wait_for(lambda: records.of("now_leader"), 60, what="w1 leads")[0]
+    w2 = fleet.start("w2@%h", env={"STOKER_TEST_METRICS_PORT": str(p2)})
+    wait_for(lambda: "following" in w2.log(), 60, what="w2 follows")
+    wait_for(lambda: len(records.of("timer")) >= 3, 30, what="a few timer events")
+
+    def leader_scrape() -> Samples | None:
+        s = scrape(p1)
+        ok = (
+            value(s, "stoker_members") == 2
+            and (
+                value(s, "stoker_event_duration_seconds_count", stoker="recorder", event="timer")
+                or 0
+            )
+            >= 2
+            and (value(s, "stoker_lease_renew_duration_seconds_count", stoker="recorder") or 0) >= 1
+        )
+        return s if ok else None
+
+    s1 = wait_for(leader_scrape, 30, interval=0.2, what="w1's metrics show the fleet")
+    assert value(s1, "stoker_is_leader", stoker="recorder", worker=w1.node) == 1
+    assert value(s1, "stoker_token", stoker="recorder") == first.token > 0
+    assert value(s1, "stoker_terms_total", stoker="recorder") == 1
+    assert value(s1, "stoker_events_total", stoker="recorder", event="now_leader", outcome="ok")
+    assert (
+        value(s1, "stoker_events_total", stoker="recorder", event="timer", outcome="ok") or 0
+    ) >= 2
+    assert (
+        value(s1, "stoker_event_duration_seconds_sum", stoker="recorder", event="timer") or 0
+    ) > 0
+    left = value(s1, "stoker_lease_time_left_seconds", stoker="recorder")
+    assert left is not None and 0 < left <= TTL
+    assert not named(s1, "stoker_step_downs_total")
+
+    s2 = scrape(p2)
+    assert value(s2, "stoker_is_leader", stoker="recorder", worker=w2.node) == 0
+    assert value(s2, "stoker_terms_total", stoker="recorder") == 0
+    assert not named(s2, "stoker_token")
+    assert not named(s2, "stoker_lease_time_left_seconds")
+
+    # A handoff: the old leader counts a step-down with its reason; the new one a term.
+    operator = Celery("operator", broker=redis_server.url_for(0), set_as_current=False)
+    operator.conf.stoker_lease_ttl = TTL
+    moved = handoff(operator, "recorder")
+    assert (moved["from"], moved["to"]) == (w1.node, w2.node)
+
+    def after_handoff() -> tuple[Samples, Samples] | None:
+        a, b = scrape(p1), scrape(p2)
+        if value(b, "stoker_is_leader", stoker="recorder", worker=w2.node) != 1:
+            return None
+        if not value(a, "stoker_step_downs_total", stoker="recorder", reason="handoff"):
+            return None
+        return a, b
+
+    s1, s2 = wait_for(after_handoff, 15, interval=0.1, what="the handoff shows in the metrics")
+    assert value(s1, "stoker_is_leader", stoker="recorder", worker=w1.node) == 0
+    assert value(s1, "stoker_step_downs_total", stoker="recorder", reason="handoff") == 1
+    assert value(s1, "stoker_events_total", stoker="recorder", event="shutdown", outcome="ok") == 1
+    assert not named(s1, "stoker_token")
+    assert value(s2, "stoker_terms_total", stoker="recorder") == 1
+    assert value(s2, "stoker_token", stoker="recorder") == moved["token"]
+
+    # A failover: SIGTERM the leader; the follower takes over; the stopped worker's
+    # endpoint is gone with it (the server thread is stopped on shutdown).
+    w2.sigterm()
+    w2.wait_exit(30)
+
+    def w1_leads_again() -> Samples | None:
+        s = scrape(p1)
+        return s if value(s, "stoker_is_leader", stoker="recorder", worker=w1.node) == 1 else None
+
+    s1 = wait_for(w1_leads_again, 15, interval=0.1, what="w1 leads again")
+    assert value(s1, "stoker_terms_total", stoker="recorder") == 2
+    assert value(s1, "stoker_token", stoker="recorder") > moved["token"]
+    with pytest.raises(urllib.error.URLError):
+        scrape(p2)
+    check_terms(records.events())
+
+
+@pytest.mark.workers
+def test_a_port_in_use_stops_the_worker_at_start_naming_setting_and_port(
+    fleets: Callable[..., Fleet], records: Records
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        fleet = fleets("solo", STOKER_TEST_METRICS_PORT=str(port))
+        worker = fleet.start("w1@%h")
+        code = worker.wait_exit(60)
+    assert code != 0
+    log = worker.log()
+    assert f"stoker_metrics_port={port}: port {port} is already in use" in log
+    assert not records.of("now_leader")  # it stopped before any election
