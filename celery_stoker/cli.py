@@ -7,11 +7,13 @@ appears beside ``celery worker`` once the package is installed.
 from __future__ import annotations
 
 import json
+import sys
+import time
 from typing import Any
 
 import click
 
-from .control import StokerOperationError, cluster_view, draining, dump
+from .control import StokerOperationError, cluster_view, draining, dump_all
 from .control import drain as drain_nodes
 from .control import handoff as handoff_leader
 from .control import undrain as undrain_nodes
@@ -69,11 +71,22 @@ def stoker_command(ctx: click.Context) -> None:
     """Leader-elected Stokers: status, handoff, drain, undrain."""
 
 
+HEADERS = ["STOKER", "LEADER", "TOKEN", "SINCE", "FOLLOWERS", "INELIGIBLE", "LAST EVENT", "HEALTH"]
+#: How many transitions ``status --watch`` shows under its table (all Stokers, newest first).
+WATCH_TRANSITIONS = 8
+WATCH_INSTALL_HINT = "pip install rich (or pip install 'celery-stoker[demo]')"
+
+
 @stoker_command.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the full dump as JSON.")
 @click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for workers.")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Redraw every second until Ctrl-C (needs rich); without a terminal, print once.",
+)
 @click.pass_context
-def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
+def status(ctx: click.Context, as_json: bool, timeout: float, watch: bool) -> None:
     """A table of every Stoker: leader, token, since, followers, last event."""
     app = ctx.obj.app
     names = sorted(registry_of(app))
@@ -82,17 +95,39 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
             "this app registers no Stokers: decorate a class with @stoker(app) in a module "
             "the app imports"
         )
-    views: list[dict[str, Any]] = []
-    for name in names:
-        try:
-            views.append(dump(app, name, timeout=timeout))
-        except Exception as exc:  # a broker that does not answer still leaves Redis's view
-            view = cluster_view(app, name)
-            view["workers_error"] = f"{exc.__class__.__name__}: {exc}"
-            views.append(view)
+    if watch and not as_json and sys.stdout.isatty():
+        _watch(app, names, timeout)
+        return
+    views = _collect(app, names, timeout)
     if as_json:
         click.echo(json.dumps(views, indent=2, default=str))
         return
+    click.echo(_table(_rows(views), HEADERS))
+    drained = sorted(draining(app))
+    click.echo(f"\ndraining: {', '.join(drained) if drained else '(none)'}")
+    for v in views:
+        transitions = v.get("transitions") or []
+        if not transitions:
+            continue
+        click.echo(f"\nrecent transitions of {v['name']} (newest first):")
+        for t in transitions:
+            click.echo(f"  {_transition_line(t)}")
+
+
+def _collect(app: Any, names: list[str], timeout: float) -> list[dict[str, Any]]:
+    """Every Stoker's view; Redis's alone (with the cause) when the broker does not answer."""
+    try:
+        return dump_all(app, names, timeout=timeout)
+    except Exception as exc:
+        views = []
+        for name in names:
+            view = cluster_view(app, name)
+            view["workers_error"] = f"{exc.__class__.__name__}: {exc}"
+            views.append(view)
+        return views
+
+
+def _rows(views: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for v in views:
         last = v.get("last_event") or "-"
@@ -112,36 +147,68 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
                 health(v),
             ]
         )
-    click.echo(
-        _table(
-            rows,
-            [
-                "STOKER",
-                "LEADER",
-                "TOKEN",
-                "SINCE",
-                "FOLLOWERS",
-                "INELIGIBLE",
-                "LAST EVENT",
-                "HEALTH",
-            ],
-        )
-    )
-    drained = sorted(draining(app))
-    click.echo(f"\ndraining: {', '.join(drained) if drained else '(none)'}")
-    for v in views:
-        transitions = v.get("transitions") or []
-        if not transitions:
-            continue
-        click.echo(f"\nrecent transitions of {v['name']} (newest first):")
-        for t in transitions:
-            detail = t.get("reason") or ""
-            if t.get("to"):
-                detail = f"{detail} to {t['to']}"
-            click.echo(
-                f"  {_ago(_iso(t.get('at')))}  {t.get('event', '?'):<13} {t.get('node', '?')}"
-                f"  token {t.get('token', '-')}  {detail}".rstrip()
-            )
+    return rows
+
+
+def _transition_line(t: dict[str, Any], name: str | None = None) -> str:
+    detail = t.get("reason") or ""
+    if t.get("to"):
+        detail = f"{detail} to {t['to']}"
+    stoker = f"{name}  " if name else ""
+    return (
+        f"{_ago(_iso(t.get('at')))}  {stoker}{t.get('event', '?'):<13} {t.get('node', '?')}"
+        f"  token {t.get('token', '-')}  {detail}"
+    ).rstrip()
+
+
+def _watch(app: Any, names: list[str], timeout: float, interval: float = 1.0) -> None:
+    """Redraw the table and the latest transitions every ``interval`` until Ctrl-C.
+
+    One broadcast per redraw for every Stoker (it waits ``timeout``), so a redraw
+    comes about every ``max(interval, timeout)`` seconds.
+    """
+    try:
+        from rich.console import Console, Group
+        from rich.live import Live
+        from rich.table import Table
+        from rich.text import Text
+    except ImportError:
+        raise click.ClickException(
+            f"status --watch needs the rich package: {WATCH_INSTALL_HINT}; without --watch, "
+            "status prints the table once"
+        ) from None
+
+    def render() -> Group:
+        views = _collect(app, names, timeout)
+        table = Table(expand=True)
+        for header in HEADERS:
+            table.add_column(header, overflow="fold")
+        for row in _rows(views):
+            table.add_row(*row)
+        latest = sorted(
+            ((t, v["name"]) for v in views for t in v.get("transitions") or []),
+            key=lambda item: item[0].get("at") or 0,
+            reverse=True,
+        )[:WATCH_TRANSITIONS]
+        drained = sorted(draining(app))
+        lines = [Text(f"draining: {', '.join(drained) if drained else '(none)'}")]
+        lines.append(Text("\nlast transitions (newest first):", style="bold"))
+        lines += [Text(f"  {_transition_line(t, name)}") for t, name in latest] or [
+            Text("  (none yet)")
+        ]
+        stamp = time.strftime("%H:%M:%S")
+        title = Text(f"celery-stoker status, updated {stamp} (Ctrl-C to stop)", style="bold")
+        return Group(title, table, *lines)
+
+    console = Console()
+    try:
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            while True:
+                started = time.monotonic()
+                live.update(render(), refresh=True)
+                time.sleep(max(0.0, interval - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        pass
 
 
 def _iso(ts: Any) -> str | None:

@@ -129,18 +129,31 @@ def dump(app: Celery, name: str, timeout: float = 1.0) -> dict[str, Any]:
     current_node, last_error, ...); workers that do not answer within
     ``timeout`` are missing from it.
     """
-    view = cluster_view(app, name)
-    view["workers"] = {}
+    return dump_all(app, [name], timeout=timeout)[0]
+
+
+def dump_all(app: Celery, names: list[str], timeout: float = 1.0) -> list[dict[str, Any]]:
+    """:func:`dump` of each of ``names``, from one broadcast to the workers.
+
+    The broadcast waits its whole ``timeout`` (the number of workers is not
+    known), so one for all Stokers keeps ``status`` (and each redraw of
+    ``status --watch``) to one timeout, however many Stokers there are.
+    """
     replies = app.control.inspect(timeout=timeout)._request("stoker") or {}
-    for node, reply in replies.items():
-        activators = (reply or {}).get("activators") or {}
-        if name in activators:
-            view["workers"][node] = activators[name]
-    followers = sorted(n for n, a in view["workers"].items() if a.get("state") == "follower")
-    if followers:
-        view["followers"] = followers
-    view["dumped_at"] = time.time()
-    return view
+    views = []
+    for name in names:
+        view = cluster_view(app, name)
+        view["workers"] = {}
+        for node, reply in replies.items():
+            activators = (reply or {}).get("activators") or {}
+            if name in activators:
+                view["workers"][node] = activators[name]
+        followers = sorted(n for n, a in view["workers"].items() if a.get("state") == "follower")
+        if followers:
+            view["followers"] = followers
+        view["dumped_at"] = time.time()
+        views.append(view)
+    return views
 
 
 class StokerOperationError(RuntimeError):
@@ -165,13 +178,24 @@ def handoff(
     ``to``, the lease is reserved for that worker for one TTL so nobody else
     takes it. Raises :class:`StokerOperationError`, changing nothing, when
     there is no leader or ``to`` is not a live, eligible, non-draining
-    follower. Returns who led before and after, and how long it took.
+    follower, or ``name`` is not one of the Stokers this app registers (an app
+    that registers none, such as a bare operator's app, cannot check the name).
+    Returns who led before and after, and how long it took.
     """
+    known = sorted(registry_of(app))
+    if known and name not in known:
+        raise StokerOperationError(f"no Stoker named {name}; known: {', '.join(known)}")
     settings = settings_for(app, name)
     client = client_for(settings)
     holder = _holder(client, settings, name)
     if holder is None or holder.foreign or holder.token is None:
-        raise StokerOperationError(f"Stoker {name!r} has no leader to hand over from")
+        unchecked = (
+            ""
+            if known
+            else " (this app registers no Stokers to check the name against: is it spelled "
+            "as the workers' app names it?)"
+        )
+        raise StokerOperationError(f"Stoker {name!r} has no leader to hand over from{unchecked}")
     if to is not None:
         if to == holder.hostname:
             raise StokerOperationError(f"{to} already leads {name!r}")
