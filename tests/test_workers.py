@@ -26,9 +26,10 @@ RENEW = TTL / 3
 APP = "tests.apps.recorder"
 
 
-@pytest.fixture(params=["solo", "prefork"])
-def fleet(request: pytest.FixtureRequest, fleets: Callable[..., Fleet]) -> Fleet:
-    return fleets(request.param, STOKER_TEST_TIMER="0.25")
+@pytest.fixture
+def fleet(fleets: Callable[..., Fleet]) -> Fleet:
+    """Prefork workers: the default pool (test_pools.py runs the core scenario on every pool)."""
+    return fleets("prefork", STOKER_TEST_TIMER="0.25")
 
 
 def leader_of(records: Records) -> str | None:
