@@ -534,112 +534,9 @@ class EventPump:
                 inflight = lane.inflight
                 if inflight is None or now - inflight.sent_at < WATCH_INTERVAL:
                     continue
-                item = inflight.item
-                if inflight.killed_outcome is not None:
-                    gone = not _process_exists(inflight.killing_pid or 0)
-                    if gone or now - inflight.killing_since > KILL_WAIT:
-                        overdue.append((name, inflight, inflight.killed_outcome))
-                    continue
-                limit = lane.owner.time_limit
-                if (
-                    limit is not None
-                    and inflight.pid is not None
-                    and inflight.started_at is not None
-                    and time.time() - inflight.started_at > limit + LIMIT_GRACE
-                    and _process_exists(inflight.pid)
-                ):
-                    # Past its hard limit and Celery has not killed it: its timers run on
-                    # the event loop, which stops during a warm shutdown.  Kill it here.
-                    with contextlib.suppress(OSError):
-                        os.kill(inflight.pid, signal.SIGKILL)
-                    inflight.killing_pid, inflight.killing_since = inflight.pid, now
-                    inflight.killed_outcome = Outcome(
-                        seq=item.seq,
-                        token=item.token,
-                        ran=True,
-                        name=name,
-                        kind="timeout",
-                        error=f"hard time limit ({limit:g} s) exceeded",
-                    )
-                    continue
-                if inflight.pid is not None and not _process_exists(inflight.pid):
-                    # Killed from outside (SIGKILL, the OOM killer): Celery's own
-                    # WorkerLostError may come seconds later; the process is gone now.
-                    overdue.append(
-                        (
-                            name,
-                            inflight,
-                            Outcome(
-                                seq=item.seq,
-                                token=item.token,
-                                ran=True,
-                                name=name,
-                                kind="lost",
-                                error=f"its pool process (pid {inflight.pid}) died",
-                            ),
-                        )
-                    )
-                    continue
-                if known is not None and inflight.task_id in known:
-                    inflight.seen, inflight.gone_at = True, None
-                    continue
-                if inflight.seen and known is not None:
-                    if inflight.gone_at is None:
-                        inflight.gone_at = now
-                    elif now - inflight.gone_at >= REPORT_GRACE and inflight.started_at is None:
-                        # It left the table before the pool ever started it: Celery's
-                        # consumer forgets its reserved requests when it loses the broker.
-                        # It never ran: revoke it here (a redelivered copy is skipped) and
-                        # send it again.
-                        _revoke_locally(inflight.task_id)
-                        overdue.append(
-                            (
-                                name,
-                                inflight,
-                                Outcome(
-                                    seq=item.seq,
-                                    token=item.token,
-                                    ran=False,
-                                    name=name,
-                                    kind="lost",
-                                    error="dropped by the worker before it started (the "
-                                    "broker connection was lost); sent again",
-                                ),
-                            )
-                        )
-                    elif now - inflight.gone_at >= REPORT_GRACE:
-                        overdue.append(
-                            (
-                                name,
-                                inflight,
-                                Outcome(
-                                    seq=item.seq,
-                                    token=item.token,
-                                    ran=True,
-                                    name=name,
-                                    kind="error",
-                                    timer_error=True,  # the timer keeps its last interval
-                                    error="finished, but its report never arrived "
-                                    "(Redis refused or lost it)",
-                                ),
-                            )
-                        )
-                elif now - inflight.sent_at >= UNSEEN_TIMEOUT:
-                    overdue.append(
-                        (
-                            name,
-                            inflight,
-                            Outcome(
-                                seq=item.seq,
-                                token=item.token,
-                                ran=False,
-                                name=name,
-                                kind="lost",
-                                error=f"its message never reached the pool in "
-                                f"{UNSEEN_TIMEOUT:.0f} s (it has expired)",
-                            ),
-                        )
-                    )
+                outcome = self._verdict(name, lane, inflight, known, now)
+                if outcome is not None:
+                    overdue.append((name, inflight, outcome))
         for name, inflight, outcome in overdue:
             if outcome.kind == "error":  # (lost ones are logged by _finish)
                 logger.warning(
@@ -649,6 +546,87 @@ class EventPump:
                     outcome.error,
                 )
             self._finish(name, inflight.item.token, inflight.item.seq, outcome)
+
+    def _verdict(
+        self,
+        name: str,
+        lane: Lane,
+        inflight: InFlight,
+        known: dict[str, Any] | None,
+        now: float,
+    ) -> Outcome | None:
+        """How the event in flight ended, if the watchdog can tell; None while it may run."""
+        item = inflight.item
+
+        def ended(kind: str, error: str, *, ran: bool = True, timer_error: bool = False) -> Outcome:
+            return Outcome(
+                seq=item.seq,
+                token=item.token,
+                ran=ran,
+                name=name,
+                kind=kind,
+                error=error,
+                timer_error=timer_error,
+            )
+
+        if inflight.killed_outcome is not None:
+            gone = not _process_exists(inflight.killing_pid or 0)
+            if gone or now - inflight.killing_since > KILL_WAIT:
+                return inflight.killed_outcome
+            return None
+        limit = lane.owner.time_limit
+        if (
+            limit is not None
+            and inflight.pid is not None
+            and inflight.started_at is not None
+            and time.time() - inflight.started_at > limit + LIMIT_GRACE
+            and _process_exists(inflight.pid)
+        ):
+            # Past its hard limit and Celery has not killed it: its timers run on the
+            # event loop, which stops during a warm shutdown.  Kill it here.
+            with contextlib.suppress(OSError):
+                os.kill(inflight.pid, signal.SIGKILL)
+            inflight.killing_pid, inflight.killing_since = inflight.pid, now
+            inflight.killed_outcome = ended("timeout", f"hard time limit ({limit:g} s) exceeded")
+            return None
+        if inflight.pid is not None and not _process_exists(inflight.pid):
+            # Killed from outside (SIGKILL, the OOM killer): Celery's own WorkerLostError
+            # may come seconds later; the process is gone now.
+            return ended("lost", f"its pool process (pid {inflight.pid}) died")
+        if known is not None and inflight.task_id in known:
+            inflight.seen, inflight.gone_at = True, None
+            return None
+        if inflight.seen and known is not None:
+            if inflight.gone_at is None:
+                inflight.gone_at = now
+                return None
+            if now - inflight.gone_at < REPORT_GRACE:
+                return None
+            if inflight.started_at is None:
+                # It left the table before the pool ever started it: Celery's consumer
+                # forgets its reserved requests when it loses the broker.  It never ran:
+                # revoke it here (a redelivered copy is skipped) and send it again.
+                _revoke_locally(inflight.task_id)
+                return ended(
+                    "lost",
+                    "dropped by the worker before it started (the broker connection was "
+                    "lost); sent again",
+                    ran=False,
+                )
+            # The timer keeps its last interval.
+            return ended(
+                "error",
+                "finished, but its report never arrived (Redis refused or lost it)",
+                timer_error=True,
+            )
+        if now - inflight.sent_at >= UNSEEN_TIMEOUT:
+            return ended(
+                "lost",
+                f"its message never reached the pool in {UNSEEN_TIMEOUT:.0f} s (it has "
+                "expired); sent again",
+                ran=False,
+            )
+        return None
 
     # ------------------------------------------------ Celery's own signals
 
