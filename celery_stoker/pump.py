@@ -174,6 +174,9 @@ class EventPump:
         self._thread: threading.Thread | None = None
         self._readers: list[ReportReader] = []
         self._warm_up: Callable[[], None] | None = None
+        #: Set while any event is in flight: only then do the report readers ask Redis
+        #: (an idle worker, follower or leader, sends no BLPOP).
+        self._busy = threading.Event()
         #: The pump's own fault, shown in status until it clears.
         self.error: str | None = None
         self.error_since: float | None = None
@@ -188,7 +191,9 @@ class EventPump:
 
     def add_reports(self, client_factory: Callable[[], redis.Redis], keys: Iterable[str]) -> None:
         """Read reports from ``keys`` (one Redis) with one BLPOP thread."""
-        self._readers.append(ReportReader(client_factory, sorted(set(keys)), self.reported))
+        self._readers.append(
+            ReportReader(client_factory, sorted(set(keys)), self.reported, self._busy)
+        )
 
     def start(self, warm_up: Callable[[], None] | None = None) -> None:
         """Start the pump thread; it first runs ``warm_up`` (what a first send would pay)."""
@@ -207,6 +212,7 @@ class EventPump:
             self._cond.notify_all()
         for reader in self._readers:
             reader.stop()
+        self._busy.set()  # wake the readers so they see the stop
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -235,13 +241,28 @@ class EventPump:
             self._cond.notify_all()
 
     def end_term(self, name: str) -> None:
-        """The term stops acting: nothing more is sent (an event in flight runs to its end)."""
+        """The term stops acting: nothing more is sent.
+
+        An event already running in the pool runs to its end (the stepping-down
+        leader waits for it); one sent but not started yet never will: it is
+        revoked in this worker, so its ``shutdown`` need not wait for it.
+        """
         with self._cond:
             lane = self._lanes[name]
             lane.token = None
             lane.pending.clear()
             lane.timer_due = lane.not_before = None
             self._ready.discard(name)
+            inflight = lane.inflight
+            if (
+                inflight is not None
+                and inflight.started_at is None
+                and inflight.killed_outcome is None
+            ):
+                _revoke_locally(inflight.task_id)
+                lane.inflight = None
+                lane.idle.set()
+                self._note_busy()
 
     def submit(self, name: str, token: int, event: str, reason: Any) -> None:
         """Queue ``event`` for the term ``token`` (dropped if that term is not the lane's)."""
@@ -333,6 +354,7 @@ class EventPump:
                 outcome = inflight.killed_outcome
             lane.inflight = None
             lane.idle.set()
+            self._note_busy()
             item = inflight.item
         if outcome.kind in ("lost", "timeout"):
             logger.error(
@@ -405,6 +427,11 @@ class EventPump:
             lane.timer_due = None
         else:
             self._arm_timer(lane, now + interval)
+
+    def _note_busy(self) -> None:
+        """Clear the busy flag once no lane has an event in flight (lock held)."""
+        if not any(lane.inflight is not None for lane in self._lanes.values()):
+            self._busy.clear()
 
     def _arm_timer(self, lane: Lane, due: float) -> None:
         lane.timer_due = due
@@ -497,6 +524,7 @@ class EventPump:
                 task_id = str(uuid.uuid4())
                 lane.inflight = InFlight(item, task_id, now)
                 lane.idle.clear()
+                self._busy.set()
                 lane.timer_due = None  # re-armed from the event's own answer
                 out.append((lane, item, task_id))
                 break
@@ -517,6 +545,7 @@ class EventPump:
                 if lane.inflight is not None and lane.inflight.task_id == task_id:
                     lane.inflight = None
                     lane.idle.set()
+                    self._note_busy()
                     if lane.token == item.token:
                         lane.pending.appendleft(item)
                         self._hold_lane(lane, time.monotonic() + SEND_RETRY)
@@ -707,10 +736,14 @@ class ReportReader:
         client_factory: Callable[[], redis.Redis],
         keys: list[str],
         sink: Callable[[Outcome], None],
+        busy: threading.Event,
     ) -> None:
         self._client_factory = client_factory
         self.keys = keys
         self._sink = sink
+        #: Set while an event is in flight; otherwise nothing can report, and the
+        #: reader waits here instead of asking Redis.
+        self._busy = busy
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stoker-reports", daemon=True)
         self.error: str | None = None
@@ -729,6 +762,8 @@ class ReportReader:
         backoff = 0.05
         client: redis.Redis | None = None
         while not self._stopping.is_set():
+            if not self._busy.wait(self.BLOCK):
+                continue
             try:
                 if client is None:
                     client = self._client_factory()

@@ -7,6 +7,7 @@ once every Stoker leads, and the threads in the worker's main process.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,3 +62,28 @@ def test_connections_and_threads_do_not_grow_with_stokers(
     print(f"\n1 Stoker: {one[0]} connections, {one[1]} threads; 101: {many[0]}, {many[1]}")
     assert many[0] - one[0] <= 4, f"connections grew from {one[0]} to {many[0]}"
     assert many[1] - one[1] <= 100, f"threads grew from {one[1]} to {many[1]}"
+
+
+def test_an_idle_fleet_sends_no_blpop(
+    fleets: Callable[..., Fleet], make_redis_server: Callable[..., RedisServer]
+) -> None:
+    """With no event in flight (no timer), neither leader nor follower asks for reports."""
+    lease_redis = make_redis_server()
+    fleet = fleets("prefork", ttl=2.0, STOKER_TEST_URL=lease_redis.url_for(0))
+    fleet.start("w1@%h")
+    follower = fleet.start("w2@%h")
+    wait_for(lambda: "following" in follower.log() or "became leader" in follower.log(), 30)
+    client = lease_redis.client()
+    wait_for(
+        lambda: b"now_leader" in (client.hget("stoker:{recorder}:info", "last_event") or b""), 30
+    )
+
+    def blpops() -> int:
+        stats = client.info("commandstats")
+        return int(stats.get("cmdstat_blpop", {}).get("calls", 0))
+
+    before = blpops()
+    # An observation window, not a timing assertion: any reader polling once a second
+    # would show up several times in it.
+    time.sleep(3.0)
+    assert blpops() == before
