@@ -1,24 +1,26 @@
-"""Scale: 10, 100 and 500 activators electing on one Redis.
+"""Scale: 10 to 2,000 activators electing on one Redis, sharing connections as workers do.
 
 Each simulated activator is what a worker runs for one Stoker, minus Celery:
-its own :class:`celery_stoker.lease.RedisLease` (own connection) and its own
-:class:`celery_stoker.lease.LeaseListener` (own pub/sub connection), driven
-by a thread with the activator's follower/leader loop (acquire, else wait for
-a release or the expiry; as leader, renew every TTL/3).  They are spread over
-a few processes, as a fleet of workers would be over machines.
+a :class:`celery_stoker.lease.RedisLease` driven by a thread with the
+election's follower/leader loop (acquire, else wait for a release or the
+expiry; as leader, renew every TTL/3).  They are spread over processes (one
+per 100 activators, at least 4), and within a process they share what a
+worker's activators share: one client with a capped connection pool
+(``MAX_CONNECTIONS``) and one :class:`celery_stoker.lease.LeaseListener`
+(one pub/sub connection).  So 2,000 activators hold a few dozen
+connections, not 4,000.
 
 Per fleet size it measures:
 
 * **release -> new leader**: the leader releases (as on a clean stop) and
   leaves the race; the time until another activator's acquire has returned
-  a term, and how many client commands that failover cost (every waiter
-  wakes and tries once);
+  a term, and how many client commands that failover cost;
 * **exactly one leads**: after each failover, the number of activators that
   hold a valid term, summed over all processes, and Redis's holder;
 * **idle cost**: Redis operations per second (``total_commands_processed``,
   which counts a script's inner commands too), client commands per second
-  (MONITOR), Redis CPU, and the activators' own CPU, while one leader renews
-  and every other activator waits.
+  (MONITOR), Redis CPU, the activators' own CPU and the connections they
+  hold, while one leader renews and every other activator waits.
 
     python -m bench.scale --mode quick
 """
@@ -64,11 +66,15 @@ from celery_stoker.lease import (
 
 NAME = "scale"
 TTL = 10.0
+#: Connections in each process's shared pool, as a worker's (``bootstep.MAX_SHARED_CONNECTIONS``).
+MAX_CONNECTIONS = 4
+#: Targets at 500 activators and more: release -> new leader, and commands per failover.
+TARGET_P50, TARGET_MAX, TARGET_CMDS = 0.010, 0.050, 5
 PLANS: dict[str, dict[str, Any]] = {
     "smoke": {"sizes": [10, 30], "rounds": 2, "idle_s": 2.0, "ttl": 3.0},
     # Idle windows are whole renew intervals (TTL/3), so each holds a whole number of renewals.
     "quick": {"sizes": [10, 100, 500], "rounds": 4, "idle_s": TTL / 3, "ttl": TTL},
-    "full": {"sizes": [10, 100, 500], "rounds": 20, "idle_s": 30.0, "ttl": TTL},
+    "full": {"sizes": [10, 100, 500, 2000], "rounds": 20, "idle_s": 30.0, "ttl": TTL},
 }
 
 
@@ -78,23 +84,20 @@ PLANS: dict[str, dict[str, Any]] = {
 class SimActivator:
     """The activator's election loop for one simulated worker, without Celery."""
 
-    def __init__(self, idx: int, url: str, ttl: float, results: Any) -> None:
+    def __init__(
+        self, idx: int, client: redis.Redis, listener: LeaseListener, ttl: float, results: Any
+    ) -> None:
         self.idx = idx
         self.ttl = ttl
         self.results = results
-        self.listener = LeaseListener(
-            lambda: redis.Redis.from_url(url, socket_timeout=None, socket_connect_timeout=2.0),
-            lease_channel("stoker"),
-            thread_name=f"listener-{idx}",
-        )
-        self.client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.client = client
         self.lease = RedisLease(
             self.client,
             NAME,
             holder_id=f"sim-{idx}",
             hostname=f"sim{idx}",
             ttl=ttl,
-            listener=self.listener,
+            listener=listener,
         )
         self.term: Term | None = None
         self.highest = 0
@@ -143,15 +146,27 @@ class SimActivator:
 
 def host_main(conn: Connection, results: Any, url: str, ttl: float, first: int, count: int) -> None:
     """One process hosting ``count`` activators; obeys commands from the parent on ``conn``."""
-    sims = [SimActivator(first + i, url, ttl, results) for i in range(count)]
-    for sim in sims:
-        sim.listener.start(wait_subscribed=0)
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=2.0,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+    )
+    client = redis.Redis(connection_pool=pool)
+    listener = LeaseListener(
+        lambda: redis.Redis.from_url(url, socket_timeout=None, socket_connect_timeout=2.0),
+        lease_channel("stoker"),
+        thread_name=f"listener-{first}",
+    )
+    listener.start(wait_subscribed=0)
+    sims = [SimActivator(first + i, client, listener, ttl, results) for i in range(count)]
     deadline = time.monotonic() + 60
-    while not all(s.listener.subscribed for s in sims) and time.monotonic() < deadline:
+    while not listener.subscribed and time.monotonic() < deadline:
         time.sleep(0.01)
     for sim in sims:
         sim.thread.start()
-    conn.send(("ready", sum(s.listener.subscribed for s in sims)))
+    conn.send(("ready", count if listener.subscribed else 0))
     try:
         while True:
             command = conn.recv()
@@ -173,7 +188,7 @@ def host_main(conn: Connection, results: Any, url: str, ttl: float, first: int, 
             sim.stop()
         for sim in sims:
             sim.thread.join(2)
-            sim.listener.stop(0.5)
+        listener.stop(0.5)
         conn.send("stopped")
 
 
@@ -300,7 +315,10 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
         ops1, rcpu1 = _info(client)
         ccpu1 = cpu_seconds(pids)
         client_cmds = _sim_commands(counter, pids, server.port)
+        own = {int(client.client_id())}
+        connections = sum(1 for c in client.client_list() if int(c["id"]) not in own) - 1
         idle = {
+            "connections": connections,  # less the MONITOR connection
             "window_s": elapsed,
             "redis_ops_per_s": (ops1 - ops0 - 1) / elapsed,  # minus our first INFO
             "client_cmds_per_s": client_cmds / elapsed,
@@ -384,6 +402,14 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
     }
 
 
+def _target(r: dict[str, Any]) -> str:
+    if r["activators"] < 500:
+        return "-"
+    f, c = r["failover"], r["commands_per_failover"]
+    met = f["median"] <= TARGET_P50 and f["max"] <= TARGET_MAX and c["median"] <= TARGET_CMDS
+    return "met" if met else "MISSED"
+
+
 def _busy(summary: dict[str, Any] | None) -> str:
     if not summary or summary.get("median") is None:
         return "-"
@@ -392,13 +418,16 @@ def _busy(summary: dict[str, Any] | None) -> str:
 
 def table(results: list[dict[str, Any]], ttl: float) -> Table:
     t = Table(
-        f"Scale: N activators (own lease + listener connection each) on one Redis, TTL {ttl:g} s",
+        f"Scale: N activators on one Redis (per process: one shared client, one listener), "
+        f"TTL {ttl:g} s",
         [
             "activators",
             "release -> new leader p50 (min - max)",
             "exactly one leads",
             "cmds per failover",
             "Redis busy per failover",
+            "target (>= 500)",
+            "connections",
             "idle Redis ops/s",
             "idle client cmds/s",
             "idle Redis CPU %",
@@ -414,6 +443,8 @@ def table(results: list[dict[str, Any]], ttl: float) -> Table:
             f"yes, {f['n']}/{f['n']} rounds" if r["exactly_one_every_round"] else "NO",
             fmt_num(c["median"], digits=0),
             _busy(r.get("redis_busy_per_failover_us")),
+            _target(r),
+            idle.get("connections", "-"),
             fmt_num(idle["redis_ops_per_s"], digits=2),
             fmt_num(idle["client_cmds_per_s"], digits=2),
             fmt_num(idle["redis_cpu_percent"], digits=2),
@@ -424,9 +455,13 @@ def table(results: list[dict[str, Any]], ttl: float) -> Table:
         "client cmds/s counts what clients send (one EVALSHA per renewal)"
     )
     t.notes.append(
-        "each renewal is also delivered to every listener (N pub/sub messages per renewal); "
-        "each failover wakes every waiter, which tries the lease once; Redis busy: its "
-        "own time executing those commands (INFO commandstats), median"
+        "each renewal is delivered to every listener (one per process); a release names one "
+        "waiter, which alone tries; Redis busy: its own time executing a failover's "
+        "commands (INFO commandstats), median; connections: CLIENT LIST while idle"
+    )
+    t.notes.append(
+        f"target at 500 and 2,000: p50 <= {TARGET_P50 * 1000:g} ms, max <= "
+        f"{TARGET_MAX * 1000:g} ms, <= {TARGET_CMDS} commands per failover"
     )
     return t
 

@@ -1,4 +1,10 @@
-"""Handover bench: a Stoker on a timer that records every phase of a clean failover.
+"""Handover bench: Stokers that record every phase of a clean failover.
+
+Two Stokers: ``handover`` has no timer (only its term's events: the failover
+is measured on it, as on any Stoker with nothing in flight), ``ticker`` runs a
+timer every ``BENCH_TIMER`` seconds (the steady-state events of the same run,
+and a failover with an event possibly in flight).  Every record carries the
+Stoker's name.
 
 What it records (lists in ``BENCH_RECORD_URL``, one JSON object per line):
 
@@ -16,8 +22,8 @@ The main process never writes to Redis on the measured path: its records go
 to a queue that a thread of this app flushes (a pool process writes its own
 record after taking its start time).  Environment: ``BENCH_BROKER``,
 ``BENCH_STOKER_URL`` (``stoker_url``; defaults to the broker), ``BENCH_RECORD_URL``,
-``BENCH_TTL`` (lease TTL), ``BENCH_TIMER`` (seconds between timer events, 0
-for none).
+``BENCH_TTL`` (lease TTL), ``BENCH_TIMER`` (seconds between the ticker's
+timer events, 0 for no ticker).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ RECORD_URL = os.environ.get("BENCH_RECORD_URL") or BROKER
 TIMER = float(os.environ.get("BENCH_TIMER", "0.2"))
 DISPATCH_TASK = "celery_stoker.dispatch"
 NAME = "handover"
+TICKER = "ticker"
 
 app = Celery("handoverbench", broker=BROKER)
 app.conf.update(
@@ -117,7 +124,8 @@ def _on_publish(sender: Any = None, body: Any = None, headers: Any = None, **kw:
     args = _args_of(body) or []
     task_id = (headers or {}).get("id")
     note(
-        "pub", at=at, id=task_id, token=args[1] if len(args) > 1 else None,
+        "pub", at=at, id=task_id, stoker=args[0] if args else None,
+        token=args[1] if len(args) > 1 else None,
         event=args[3] if len(args) > 3 else None, node=args[6] if len(args) > 6 else None,
     )  # fmt: skip
 
@@ -129,9 +137,10 @@ def _on_received(sender: Any = None, request: Any = None, **kw: Any) -> None:
     note("recv", at=time.time(), id=getattr(request, "id", None))
 
 
-@stoker(app, name=NAME)
 class Handover(Stoker):
-    """Records its callbacks' starts, its shutdown and its hooks."""
+    """Records its callbacks' starts, its shutdown and its hooks; no timer."""
+
+    timer: float | None = None
 
     def init(self) -> dict[str, int]:
         return {"n": 0}
@@ -140,8 +149,8 @@ class Handover(Stoker):
         started = time.time()
         ctx = self.context
         if event == "shutdown":
-            note("shutdown", phase="start", at=started, node=ctx.hostname, token=ctx.token)
-            note("shutdown", phase="end", node=ctx.hostname, token=ctx.token)
+            note("shutdown", phase="start", at=started, stoker=ctx.name, token=ctx.token)
+            note("shutdown", phase="end", stoker=ctx.name, node=ctx.hostname, token=ctx.token)
             return {"n": state["n"] + 1}
         request = getattr(current_task, "request", None)
         _client().rpush(
@@ -151,6 +160,7 @@ class Handover(Stoker):
                     "id": getattr(request, "id", None),
                     "at": started,
                     "event": event,
+                    "stoker": ctx.name,
                     "token": ctx.token,
                     "node": ctx.hostname,
                     "pid": os.getpid(),
@@ -160,16 +170,24 @@ class Handover(Stoker):
         return {"n": state["n"] + 1}
 
     def next_timer_in(self, state: dict[str, int]) -> float | None:
-        return TIMER or None
+        return self.timer
 
     def leader_started(self) -> None:
-        note("hook", hook="started", node=self.context.hostname, token=self.context.token)
+        ctx = self.context
+        note("hook", hook="started", stoker=ctx.name, node=ctx.hostname, token=ctx.token)
 
     def leader_stopping(self, reason: str) -> None:
+        ctx = self.context
         note(
             "hook",
             hook="stopping",
-            node=self.context.hostname,
-            token=self.context.token,
+            stoker=ctx.name,
+            node=ctx.hostname,
+            token=ctx.token,
             reason=reason,
         )
+
+
+stoker(app, name=NAME)(Handover)
+if TIMER:
+    stoker(app, name=TICKER)(type("Ticker", (Handover,), {"timer": TIMER}))
