@@ -181,6 +181,14 @@ def host_main(conn: Connection, results: Any, url: str, ttl: float, first: int, 
                 conn.send(True)
             elif command == "count":
                 conn.send(sum(s.leads() for s in sims))
+            elif command == "who":
+                conn.send(
+                    [
+                        (s.idx, s.term.token, round(s.term.time_left(), 3))
+                        for s in sims
+                        if s.leads() and s.term is not None
+                    ]
+                )
             elif command == "stop":
                 break
     finally:
@@ -332,9 +340,14 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
             fleet.drain()
             counter.take()
             busy0 = _busy_usec(client)
+            before = [x for part in fleet.ask("who") for x in part]
+            raw = client.get(lease_key("stoker", NAME))
             released = fleet.ask("release")
             if sum(released) != 1:
-                raise RuntimeError(f"{sum(released)} leaders before round {i + 1}")
+                raise RuntimeError(
+                    f"{sum(released)} leaders before round {i + 1}: (idx, token, s left) "
+                    f"{before}; Redis holds {raw!r}"
+                )
             t_rel: float | None = None
             t_new: float | None = None
             new_idx = None
