@@ -1,7 +1,7 @@
 """Run every benchmark in one go, print every table, write JSON, Markdown and the plot.
 
-    python -m bench.run_all --quick     # under five minutes; fewer rounds, RedBeat capped
-    python -m bench.run_all --full      # the figures BENCHMARKS.md quotes (about an hour)
+    python -m bench.run_all --quick     # about ten minutes; fewer rounds, RedBeat capped
+    python -m bench.run_all --full      # every round (about an hour: RedBeat's defaults)
     python -m bench.run_all --smoke     # a minute: only checks that everything runs
 
 Results go to ``bench/results/<mode>/`` (``--out`` to change): one JSON per
