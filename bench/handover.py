@@ -72,9 +72,15 @@ TIMER = 0.2
 TARGET_P95 = 0.020
 
 PLANS: dict[str, dict[str, Any]] = {
-    "smoke": {"ttls": [2.0], "rounds": 1, "followers": [2], "cmd_rounds": 1},
-    "quick": {"ttls": [2.0, 10.0], "rounds": 6, "followers": [2, 8], "cmd_rounds": 3},
-    "full": {"ttls": [2.0, 10.0], "rounds": 20, "followers": [2, 8], "cmd_rounds": 10},
+    "smoke": {"ttls": [2.0], "rounds": 1, "followers": [2], "cmd_rounds": 1, "control": 0},
+    "quick": {"ttls": [2.0, 10.0], "rounds": 6, "followers": [2, 8], "cmd_rounds": 3, "control": 6},
+    "full": {
+        "ttls": [2.0, 10.0],
+        "rounds": 20,
+        "followers": [2, 8],
+        "cmd_rounds": 10,
+        "control": 20,
+    },
 }
 
 #: (key, label) of each phase, in order; each is a time since the signal.
@@ -377,8 +383,12 @@ def _phases(
 # --------------------------------------------------------------------------- scenarios
 
 
-def rolling(ttl: float, rounds: int, settle: float) -> dict[str, Any]:
-    """SIGTERM to the leader of three prefork workers while a fourth boots, ``rounds`` times."""
+def rolling(ttl: float, rounds: int, settle: float, *, deploy: bool = True) -> dict[str, Any]:
+    """SIGTERM to the leader of three prefork workers while a fourth boots, ``rounds`` times.
+
+    ``deploy=False`` is the control: nothing boots during the round; the stopped
+    worker is replaced after it, once the new leader acts.
+    """
     broker, stoker = start_redis(), start_redis()
     monitor = Monitor(stoker.port).start()
     channel = ChannelLog(stoker, lease_channel("stoker")).start()
@@ -394,9 +404,9 @@ def rolling(ttl: float, rounds: int, settle: float) -> dict[str, Any]:
             ticker = fleet.holder(TICKER)
             ticker_moves = ticker is not None and ticker.hostname == victim.node
             monitor.clear()
-            newcomer = fleet.start("n")
+            newcomer = fleet.start("n") if deploy else None
             time.sleep(random.uniform(0.3, 1.2))  # into the newcomer's boot
-            booting = not newcomer.ready()
+            booting = newcomer is not None and not newcomer.ready()
             t0 = time.time()
             victim.signal(signal.SIGTERM)
             new = wait_for(
@@ -432,6 +442,8 @@ def rolling(ttl: float, rounds: int, settle: float) -> dict[str, Any]:
                 }
             )
             fleet.retire(victim)
+            if not deploy:
+                fleet.start("n")
         # Dispatch of every event of the run: sent -> callback start, by task id.
         pubs = {p["id"]: p for p in fleet.records("pub")}
         recvs = {r["id"]: r for r in fleet.records("recv")}
@@ -462,6 +474,7 @@ def rolling(ttl: float, rounds: int, settle: float) -> dict[str, Any]:
         stoker.close()
     return {
         "ttl": ttl,
+        "deploy": deploy,
         "rounds": out,
         "summary": summarize([r["seconds"] for r in out]),
         "ticker_summary": summarize(
@@ -576,6 +589,20 @@ def tables(data: dict[str, Any]) -> list[Table]:
                 "",
                 "",
             )
+    control = data.get("control")
+    if control:
+        s = control["summary"]
+        t.add(
+            f"{control['ttl']:g} s, control: no 4th worker",
+            s["n"],
+            _ms(s["median"]),
+            _ms(s["p95"]),
+            _ms(s["min"]),
+            _ms(s["max"]),
+            "(control)",
+            "",
+            "0",
+        )
     bad = [r for run in runs for r in run["rounds"] if not r["ok"]]
     if bad:
         t.notes.append(f"{len(bad)} round(s) elected the stopped worker again")
@@ -588,12 +615,19 @@ def tables(data: dict[str, Any]) -> list[Table]:
         "a 0.2 s timer) is measured in the rounds where the signalled worker led it too"
     )
 
+    cols = runs + ([control] if control else [])
     p = Table(
         "Clean failover by phase (rolling deploy), medians over rounds, time since the signal",
-        ["phase", *[f"TTL {run['ttl']:g} s" for run in runs]],
+        [
+            "phase",
+            *[
+                f"TTL {run['ttl']:g} s" + ("" if run.get("deploy", True) else ", control")
+                for run in cols
+            ],
+        ],
     )
     for key, label in PHASES:
-        p.add(label, *[_ms(run["phase_medians"].get(key)) for run in runs])
+        p.add(label, *[_ms(run["phase_medians"].get(key)) for run in cols])
     p.notes.append(
         "each column is a median of its own, so medians need not add up; '-': not seen "
         "(the old code announces no 'acquired')"
@@ -694,6 +728,9 @@ def run(mode: str) -> tuple[dict[str, Any], list[Table]]:
     for ttl in plan["ttls"]:
         print(f"  rolling deploy, SIGTERM at TTL {ttl:g} s: {plan['rounds']} rounds", flush=True)
         data["rolling"].append(rolling(ttl, plan["rounds"], settle))
+    if plan["control"]:
+        print(f"  control, nothing booting, TTL 2 s: {plan['control']} rounds", flush=True)
+        data["control"] = rolling(2.0, plan["control"], settle, deploy=False)
     for followers in plan["followers"]:
         print(f"  commands per failover, {followers} followers", flush=True)
         data["commands"].append(commands(followers, plan["cmd_rounds"]))
