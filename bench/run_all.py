@@ -1,7 +1,7 @@
 """Run every benchmark in one go, print every table, write JSON, Markdown and the plot.
 
-    python -m bench.run_all --quick     # under five minutes; fewer rounds, RedBeat capped
-    python -m bench.run_all --full      # the figures BENCHMARKS.md quotes (about an hour)
+    python -m bench.run_all --quick     # about ten minutes; fewer rounds, RedBeat capped
+    python -m bench.run_all --full      # every round (about an hour: RedBeat's defaults)
     python -m bench.run_all --smoke     # a minute: only checks that everything runs
 
 Results go to ``bench/results/<mode>/`` (``--out`` to change): one JSON per
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import dispatch, failover, idle, recovery, scale
+from bench import dispatch, failover, footprint, handover, idle, recovery, scale
 from bench.common import (
     ROOT,
     RunDir,
@@ -39,18 +39,22 @@ Runner = Callable[[str], tuple[dict[str, Any], list[Table]]]
 #: In this order: failover first, while the machine is freshest for the ms figures.
 BENCHES: dict[str, Runner] = {
     "failover": failover.run,
+    "handover": handover.run,
     "dispatch": dispatch.run,
     "recovery": recovery.run,
     "idle": idle.run,
+    "footprint": footprint.run,
     "scale": scale.run,
 }
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "failover": failover.render,
+    "handover": handover.render,
     "dispatch": dispatch.render,
     "recovery": recovery.render,
     "idle": idle.render,
+    "footprint": footprint.render,
     "scale": scale.render,
 }
 

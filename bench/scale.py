@@ -1,24 +1,26 @@
-"""Scale: 10, 100 and 500 activators electing on one Redis.
+"""Scale: 10 to 2,000 activators electing on one Redis, sharing connections as workers do.
 
 Each simulated activator is what a worker runs for one Stoker, minus Celery:
-its own :class:`celery_stoker.lease.RedisLease` (own connection) and its own
-:class:`celery_stoker.lease.LeaseListener` (own pub/sub connection), driven
-by a thread with the activator's follower/leader loop (acquire, else wait for
-a release or the expiry; as leader, renew every TTL/3).  They are spread over
-a few processes, as a fleet of workers would be over machines.
+a :class:`celery_stoker.lease.RedisLease` driven by a thread with the
+election's follower/leader loop (acquire, else wait for a release or the
+expiry; as leader, renew every TTL/3).  They are spread over processes (one
+per 100 activators, at least 4), and within a process they share what a
+worker's activators share: one client with a capped connection pool
+(``MAX_CONNECTIONS``) and one :class:`celery_stoker.lease.LeaseListener`
+(one pub/sub connection).  So 2,000 activators hold a few dozen
+connections, not 4,000.
 
 Per fleet size it measures:
 
 * **release -> new leader**: the leader releases (as on a clean stop) and
   leaves the race; the time until another activator's acquire has returned
-  a term, and how many client commands that failover cost (every waiter
-  wakes and tries once);
+  a term, and how many client commands that failover cost;
 * **exactly one leads**: after each failover, the number of activators that
   hold a valid term, summed over all processes, and Redis's holder;
 * **idle cost**: Redis operations per second (``total_commands_processed``,
   which counts a script's inner commands too), client commands per second
-  (MONITOR), Redis CPU, and the activators' own CPU, while one leader renews
-  and every other activator waits.
+  (MONITOR), Redis CPU, the activators' own CPU and the connections they
+  hold, while one leader renews and every other activator waits.
 
     python -m bench.scale --mode quick
 """
@@ -64,11 +66,17 @@ from celery_stoker.lease import (
 
 NAME = "scale"
 TTL = 10.0
+#: Connections in each process's shared pool, as a worker's (``bootstep.MAX_SHARED_CONNECTIONS``).
+MAX_CONNECTIONS = 4
+#: Targets at 500 activators and more: release -> new leader, and commands per failover.
+TARGET_P50, TARGET_MAX, TARGET_CMDS = 0.010, 0.050, 5
+#: Backoff after a command raised, as the election's (``election.BACKOFF_*``).
+BACKOFF_START, BACKOFF_MAX = 0.05, 0.5
 PLANS: dict[str, dict[str, Any]] = {
     "smoke": {"sizes": [10, 30], "rounds": 2, "idle_s": 2.0, "ttl": 3.0},
     # Idle windows are whole renew intervals (TTL/3), so each holds a whole number of renewals.
     "quick": {"sizes": [10, 100, 500], "rounds": 4, "idle_s": TTL / 3, "ttl": TTL},
-    "full": {"sizes": [10, 100, 500], "rounds": 20, "idle_s": 30.0, "ttl": TTL},
+    "full": {"sizes": [10, 100, 500, 2000], "rounds": 20, "idle_s": 30.0, "ttl": TTL},
 }
 
 
@@ -78,26 +86,25 @@ PLANS: dict[str, dict[str, Any]] = {
 class SimActivator:
     """The activator's election loop for one simulated worker, without Celery."""
 
-    def __init__(self, idx: int, url: str, ttl: float, results: Any) -> None:
+    def __init__(
+        self, idx: int, client: redis.Redis, listener: LeaseListener, ttl: float, results: Any
+    ) -> None:
         self.idx = idx
         self.ttl = ttl
         self.results = results
-        self.listener = LeaseListener(
-            lambda: redis.Redis.from_url(url, socket_timeout=None, socket_connect_timeout=2.0),
-            lease_channel("stoker"),
-            thread_name=f"listener-{idx}",
-        )
-        self.client = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.client = client
         self.lease = RedisLease(
             self.client,
             NAME,
             holder_id=f"sim-{idx}",
             hostname=f"sim{idx}",
             ttl=ttl,
-            listener=self.listener,
+            listener=listener,
         )
         self.term: Term | None = None
         self.highest = 0
+        #: Commands that raised (and were retried after a backoff).
+        self.errors = 0
         self.active = threading.Event()
         self.active.set()
         self.release_now = threading.Event()
@@ -109,30 +116,45 @@ class SimActivator:
         return term is not None and term.is_valid()
 
     def run(self) -> None:
-        renew_interval = self.ttl / 3
+        backoff = BACKOFF_START
         while not self.stopping.is_set():
-            if not self.active.is_set():
-                self.active.wait(0.1)
-                continue
-            if self.term is None:
-                result = self.lease.acquire(self.highest)
-                if result.term is not None:
-                    self.term = result.term
-                    self.highest = max(self.highest, result.term.token)
-                    self.results.put(("leader", self.idx, time.time(), result.term.token))
-                    continue
-                if result.holder is not None and result.holder.token:
-                    self.highest = max(self.highest, result.holder.token)
-                self.lease.wait(self.lease.wait_timeout(result.holder))
-            elif self.release_now.wait(renew_interval):
-                self.release_now.clear()
-                term, self.term = self.term, None
-                self.active.clear()  # a stopping worker leaves the race
-                released_at = time.time()
-                self.lease.release(term)
-                self.results.put(("released", self.idx, released_at, term.token))
-            elif not self.lease.renew(self.term):
-                self.term = None
+            try:
+                self.step()
+                backoff = BACKOFF_START
+            except (redis.RedisError, OSError):
+                # As the election does: a refused or timed-out command (the shared pool
+                # was busy, Redis slow) is retried after a backoff, never a dead thread.
+                self.errors += 1
+                term = self.term
+                if term is not None and not term.is_valid():
+                    self.term = None
+                self.stopping.wait(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def step(self) -> None:
+        renew_interval = self.ttl / 3
+        if not self.active.is_set():
+            self.active.wait(0.1)
+            return
+        if self.term is None:
+            result = self.lease.acquire(self.highest)
+            if result.term is not None:
+                self.term = result.term
+                self.highest = max(self.highest, result.term.token)
+                self.results.put(("leader", self.idx, time.time(), result.term.token))
+                return
+            if result.holder is not None and result.holder.token:
+                self.highest = max(self.highest, result.holder.token)
+            self.lease.wait(self.lease.wait_timeout(result.holder))
+        elif self.release_now.wait(renew_interval):
+            self.release_now.clear()
+            term, self.term = self.term, None
+            self.active.clear()  # a stopping worker leaves the race
+            released_at = time.time()
+            self.lease.release(term)
+            self.results.put(("released", self.idx, released_at, term.token))
+        elif not self.lease.renew(self.term):
+            self.term = None
 
     def stop(self) -> None:
         self.stopping.set()
@@ -143,15 +165,27 @@ class SimActivator:
 
 def host_main(conn: Connection, results: Any, url: str, ttl: float, first: int, count: int) -> None:
     """One process hosting ``count`` activators; obeys commands from the parent on ``conn``."""
-    sims = [SimActivator(first + i, url, ttl, results) for i in range(count)]
-    for sim in sims:
-        sim.listener.start(wait_subscribed=0)
+    pool = redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=2.0,
+        socket_timeout=2.0,
+        socket_connect_timeout=2.0,
+    )
+    client = redis.Redis(connection_pool=pool)
+    listener = LeaseListener(
+        lambda: redis.Redis.from_url(url, socket_timeout=None, socket_connect_timeout=2.0),
+        lease_channel("stoker"),
+        thread_name=f"listener-{first}",
+    )
+    listener.start(wait_subscribed=0)
+    sims = [SimActivator(first + i, client, listener, ttl, results) for i in range(count)]
     deadline = time.monotonic() + 60
-    while not all(s.listener.subscribed for s in sims) and time.monotonic() < deadline:
+    while not listener.subscribed and time.monotonic() < deadline:
         time.sleep(0.01)
     for sim in sims:
         sim.thread.start()
-    conn.send(("ready", sum(s.listener.subscribed for s in sims)))
+    conn.send(("ready", count if listener.subscribed else 0))
     try:
         while True:
             command = conn.recv()
@@ -166,6 +200,16 @@ def host_main(conn: Connection, results: Any, url: str, ttl: float, first: int, 
                 conn.send(True)
             elif command == "count":
                 conn.send(sum(s.leads() for s in sims))
+            elif command == "errors":
+                conn.send(sum(s.errors for s in sims))
+            elif command == "who":
+                conn.send(
+                    [
+                        (s.idx, s.term.token, round(s.term.time_left(), 3))
+                        for s in sims
+                        if s.leads() and s.term is not None
+                    ]
+                )
             elif command == "stop":
                 break
     finally:
@@ -173,7 +217,7 @@ def host_main(conn: Connection, results: Any, url: str, ttl: float, first: int, 
             sim.stop()
         for sim in sims:
             sim.thread.join(2)
-            sim.listener.stop(0.5)
+        listener.stop(0.5)
         conn.send("stopped")
 
 
@@ -300,7 +344,10 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
         ops1, rcpu1 = _info(client)
         ccpu1 = cpu_seconds(pids)
         client_cmds = _sim_commands(counter, pids, server.port)
+        own = {int(client.client_id())}
+        connections = sum(1 for c in client.client_list() if int(c["id"]) not in own) - 1
         idle = {
+            "connections": connections,  # less the MONITOR connection
             "window_s": elapsed,
             "redis_ops_per_s": (ops1 - ops0 - 1) / elapsed,  # minus our first INFO
             "client_cmds_per_s": client_cmds / elapsed,
@@ -314,9 +361,14 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
             fleet.drain()
             counter.take()
             busy0 = _busy_usec(client)
+            before = [x for part in fleet.ask("who") for x in part]
+            raw = client.get(lease_key("stoker", NAME))
             released = fleet.ask("release")
             if sum(released) != 1:
-                raise RuntimeError(f"{sum(released)} leaders before round {i + 1}")
+                raise RuntimeError(
+                    f"{sum(released)} leaders before round {i + 1}: (idx, token, s left) "
+                    f"{before}; Redis holds {raw!r}"
+                )
             t_rel: float | None = None
             t_new: float | None = None
             new_idx = None
@@ -360,6 +412,7 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
                     "redis_busy_us": busy,
                 }
             )
+        errors = sum(fleet.ask("errors"))
     finally:
         fleet.close()
         counter.stop()
@@ -371,6 +424,8 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
         "ttl": ttl,
         "startup_s": startup_s,
         "idle": idle,
+        # Commands that raised in the activators (retried after a backoff).
+        "errors": errors,
         "rounds": out_rounds,
         "failover": summarize([r["seconds"] for r in out_rounds]),
         "commands_per_failover": summarize([r["client_commands"] for r in out_rounds]),
@@ -384,6 +439,14 @@ def measure(size: int, rounds: int, idle_s: float, ttl: float = TTL) -> dict[str
     }
 
 
+def _target(r: dict[str, Any]) -> str:
+    if r["activators"] < 500:
+        return "-"
+    f, c = r["failover"], r["commands_per_failover"]
+    met = f["median"] <= TARGET_P50 and f["max"] <= TARGET_MAX and c["median"] <= TARGET_CMDS
+    return "met" if met else "MISSED"
+
+
 def _busy(summary: dict[str, Any] | None) -> str:
     if not summary or summary.get("median") is None:
         return "-"
@@ -392,13 +455,16 @@ def _busy(summary: dict[str, Any] | None) -> str:
 
 def table(results: list[dict[str, Any]], ttl: float) -> Table:
     t = Table(
-        f"Scale: N activators (own lease + listener connection each) on one Redis, TTL {ttl:g} s",
+        f"Scale: N activators on one Redis (per process: one shared client, one listener), "
+        f"TTL {ttl:g} s",
         [
             "activators",
             "release -> new leader p50 (min - max)",
             "exactly one leads",
             "cmds per failover",
             "Redis busy per failover",
+            "target (>= 500)",
+            "connections",
             "idle Redis ops/s",
             "idle client cmds/s",
             "idle Redis CPU %",
@@ -414,6 +480,8 @@ def table(results: list[dict[str, Any]], ttl: float) -> Table:
             f"yes, {f['n']}/{f['n']} rounds" if r["exactly_one_every_round"] else "NO",
             fmt_num(c["median"], digits=0),
             _busy(r.get("redis_busy_per_failover_us")),
+            _target(r),
+            idle.get("connections", "-"),
             fmt_num(idle["redis_ops_per_s"], digits=2),
             fmt_num(idle["client_cmds_per_s"], digits=2),
             fmt_num(idle["redis_cpu_percent"], digits=2),
@@ -424,9 +492,19 @@ def table(results: list[dict[str, Any]], ttl: float) -> Table:
         "client cmds/s counts what clients send (one EVALSHA per renewal)"
     )
     t.notes.append(
-        "each renewal is also delivered to every listener (N pub/sub messages per renewal); "
-        "each failover wakes every waiter, which tries the lease once; Redis busy: its "
-        "own time executing those commands (INFO commandstats), median"
+        "each renewal is delivered to every listener (one per process); a release names one "
+        "waiter, which alone tries; Redis busy: its own time executing a failover's "
+        "commands (INFO commandstats), median; connections: CLIENT LIST while idle"
+    )
+    errs = {r["activators"]: r.get("errors", 0) for r in results if r.get("errors")}
+    if errs:
+        t.notes.append(
+            "commands that raised and were retried after a backoff (the shared pool busy at "
+            "start): " + ", ".join(f"{n} at {a} activators" for a, n in errs.items())
+        )
+    t.notes.append(
+        f"target at 500 and 2,000: p50 <= {TARGET_P50 * 1000:g} ms, max <= "
+        f"{TARGET_MAX * 1000:g} ms, <= {TARGET_CMDS} commands per failover"
     )
     return t
 

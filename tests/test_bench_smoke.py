@@ -20,6 +20,11 @@ TABLES = (
     "Failover: celery-stoker",
     "Failover: RedBeat",
     "Failover ratio",
+    "Clean failover in a rolling deploy",
+    "Clean failover by phase",
+    "First event of a new term",
+    "Commands to stoker_url per clean failover",
+    "Footprint",
     "Dispatch latency",
     "Recovery",
     "Redis cost",
@@ -42,6 +47,15 @@ def test_run_all_smoke_prints_every_table(tmp_path: Path) -> None:
     assert result.returncode == 0, output[-6000:]
     for title in TABLES:
         assert title in result.stdout, f"no {title!r} table in:\n{result.stdout[-4000:]}"
-    for name in ("failover", "dispatch", "recovery", "idle", "scale", "machine"):
+    for name in (
+        "failover",
+        "handover",
+        "dispatch",
+        "recovery",
+        "idle",
+        "footprint",
+        "scale",
+        "machine",
+    ):
         json.loads((tmp_path / f"{name}.json").read_text())
     assert "Failover: celery-stoker" in (tmp_path / "tables.md").read_text()

@@ -1,0 +1,193 @@
+"""Handover bench: Stokers that record every phase of a clean failover.
+
+Two Stokers: ``handover`` has no timer (only its term's events: the failover
+is measured on it, as on any Stoker with nothing in flight), ``ticker`` runs a
+timer every ``BENCH_TIMER`` seconds (the steady-state events of the same run,
+and a failover with an event possibly in flight).  Every record carries the
+Stoker's name.
+
+What it records (lists in ``BENCH_RECORD_URL``, one JSON object per line):
+
+* ``ho:hook``: the in-process hooks ``leader_started`` / ``leader_stopping``
+  (main process, on the Stoker's election thread);
+* ``ho:shutdown``: ``shutdown`` starting and ending (main process: the
+  stepping-down leader delivers it itself, before it releases the lease);
+* ``ho:pub``: ``before_task_publish`` of every dispatch message in the main
+  process (the event is *sent*), keyed by task id, with its event and token;
+* ``ho:recv``: Celery's ``task_received`` in the main process (the worker got
+  the message and hands it to the pool);
+* ``ho:start``: the callback starting in the pool, keyed by task id.
+
+The main process never writes to Redis on the measured path: its records go
+to a queue that a thread of this app flushes (a pool process writes its own
+record after taking its start time).  Environment: ``BENCH_BROKER``,
+``BENCH_STOKER_URL`` (``stoker_url``; defaults to the broker), ``BENCH_RECORD_URL``,
+``BENCH_TTL`` (lease TTL), ``BENCH_TIMER`` (seconds between the ticker's
+timer events, 0 for no ticker).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import Celery, current_task
+from celery.signals import before_task_publish, task_received
+
+from celery_stoker import Stoker, StokerStep, stoker
+
+BROKER = os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/0")
+RECORD_URL = os.environ.get("BENCH_RECORD_URL") or BROKER
+TIMER = float(os.environ.get("BENCH_TIMER", "0.2"))
+DISPATCH_TASK = "celery_stoker.dispatch"
+NAME = "handover"
+TICKER = "ticker"
+
+app = Celery("handoverbench", broker=BROKER)
+app.conf.update(
+    stoker_url=os.environ.get("BENCH_STOKER_URL") or None,
+    stoker_lease_ttl=float(os.environ.get("BENCH_TTL", "2")),
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    worker_prefetch_multiplier=1,
+)
+app.steps["worker"].add(StokerStep)
+
+_clients: dict[int, redis.Redis] = {}
+_outbox: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
+_flusher: threading.Thread | None = None
+_flusher_lock = threading.Lock()
+
+
+def _client() -> redis.Redis:
+    """One client per process (a prefork child must not share its parent's socket)."""
+    client = _clients.get(os.getpid())
+    if client is None:
+        client = _clients[os.getpid()] = redis.Redis.from_url(RECORD_URL)
+    return client
+
+
+def _flush_forever() -> None:
+    while True:
+        key, fields = _outbox.get()
+        with contextlib.suppress(redis.RedisError):
+            _client().rpush(key, json.dumps(fields, default=str))
+
+
+@atexit.register
+def _drain() -> None:
+    """A stopping worker writes what its thread had not yet written."""
+    while True:
+        try:
+            key, fields = _outbox.get_nowait()
+        except queue.Empty:
+            return
+        try:
+            _client().rpush(key, json.dumps(fields, default=str))
+        except redis.RedisError:
+            return
+
+
+def note(kind: str, **fields: Any) -> None:
+    """Record off the measured path: a background thread writes it."""
+    global _flusher
+    fields.setdefault("at", time.time())
+    fields.setdefault("pid", os.getpid())
+    if _flusher is None or not _flusher.is_alive():
+        with _flusher_lock:
+            if _flusher is None or not _flusher.is_alive():
+                _flusher = threading.Thread(target=_flush_forever, name="bench-rec", daemon=True)
+                _flusher.start()
+    _outbox.put((f"ho:{kind}", fields))
+
+
+def _args_of(body: Any) -> list[Any] | None:
+    try:
+        args = body[0] if isinstance(body, (list, tuple)) else body["args"]
+        return list(args)
+    except (LookupError, TypeError):
+        return None
+
+
+@before_task_publish.connect
+def _on_publish(sender: Any = None, body: Any = None, headers: Any = None, **kw: Any) -> None:
+    if sender != DISPATCH_TASK:
+        return
+    at = time.time()
+    args = _args_of(body) or []
+    task_id = (headers or {}).get("id")
+    note(
+        "pub", at=at, id=task_id, stoker=args[0] if args else None,
+        token=args[1] if len(args) > 1 else None,
+        event=args[3] if len(args) > 3 else None, node=args[6] if len(args) > 6 else None,
+    )  # fmt: skip
+
+
+@task_received.connect
+def _on_received(sender: Any = None, request: Any = None, **kw: Any) -> None:
+    if getattr(request, "name", None) != DISPATCH_TASK:
+        return
+    note("recv", at=time.time(), id=getattr(request, "id", None))
+
+
+class Handover(Stoker):
+    """Records its callbacks' starts, its shutdown and its hooks; no timer."""
+
+    timer: float | None = None
+
+    def init(self) -> dict[str, int]:
+        return {"n": 0}
+
+    def event(self, state: dict[str, int], event: str, reason: Any) -> dict[str, int]:
+        started = time.time()
+        ctx = self.context
+        if event == "shutdown":
+            note("shutdown", phase="start", at=started, stoker=ctx.name, token=ctx.token)
+            note("shutdown", phase="end", stoker=ctx.name, node=ctx.hostname, token=ctx.token)
+            return {"n": state["n"] + 1}
+        request = getattr(current_task, "request", None)
+        _client().rpush(
+            "ho:start",
+            json.dumps(
+                {
+                    "id": getattr(request, "id", None),
+                    "at": started,
+                    "event": event,
+                    "stoker": ctx.name,
+                    "token": ctx.token,
+                    "node": ctx.hostname,
+                    "pid": os.getpid(),
+                }
+            ),
+        )
+        return {"n": state["n"] + 1}
+
+    def next_timer_in(self, state: dict[str, int]) -> float | None:
+        return self.timer
+
+    def leader_started(self) -> None:
+        ctx = self.context
+        note("hook", hook="started", stoker=ctx.name, node=ctx.hostname, token=ctx.token)
+
+    def leader_stopping(self, reason: str) -> None:
+        ctx = self.context
+        note(
+            "hook",
+            hook="stopping",
+            stoker=ctx.name,
+            node=ctx.hostname,
+            token=ctx.token,
+            reason=reason,
+        )
+
+
+stoker(app, name=NAME)(Handover)
+if TIMER:
+    stoker(app, name=TICKER)(type("Ticker", (Handover,), {"timer": TIMER}))
