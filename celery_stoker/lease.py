@@ -241,6 +241,7 @@ class RedisLease:
         self._woken = threading.Event()  # our turn: released to us (or the listener reconnected)
         self._nudged = threading.Event()  # anything happened: look at the deadline again
         self._renewed_until: float | None = None
+        self._acquired_until: float | None = None
         self._released_to_other_at: float | None = None
         if listener is not None:
             listener.register(name, self)
@@ -264,6 +265,7 @@ class RedisLease:
         """
         self._woken.clear()
         self._renewed_until = None
+        self._acquired_until = None
         self._released_to_other_at = None
         started = time.monotonic()
         try:
@@ -385,9 +387,9 @@ class RedisLease:
         if kind == RENEWED:
             self._renewed_until = now + ttl_ms / 1000.0
         elif kind == ACQUIRED:
-            # A new term: wait for its expiry; everyone behind its winner moves up.
-            self._renewed_until = now + ttl_ms / 1000.0
-            self._released_to_other_at = None
+            # A new term: a waiter giving another its head start waits for the term's
+            # expiry instead; everyone behind its winner moves up.
+            self._acquired_until = now + ttl_ms / 1000.0
             winner_rank = extra.rpartition(" ")[2]
             if self.rank is not None and winner_rank.isdigit() and self.rank > int(winner_rank):
                 self.rank -= 1
@@ -396,6 +398,7 @@ class RedisLease:
             self._poked.set()
         elif kind == RELEASED and extra and extra != self.hostname:
             self._released_to_other_at = now  # another waiter tries first
+            self._acquired_until = None  # any earlier new-term message is about the old term
         else:  # released to us (or to anyone), reconnected, wake
             self._woken.set()
         self._nudged.set()
@@ -424,7 +427,14 @@ class RedisLease:
             renewed_until, self._renewed_until = self._renewed_until, None
             if renewed_until is not None:
                 deadline = max(deadline, renewed_until + WAKE_MARGIN)
-                turn_at = None  # a new term was announced: wait for its expiry
+            acquired_until = self._acquired_until  # kept until used: it may come first
+            if acquired_until is not None and (turn_at is not None or expiry_deferred):
+                self._acquired_until = None
+                # The new term this waiter gave a head start to: wait for its expiry.
+                # (Otherwise the term is the one it saw when it looked, or a newer one
+                # that it will see at its next look: its deadline stays.)
+                deadline = max(deadline, acquired_until + WAKE_MARGIN)
+                turn_at = None
                 expiry_deferred = False
             now = time.monotonic()
             if turn_at is not None and now >= turn_at:
@@ -433,7 +443,7 @@ class RedisLease:
                 return False
             if now >= deadline:
                 if self.rank and not expiry_deferred:
-                    expiry_deferred = True
+                    expiry_deferred = True  # a new term announced meanwhile counts too
                     deadline = now + HERD_DELAY
                     continue
                 return False

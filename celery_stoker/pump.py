@@ -241,28 +241,13 @@ class EventPump:
             self._cond.notify_all()
 
     def end_term(self, name: str) -> None:
-        """The term stops acting: nothing more is sent.
-
-        An event already running in the pool runs to its end (the stepping-down
-        leader waits for it); one sent but not started yet never will: it is
-        revoked in this worker, so its ``shutdown`` need not wait for it.
-        """
+        """The term stops acting: nothing more is sent (an event in flight runs to its end)."""
         with self._cond:
             lane = self._lanes[name]
             lane.token = None
             lane.pending.clear()
             lane.timer_due = lane.not_before = None
             self._ready.discard(name)
-            inflight = lane.inflight
-            if (
-                inflight is not None
-                and inflight.started_at is None
-                and inflight.killed_outcome is None
-            ):
-                _revoke_locally(inflight.task_id)
-                lane.inflight = None
-                lane.idle.set()
-                self._note_busy()
 
     def submit(self, name: str, token: int, event: str, reason: Any) -> None:
         """Queue ``event`` for the term ``token`` (dropped if that term is not the lane's)."""

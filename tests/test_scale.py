@@ -70,20 +70,37 @@ def test_an_idle_fleet_sends_no_blpop(
     """With no event in flight (no timer), neither leader nor follower asks for reports."""
     lease_redis = make_redis_server()
     fleet = fleets("prefork", ttl=2.0, STOKER_TEST_URL=lease_redis.url_for(0))
-    fleet.start("w1@%h")
-    follower = fleet.start("w2@%h")
-    wait_for(lambda: "following" in follower.log() or "became leader" in follower.log(), 30)
     client = lease_redis.client()
+    fleet.start("w1@%h")
     wait_for(
-        lambda: b"now_leader" in (client.hget("stoker:{recorder}:info", "last_event") or b""), 30
+        lambda: b"now_leader" in (client.hget("stoker:{recorder}:info", "last_event") or b""),
+        30,
+        what="w1 leads",
+    )
+    follower = fleet.start("w2@%h")
+    wait_for(lambda: "following" in follower.log(), 30, what="w2 follows")
+    # The leader's events are over: now_leader, then the cluster_change of w2 joining.
+    wait_for(
+        lambda: b"cluster_change" in (client.hget("stoker:{recorder}:info", "last_event") or b""),
+        30,
+        what="the leader heard w2 join",
     )
 
     def blpops() -> int:
         stats = client.info("commandstats")
         return int(stats.get("cmdstat_blpop", {}).get("calls", 0))
 
-    before = blpops()
-    # An observation window, not a timing assertion: any reader polling once a second
+    # The last event's report may still be read: wait until the count stands still.
+    counts = [blpops()]
+
+    def settled() -> bool:
+        time.sleep(0.5)
+        counts.append(blpops())
+        return counts[-1] == counts[-2]
+
+    wait_for(settled, 30, interval=0, what="the last report read")
+    before = counts[-1]
+    # An observation window, not a timing assertion: a reader polling once a second
     # would show up several times in it.
     time.sleep(3.0)
     assert blpops() == before

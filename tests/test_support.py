@@ -7,6 +7,7 @@ for the wrong reason.  So each behaviour the other tests rely on is pinned down 
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -312,7 +313,11 @@ def test_reset_all_breaks_existing_connections(
         assert proxy.connection_count == 0
         with pytest.raises(ConnectionResetError):  # RST, not an orderly FIN
             raw.recv(100)
-    assert client.ping()  # redis-py notices the dead socket; new connections still work
+    # The client's pooled socket was reset too: a first command may still meet it (or
+    # redis-py may notice first); either way a new connection works.
+    with contextlib.suppress(redis.ConnectionError):
+        client.ping()
+    assert client.ping()
 
 
 def test_proxy_threads_named_and_stopped(redis_server: RedisServer) -> None:
