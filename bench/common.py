@@ -18,6 +18,7 @@ optional extra (for the plot).
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import contextlib
 import json
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -529,3 +531,29 @@ def celery_worker(
         pythonpath=[ROOT],
         log_dir=RunDir.sub("worker"),
     )
+
+
+def run_standalone(
+    description: str,
+    modes: Iterable[str],
+    run: Callable[[str], tuple[dict[str, Any], list[Table]]],
+) -> None:
+    """``python -m bench.<name>``: parse ``--mode`` and ``--json``, run, print every table.
+
+    Every process the run started is stopped again, also on Ctrl-C.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--mode", choices=sorted(modes), default="quick")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args()
+    install_signal_handlers()
+    started = time.monotonic()
+    try:
+        data, tabs = run(args.mode)
+        for tab in tabs:
+            print_table(tab)
+        if args.json:
+            write_json(args.json, data)
+    finally:
+        cleanup_all()
+    print(f"\n{time.monotonic() - started:.0f} s")

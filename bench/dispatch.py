@@ -15,22 +15,16 @@ timer interval.
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
     Table,
     celery_worker,
-    cleanup_all,
     fmt_num,
-    install_signal_handlers,
-    print_table,
+    run_standalone,
     start_redis,
     summarize,
-    write_json,
 )
 from celery_stoker.testing import wait_for
 
@@ -120,21 +114,7 @@ def run(mode: str) -> tuple[dict[str, Any], list[Table]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=sorted(PLANS), default="quick")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    install_signal_handlers()
-    started = time.monotonic()
-    try:
-        data, tabs = run(args.mode)
-        for tab in tabs:
-            print_table(tab)
-        if args.json:
-            write_json(args.json, data)
-    finally:
-        cleanup_all()
-    print(f"\n{time.monotonic() - started:.0f} s")
+    run_standalone(__doc__.splitlines()[0], PLANS, run)
 
 
 if __name__ == "__main__":

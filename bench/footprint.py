@@ -15,22 +15,17 @@ time to run, the bench counts, over a few samples:
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
     Table,
     celery_worker,
-    cleanup_all,
-    install_signal_handlers,
     local_ports_to,
-    print_table,
     process_tree,
+    run_standalone,
     start_redis,
-    write_json,
 )
 from celery_stoker.lease import lease_key
 from celery_stoker.testing import wait_for
@@ -163,19 +158,7 @@ def run(mode: str) -> tuple[dict[str, Any], list[Table]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=sorted(PLANS), default="quick")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    install_signal_handlers()
-    try:
-        data, tabs = run(args.mode)
-        for tab in tabs:
-            print_table(tab)
-        if args.json:
-            write_json(args.json, data)
-    finally:
-        cleanup_all()
+    run_standalone(__doc__.splitlines()[0], PLANS, run)
 
 
 if __name__ == "__main__":

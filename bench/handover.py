@@ -35,7 +35,6 @@ Redis, MONITOR) from the signal until one second after the new leader's
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
@@ -45,22 +44,18 @@ import socket
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
     Table,
     celery_worker,
-    cleanup_all,
     fmt_duration,
     forget_cleanup,
-    install_signal_handlers,
     on_cleanup,
     percentile,
-    print_table,
+    run_standalone,
     start_redis,
     summarize,
-    write_json,
 )
 from celery_stoker.lease import Holder, lease_channel, lease_key
 from celery_stoker.testing import RedisServer, WorkerProcess, wait_for
@@ -738,19 +733,7 @@ def run(mode: str) -> tuple[dict[str, Any], list[Table]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=sorted(PLANS), default="quick")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    install_signal_handlers()
-    try:
-        data, tabs = run(args.mode)
-        for tab in tabs:
-            print_table(tab)
-        if args.json:
-            write_json(args.json, data)
-    finally:
-        cleanup_all()
+    run_standalone(__doc__.splitlines()[0], PLANS, run)
 
 
 if __name__ == "__main__":

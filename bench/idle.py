@@ -17,10 +17,8 @@ One idle fleet answers both questions, measured over the same windows:
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -28,18 +26,15 @@ from bench.common import (
     Table,
     by_owner,
     celery_worker,
-    cleanup_all,
     cpu_seconds,
     fmt_num,
-    install_signal_handlers,
     local_ports_to,
-    print_table,
     process_tree,
     rss_bytes,
+    run_standalone,
     start_redis,
     summarize,
     thread_count,
-    write_json,
 )
 from celery_stoker.lease import Holder, lease_channel, lease_key
 from celery_stoker.store import state_key
@@ -241,19 +236,7 @@ def tables(data: dict[str, Any]) -> list[Table]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=sorted(PLANS), default="quick")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    install_signal_handlers()
-    try:
-        data, tabs = run(args.mode)
-        for tab in tabs:
-            print_table(tab)
-        if args.json:
-            write_json(args.json, data)
-    finally:
-        cleanup_all()
+    run_standalone(__doc__.splitlines()[0], PLANS, run)
 
 
 if __name__ == "__main__":

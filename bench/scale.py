@@ -27,7 +27,6 @@ Per fleet size it measures:
 
 from __future__ import annotations
 
-import argparse
 import math
 import multiprocessing as mp
 import queue
@@ -35,7 +34,6 @@ import random
 import threading
 import time
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -44,16 +42,13 @@ from bench.common import (
     CommandCounter,
     Table,
     by_owner,
-    cleanup_all,
     cpu_seconds,
     fmt_num,
-    install_signal_handlers,
     local_ports_to,
     on_cleanup,
-    print_table,
+    run_standalone,
     start_redis,
     summarize,
-    write_json,
 )
 from celery_stoker.lease import (
     Holder,
@@ -527,19 +522,7 @@ def run(mode: str) -> tuple[dict[str, Any], list[Table]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=sorted(PLANS), default="quick")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    install_signal_handlers()
-    try:
-        data, tabs = run(args.mode)
-        for tab in tabs:
-            print_table(tab)
-        if args.json:
-            write_json(args.json, data)
-    finally:
-        cleanup_all()
+    run_standalone(__doc__.splitlines()[0], PLANS, run)
 
 
 if __name__ == "__main__":
