@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
@@ -84,6 +84,13 @@ def redis_client(
     connection), so a worker's connections do not grow with its Stokers.
     """
     options = dict(transport_options or {})
+    if options.get("cluster"):
+        return cluster_client(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_connect_timeout,
+            max_connections=max_connections,
+        )
     timeouts: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_connect_timeout or socket_timeout,
@@ -105,6 +112,44 @@ def redis_client(
         )
         return redis.Redis(connection_pool=pool, retry=NO_RETRY)
     return redis.Redis.from_url(normalize_url(url), **timeouts)
+
+
+def is_cluster(transport_options: Mapping[str, Any] | None) -> bool:
+    """True when ``stoker_transport_options`` asks for a Redis Cluster (``{"cluster": True}``)."""
+    return bool((transport_options or {}).get("cluster"))
+
+
+def cluster_client(
+    url: str,
+    *,
+    socket_timeout: float | None = None,
+    socket_connect_timeout: float | None = None,
+    max_connections: int | None = None,
+) -> redis.Redis:
+    """A ``redis.cluster.RedisCluster`` discovered from ``url``, any node of the cluster.
+
+    ``rediss://`` and its ``?ssl_...`` parameters apply to every node, as
+    redis-py reads them from the URL.  ``max_connections`` caps each node's
+    pool, and a caller waits for a free connection (at most ``socket_timeout``)
+    rather than failing, as with a single Redis.  redis-py's own retries are off
+    (a slot's MOVED/ASK redirects are still followed: they are not retries).
+    Typed as ``redis.Redis``: the commands this package sends are the same.
+    """
+    if url_scheme(url) not in ("redis", "rediss"):
+        raise ValueError(
+            f"{mask_url(url)!r} cannot name a Redis Cluster node: use redis:// or rediss://"
+        )
+    options: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_connect_timeout or socket_timeout,
+        "retry": NO_RETRY,
+    }
+    if max_connections is not None:
+        options["max_connections"] = max_connections
+        options["connection_pool_class"] = redis.BlockingConnectionPool
+        options["timeout"] = socket_timeout
+    client = redis.RedisCluster.from_url(normalize_url(url), **options)
+    return cast(redis.Redis, client)
 
 
 def check_url(url: str) -> None:

@@ -351,7 +351,14 @@ class Election:
         if not term.fresh:
             return 0.0
         try:
-            uptime = float(self.client.info("server").get("uptime_in_seconds", 0))
+            # On a Redis Cluster the node that lost the counter may be a replica promoted
+            # a moment ago (its uptime says nothing of when it began to serve the slot):
+            # wait the whole TTL.
+            uptime = (
+                0.0
+                if isinstance(self.client, redis.RedisCluster)
+                else float(self.client.info("server").get("uptime_in_seconds", 0))
+            )
         except (redis.RedisError, OSError, ValueError):
             uptime = 0.0
         wait = max(0.0, self.settings.lease_ttl - uptime)

@@ -23,7 +23,7 @@ from typing import Any
 
 from celery.exceptions import ImproperlyConfigured
 
-from .connection import check_url, is_redis_url, mask_url, normalize_url
+from .connection import check_url, is_cluster, is_redis_url, mask_url, normalize_url, url_scheme
 
 DEFAULT_LEASE_TTL = 10.0
 MIN_LEASE_TTL = 0.2
@@ -155,6 +155,34 @@ def resolve_url(conf: Any) -> tuple[str, dict[str, Any]]:
     )
 
 
+def check_cluster(conf: Any, url: str, options: Mapping[str, Any]) -> None:
+    """``{"cluster": True}`` needs a URL naming one cluster node (redis:// or rediss://, db 0)."""
+    if not is_cluster(options):
+        return
+    options_name = setting_name(conf, "stoker_transport_options")
+    url_name = setting_name(conf, "stoker_url")
+    scheme = url_scheme(url)
+    if scheme == "sentinel":
+        raise StokerConfigurationError(
+            f"{options_name} has cluster=True but {url_name}={mask_url(url)!r} is a Sentinel "
+            "group: a Redis Cluster fails over by itself and has no Sentinel; set "
+            f"{url_name} to any one node of the cluster (redis://host:port or rediss://), or "
+            "drop cluster=True to use Sentinel"
+        )
+    if scheme not in ("redis", "rediss"):
+        raise StokerConfigurationError(
+            f"{options_name} has cluster=True but {url_name}={mask_url(url)!r} is not a "
+            "redis:// or rediss:// URL: name any one node of the cluster by host and port"
+        )
+    from redis.connection import parse_url
+
+    if int(parse_url(url).get("db") or 0) != 0:
+        raise StokerConfigurationError(
+            f"{url_name}={mask_url(url)!r} selects a database, but a Redis Cluster has only "
+            "database 0: drop the /N from the URL"
+        )
+
+
 def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> StokerSettings:
     """Read and check the ``stoker_*`` settings; ``overrides`` are a Stoker's own values.
 
@@ -172,6 +200,7 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
             else f"{setting_name(conf, 'broker_url')} (used as {url_name})"
         )
         raise StokerConfigurationError(f"{name}: {exc}") from None
+    check_cluster(conf, url, options)
     ttl, renew, prefix = check_timing(conf, overrides)
     serializer = conf.get("stoker_state_serializer") or "json"
     from kombu.serialization import registry
