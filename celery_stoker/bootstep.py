@@ -32,9 +32,9 @@ import redis
 from celery import bootsteps, signals
 
 from .activator import Activator
-from .connection import redis_client
+from .connection import is_cluster, redis_client
 from .dispatch import register_dispatch_task, warm_process
-from .keys import draining_key, lease_channel, reports_key
+from .keys import draining_key, lease_channel, reports_key, stoker_channel
 from .listener import LeaseListener
 from .membership import Membership
 from .metrics import NO_METRICS, MetricsHooks
@@ -129,8 +129,7 @@ class StokerStep(bootsteps.StartStopStep):
             return
         self.membership.attach_gossip(worker.consumer)
         self.emitter.start()
-        if self.drain_at_start:
-            self._drain_self()
+        self._sync_drain_marks(draining=self.drain_at_start)
         holder_prefix = f"{self.hostname}/{uuid.uuid4().hex[:12]}"
         info = WorkerInfo(self.hostname, self._consumed_queues(), self.app)
         self._warn_unenforced_limits(worker)
@@ -251,24 +250,41 @@ class StokerStep(bootsteps.StartStopStep):
             )
             return False
 
-    def _drain_self(self) -> None:
-        """``--stoker-drain`` / ``stoker_drain``: join the draining set before any election."""
-        for settings in {s.key_prefix: s for s in self.settings.values()}.values():
+    def _sync_drain_marks(self, draining: bool) -> None:
+        """Before any election: this worker's draining marks, per Stoker, as the set says.
+
+        The scripts read each Stoker's own copy of the draining set (one Cluster
+        slot per script).  ``--stoker-drain`` / ``stoker_drain`` joins the set and
+        every copy; otherwise the copies of this worker's Stokers are made to
+        agree with the set, so a drain or undrain done by an app that did not
+        know all of them (or a Stoker added since) still holds.
+        """
+        from .control import mark_draining
+
+        by_prefix: dict[str, tuple[StokerSettings, list[str]]] = {}
+        for name, settings in self.settings.items():
+            by_prefix.setdefault(settings.key_prefix, (settings, []))[1].append(name)
+        for prefix, (settings, names) in by_prefix.items():
             client = redis_client(
                 settings.url,
                 transport_options=settings.transport_options,
                 socket_timeout=settings.socket_timeout,
             )
             try:
-                client.sadd(draining_key(settings.key_prefix), self.hostname)
-                logger.warning("celery-stoker: %s starts draining: it will not lead", self.hostname)
+                drained = draining or bool(client.sismember(draining_key(prefix), self.hostname))
+                mark_draining(client, prefix, names, [self.hostname], draining=drained)
+                if draining:
+                    logger.warning(
+                        "celery-stoker: %s starts draining: it will not lead", self.hostname
+                    )
             except Exception as exc:
-                logger.error(
-                    "celery-stoker: could not mark %s as draining in %s (%s)",
-                    self.hostname,
-                    settings.masked_url,
-                    exc,
-                )
+                if draining:
+                    logger.error(
+                        "celery-stoker: could not mark %s as draining in %s (%s)",
+                        self.hostname,
+                        settings.masked_url,
+                        exc,
+                    )
             finally:
                 client.close()
 
@@ -285,11 +301,18 @@ class StokerStep(bootsteps.StartStopStep):
                     socket_connect_timeout=settings.socket_timeout,
                 )
 
+            prefix = settings.key_prefix
             listener = LeaseListener(
                 client_factory,
-                lease_channel(settings.key_prefix),
-                thread_name=f"stoker-lease-listener:{settings.key_prefix}",
+                lease_channel(prefix),
+                thread_name=f"stoker-lease-listener:{prefix}",
                 health_interval=max(1.0, settings.lease_ttl),
+                # A Redis Cluster: sharded pub/sub, one channel per Stoker, in its slot.
+                shard_channel=(
+                    (lambda name: stoker_channel(prefix, name))
+                    if is_cluster(settings.transport_options)
+                    else None
+                ),
             )
             listener.start()
             self.listeners[key] = listener

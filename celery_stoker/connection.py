@@ -114,6 +114,12 @@ def redis_client(
     return redis.Redis.from_url(normalize_url(url), **timeouts)
 
 
+#: Every node a cluster client of this process found, per URL: a client made later
+#: (a listener reconnecting after a failover) starts from them, not from the URL's
+#: node alone, which may be the primary that just died.
+_cluster_nodes: dict[str, set[tuple[str, int]]] = {}
+
+
 def is_cluster(transport_options: Mapping[str, Any] | None) -> bool:
     """True when ``stoker_transport_options`` asks for a Redis Cluster (``{"cluster": True}``)."""
     return bool((transport_options or {}).get("cluster"))
@@ -148,7 +154,13 @@ def cluster_client(
         options["max_connections"] = max_connections
         options["connection_pool_class"] = redis.BlockingConnectionPool
         options["timeout"] = socket_timeout
+    known = _cluster_nodes.get(url)
+    if known:  # the URL's node may be the one that died: start from every node seen
+        from redis.cluster import ClusterNode
+
+        options["startup_nodes"] = [ClusterNode(host, port) for host, port in sorted(known)]
     client = redis.RedisCluster.from_url(normalize_url(url), **options)
+    _cluster_nodes.setdefault(url, set()).update((n.host, n.port) for n in client.get_nodes())
     return cast(redis.Redis, client)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,17 @@ import redis
 from celery.worker.control import inspect_command
 
 from .connection import redis_client
-from .keys import POKE, WAKE, draining_key, handoff_key, lease_channel, lease_key, message
+from .keys import (
+    POKE,
+    WAKE,
+    channel_for,
+    draining_key,
+    handoff_key,
+    lease_key,
+    message,
+    stoker_draining_key,
+    token_key,
+)
 from .lease import Holder
 from .registry import registry_of
 from .settings import StokerSettings, load_settings
@@ -217,7 +228,7 @@ def handoff(
         f"{holder.token} {to or ''}",
         px=max(10_000, int(settings.lease_ttl * 2000)),
     )
-    client.publish(lease_channel(settings.key_prefix), message(POKE, name))
+    announce(client, settings.key_prefix, name, POKE)
     deadline = started + timeout
     while time.monotonic() < deadline:
         now = _holder(client, settings, name)
@@ -256,7 +267,8 @@ def drain(app: Celery, nodes: list[str], *, timeout: float = 10.0) -> dict[str, 
     if not nodes:
         raise StokerOperationError("name at least one worker to drain")
     for prefix, settings in _prefixes(app).items():
-        client_for(settings).sadd(draining_key(prefix), *nodes)
+        client = client_for(settings)
+        mark_draining(client, prefix, _stoker_names(app, client, prefix), nodes, draining=True)
     moved: dict[str, Any] = {}
     deadline = time.monotonic() + timeout
     for name in registry_of(app):
@@ -265,7 +277,7 @@ def drain(app: Celery, nodes: list[str], *, timeout: float = 10.0) -> dict[str, 
         holder = _holder(client, settings, name)
         if holder is None or holder.hostname not in nodes:
             continue
-        client.publish(lease_channel(settings.key_prefix), message(POKE, name))
+        announce(client, settings.key_prefix, name, POKE)
         while time.monotonic() < deadline:
             now = _holder(client, settings, name)
             if now is not None and now.hostname and now.hostname not in nodes:
@@ -281,9 +293,10 @@ def undrain(app: Celery, nodes: list[str]) -> dict[str, Any]:
     """Let ``nodes`` lead again; their activators look at once."""
     for prefix, settings in _prefixes(app).items():
         client = client_for(settings)
-        client.srem(draining_key(prefix), *nodes)
-        for name in registry_of(app):
-            client.publish(lease_channel(prefix), message(WAKE, name))
+        names = _stoker_names(app, client, prefix)
+        mark_draining(client, prefix, names, nodes, draining=False)
+        for name in names:
+            announce(client, prefix, name, WAKE)
     return {"draining": sorted(draining(app))}
 
 
@@ -296,3 +309,56 @@ def draining(app: Celery) -> set[str]:
             for n in client_for(settings).smembers(draining_key(prefix))
         }
     return nodes
+
+
+def announce(client: redis.Redis, prefix: str, name: str, kind: str) -> None:
+    """Send ``kind`` about ``name`` where its waiters and holder listen.
+
+    The prefix's channel on a single Redis; on a Redis Cluster the Stoker's own
+    shard channel (``SPUBLISH``, routed to the shard that holds its slot).
+    """
+    sharded = isinstance(client, redis.RedisCluster)
+    channel, _ = channel_for(prefix, name, sharded=sharded)
+    if sharded:
+        client.spublish(channel, message(kind, name))
+    else:
+        client.publish(channel, message(kind, name))
+
+
+def mark_draining(
+    client: redis.Redis, prefix: str, names: Iterable[str], nodes: Iterable[str], *, draining: bool
+) -> None:
+    """Put ``nodes`` into (or take them out of) the draining set and each Stoker's own copy.
+
+    The scripts read the copy in the Stoker's slot (one slot per script on a
+    Redis Cluster), so a drain writes every copy *before* any leader is poked:
+    a follower's ACQUIRE after that sees the mark in the same atomic step that
+    would give it the lease, and a draining worker never takes one.
+    """
+    nodes = list(nodes)
+    if not nodes:
+        return
+    pipe = client.pipeline(transaction=False)
+    change = pipe.sadd if draining else pipe.srem
+    change(draining_key(prefix), *nodes)
+    for name in names:
+        change(stoker_draining_key(prefix, name), *nodes)
+    pipe.execute()
+
+
+def _stoker_names(app: Celery, client: redis.Redis, prefix: str) -> list[str]:
+    """The Stokers under ``prefix``: the app's own, else every one Redis has a token for.
+
+    An operator's bare app registers none; the fencing counter never expires,
+    so its keys name every Stoker that ever had a term.
+    """
+    names = [n for n in registry_of(app) if settings_for(app, n).key_prefix == prefix]
+    if names or registry_of(app):
+        return names
+    found = set()
+    for raw in client.scan_iter(match=token_key(prefix, "*"), count=1000):
+        key = raw.decode() if isinstance(raw, bytes) else str(raw)
+        start, end = key.find("{"), key.rfind("}")
+        if 0 <= start < end:
+            found.add(key[start + 1 : end])
+    return sorted(found)

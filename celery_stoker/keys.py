@@ -1,9 +1,13 @@
 """Every Redis key, pub/sub channel and channel message celery-stoker uses, in one place.
 
 A Stoker's keys share the hash tag ``{<name>}``, so each Lua script touches
-one Cluster slot.  Per key prefix there is one draining set and one channel;
-per worker, one report list.  README's list of keys is checked against this
-module by a test.
+one Cluster slot: the scripts read a Stoker's own draining mark, never the
+prefix-wide draining set, and on a Redis Cluster they announce on the
+Stoker's own shard channel (in its slot).  Per key prefix there is one
+draining set (the list operators and ``status`` read) and, on a single Redis,
+one channel; per worker, one report list, tagged ``{<hostname>}`` so a
+worker's lists under several prefixes share a slot (one BLPOP reads them
+all).  README's list of keys is checked against this module by a test.
 
 =========================================  ===========================================
 key                                        what
@@ -17,9 +21,12 @@ key                                        what
 ``<prefix>:{<name>}:handoff``              an operator's handoff request
 ``<prefix>:{<name>}:waiters``              sorted set: the followers, in the order
                                            they try after a release
+``<prefix>:{<name>}:draining``             set: node names that must not lead it
 ``<prefix>:draining``                      set: node names that must not lead
-``<prefix>:reports:<hostname>``            list: finished events of that worker
+``<prefix>:reports:{<hostname>}``          list: finished events of that worker
 ``<prefix>:lease-events`` (channel)        releases, renewals, new terms, pokes
+``<prefix>:{<name>}:lease-events``         the same for one Stoker, on a Redis
+(shard channel)                            Cluster (sharded pub/sub, in its slot)
 =========================================  ===========================================
 """
 
@@ -74,18 +81,48 @@ def waiters_key(prefix: str, name: str) -> str:
 
 
 def draining_key(prefix: str) -> str:
-    """The set of worker node names that must not lead any lease under ``prefix``."""
+    """The set of worker node names that must not lead any lease under ``prefix``.
+
+    What operators and ``status`` read; the scripts read each Stoker's own mark
+    (:func:`stoker_draining_key`), written before any leader is asked to step down.
+    """
     return f"{prefix}:draining"
 
 
+def stoker_draining_key(prefix: str, name: str) -> str:
+    """``name``'s copy of the draining set, in its slot: ACQUIRE and RENEW read it atomically."""
+    return f"{prefix}:{{{name}}}:draining"
+
+
 def reports_key(prefix: str, hostname: str) -> str:
-    """The list every finished callback of ``hostname``'s Stokers reports to (its pump reads it)."""
-    return f"{prefix}:reports:{hostname}"
+    """The list every finished callback of ``hostname``'s Stokers reports to (its pump reads it).
+
+    Tagged with the hostname: a worker's lists under several prefixes share one
+    Cluster slot, so its one BLPOP over them never crosses slots.
+    """
+    return f"{prefix}:reports:{{{hostname}}}"
 
 
 def lease_channel(prefix: str) -> str:
     """The pub/sub channel every release, renewal and new term under ``prefix`` is announced on."""
     return f"{prefix}:lease-events"
+
+
+def stoker_channel(prefix: str, name: str) -> str:
+    """On a Redis Cluster: ``name``'s own shard channel, in its slot (SPUBLISH / SSUBSCRIBE)."""
+    return f"{prefix}:{{{name}}}:lease-events"
+
+
+def channel_for(prefix: str, name: str, *, sharded: bool) -> tuple[str, str]:
+    """``(channel, publish command)`` that ``name``'s announcements go to.
+
+    A single Redis: the prefix's one channel and ``PUBLISH`` (one subscription per
+    worker).  A Redis Cluster: the Stoker's shard channel and ``SPUBLISH``, so a
+    script announces on the shard that holds its keys.
+    """
+    if sharded:
+        return stoker_channel(prefix, name), "SPUBLISH"
+    return lease_channel(prefix), "PUBLISH"
 
 
 def message(kind: str, name: str, ttl_ms: int = 0, extra: str = "") -> str:

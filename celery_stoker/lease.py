@@ -49,12 +49,15 @@ from .keys import (
     POKE,
     RELEASED,
     RENEWED,
-    draining_key,
+    channel_for,
     handoff_key,
-    lease_channel,
     lease_key,
+    stoker_draining_key,
     token_key,
     waiters_key,
+)
+from .keys import (
+    lease_channel as lease_channel,  # re-exported: bench and tests import it from here
 )
 from .listener import LeaseListener
 
@@ -225,10 +228,13 @@ class RedisLease:
         self.key_prefix = key_prefix
         self.lease_key = lease_key(key_prefix, name)
         self.token_key = token_key(key_prefix, name)
-        self.draining_key = draining_key(key_prefix)
+        self.draining_key = stoker_draining_key(key_prefix, name)
         self.handoff_key = handoff_key(key_prefix, name)
         self.waiters_key = waiters_key(key_prefix, name)
-        self.channel = lease_channel(key_prefix)
+        #: On a Redis Cluster the Stoker's own shard channel (SPUBLISH), else the prefix's.
+        self.channel, self.publish_command = channel_for(
+            key_prefix, name, sharded=isinstance(client, redis.RedisCluster)
+        )
         #: Set by :meth:`renew` when the holder was asked to step down instead:
         #: ("drain", None) or ("handoff", worker or None).
         self.step_down_request: tuple[str, str | None] | None = None
@@ -278,6 +284,7 @@ class RedisLease:
                     int(min_token),
                     self.channel,
                     self.name,
+                    self.publish_command,
                 ],
             )
         except redis.ResponseError as exc:
@@ -319,6 +326,7 @@ class RedisLease:
                     self.name,
                     self.hostname,
                     str(term.token),
+                    self.publish_command,
                 ],
             )
         except redis.ResponseError as exc:
@@ -359,6 +367,7 @@ class RedisLease:
                     self.name,
                     reserve_for or "",
                     self._ttl_ms,
+                    self.publish_command,
                     *sorted(live),
                 ],
             )

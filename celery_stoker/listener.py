@@ -5,6 +5,20 @@ announced on one channel (``keys.lease_channel``); a worker subscribes once,
 whatever its number of Stokers, and hands each message to the waiters of that
 lease.  A renewal or a new term moves a waiter's wake-up to the announced
 expiry, so followers send nothing while a leader keeps renewing.
+
+**On a Redis Cluster** the scripts announce with ``SPUBLISH`` on each Stoker's
+own shard channel (``keys.stoker_channel``, in the Stoker's slot: a script
+may only touch its own slot, and a plain ``PUBLISH`` would be broadcast to
+every node of the cluster), and the listener ``SSUBSCRIBE``s to one channel
+per registered Stoker; redis-py keeps one connection per node that holds any
+of them.  We kept the prefix-wide channel on a single Redis rather than using
+one code path for both: it costs one subscription per worker instead of one
+per Stoker, and works on servers older than Redis 7 (no sharded pub/sub).
+A slot that moves (a reshard) or a node that fails sends the listener a
+``sunsubscribe`` or breaks its connection: either way the listener drops
+every subscription, wakes every waiter (which falls back on its own deadline
+and looks at the lease once), and subscribes afresh to wherever the slots
+now are, with backoff.
 """
 
 from __future__ import annotations
@@ -14,11 +28,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 
 from .keys import parse_message
+
+#: Message types of a subscription confirmation, and of one withdrawn by the server.
+_SUBSCRIBED = ("subscribe", "ssubscribe")
+_DATA = ("message", "smessage")
 
 logger = logging.getLogger("celery_stoker.lease")
 
@@ -46,9 +64,13 @@ class LeaseListener:
         *,
         thread_name: str = "stoker-lease-listener",
         health_interval: float = 5.0,
+        shard_channel: Callable[[str], str] | None = None,
     ) -> None:
         self._client_factory = client_factory
         self.channel = channel
+        #: On a Redis Cluster: the shard channel of each Stoker (``SSUBSCRIBE``);
+        #: ``channel`` is then only the name in log lines.
+        self.shard_channel = shard_channel
         #: A PING goes out after this long without a message; no answer within
         #: twice this means the connection died silently (a partition, a
         #: failover behind a proxy), and the listener reconnects.
@@ -59,6 +81,7 @@ class LeaseListener:
         self._stopping = threading.Event()
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._changed = False  # a Stoker registered: subscribe to its shard channel
 
     def start(self, wait_subscribed: float = 1.0) -> None:
         """Start listening; wait up to ``wait_subscribed`` for the subscription to be live."""
@@ -85,6 +108,7 @@ class LeaseListener:
         """Tell ``waiter`` about every release and renewal of the lease called ``name``."""
         with self._lock:
             self._waiters.setdefault(name, set()).add(waiter)
+            self._changed = True
 
     def unregister(self, name: str, waiter: LeaseWaiter) -> None:
         """Stop telling ``waiter`` about ``name``."""
@@ -101,9 +125,18 @@ class LeaseListener:
         for waiter in waiters:
             waiter.notify(kind, ttl_ms, extra)
 
-    def _wake_all(self) -> None:
+    def _wake_all(self, shard_channel: bytes | str | None = None) -> None:
+        """Tell waiters to look again: all of them, or those of one Stoker's shard channel."""
+        if isinstance(shard_channel, bytes):
+            shard_channel = shard_channel.decode(errors="replace")
         with self._lock:
-            waiters = [w for group in self._waiters.values() for w in group]
+            waiters = [
+                w
+                for name, group in self._waiters.items()
+                if shard_channel is None
+                or (self.shard_channel is not None and self.shard_channel(name) == shard_channel)
+                for w in group
+            ]
         for waiter in waiters:
             waiter.notify("reconnected", 0)
 
@@ -114,29 +147,43 @@ class LeaseListener:
             pubsub = None
             try:
                 pubsub = self._client_factory().pubsub(ignore_subscribe_messages=False)
-                pubsub.subscribe(self.channel)
+                sharded: set[str] = set()
+                if self.shard_channel is None:
+                    pubsub.subscribe(self.channel)
                 last_heard = time.monotonic()
                 pinged = False
                 while not self._stopping.is_set():
-                    message = pubsub.get_message(timeout=0.25)
+                    if self.shard_channel is not None:
+                        self._subscribe_shards(pubsub, sharded)
+                        message = self._sharded_message(pubsub, sharded)
+                    else:
+                        message = pubsub.get_message(timeout=0.25)
                     quiet = time.monotonic() - last_heard
                     if message is None:
                         if quiet > 2 * self.health_interval:
                             raise redis.ConnectionError("no answer to PING on the lease channel")
                         if quiet > self.health_interval and not pinged:
-                            pubsub.ping()
+                            self._ping(pubsub)
                             pinged = True
                         continue
                     last_heard, pinged = time.monotonic(), False
-                    if message["type"] == "subscribe":
+                    if message["type"] == "sunsubscribe":
+                        # The server withdrew a shard channel: its slot moved or its node
+                        # stopped serving it.  Start over where the slots are now.
+                        raise redis.ConnectionError(
+                            f"shard channel {message['channel']!r} withdrawn by the server "
+                            "(slot moved or failed over)"
+                        )
+                    if message["type"] in _SUBSCRIBED:
                         self._subscribed.set()
                         if logged_down:
                             logger.info("lease listener on %s is back", self.channel)
                             logged_down = False
                         backoff = 0.05
-                        # Anything released while we were away: let waiters look again.
-                        self._wake_all()
-                    elif message["type"] == "message":
+                        # Anything released while we were away: let waiters look again
+                        # (on a cluster, those of the Stoker whose channel this is).
+                        self._wake_all(message["channel"] if self.shard_channel else None)
+                    elif message["type"] in _DATA:
                         self._dispatch(message["data"])
             except Exception as exc:  # Redis gone, or anything else: never a dead thread
                 self._subscribed.clear()
@@ -156,3 +203,36 @@ class LeaseListener:
                     with contextlib.suppress(Exception):  # closing a broken socket
                         pubsub.close()
         self._subscribed.clear()
+
+    def _subscribe_shards(self, pubsub: Any, subscribed: set[str]) -> None:
+        """SSUBSCRIBE to the shard channel of every Stoker registered since the last look."""
+        if not self._changed and subscribed:
+            return
+        assert self.shard_channel is not None
+        with self._lock:
+            self._changed = False
+            wanted = {self.shard_channel(name) for name, group in self._waiters.items() if group}
+        new = sorted(wanted - subscribed)
+        if new:
+            pubsub.ssubscribe(*new)
+            subscribed.update(new)
+        elif not wanted:
+            self._subscribed.set()  # nothing to listen to yet: nothing is missed
+
+    @staticmethod
+    def _sharded_message(pubsub: Any, subscribed: set[str]) -> dict[str, Any] | None:
+        """The next message of any node's connection; waits 0.25 s in all when none has one."""
+        if not subscribed:
+            time.sleep(0.25)
+            return None
+        nodes = max(1, len(getattr(pubsub, "node_pubsub_mapping", {}) or {}))
+        message: dict[str, Any] | None = pubsub.get_sharded_message(timeout=0.25 / nodes)
+        return message
+
+    def _ping(self, pubsub: Any) -> None:
+        """A PING on every connection of the subscription (each node's, on a cluster)."""
+        if self.shard_channel is None:
+            pubsub.ping()
+            return
+        for node_pubsub in list((getattr(pubsub, "node_pubsub_mapping", {}) or {}).values()):
+            node_pubsub.ping()

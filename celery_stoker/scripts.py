@@ -1,8 +1,11 @@
 """Every Lua script celery-stoker runs, each headed by what its KEYS, ARGV and reply mean.
 
 One script touches the keys of one Stoker only (they share its hash tag), so
-every script runs in one Cluster slot; the draining set is the exception
-until the Cluster issue moves it.  Every check comes before the first write,
+every script runs in one Cluster slot: the draining check reads the Stoker's
+own copy of the draining set, and announcements go to the channel the caller
+names with the command it names (``PUBLISH`` to the prefix's channel on a
+single Redis, ``SPUBLISH`` to the Stoker's shard channel, in its slot, on a
+Redis Cluster).  Every check comes before the first write,
 so a script that is refused half-way leaves nothing half-applied.
 
 The lease value is JSON written by ``ACQUIRE`` (``{"v":1,"token":N,"since":ms,
@@ -15,9 +18,10 @@ from __future__ import annotations
 
 #: Take the lease if nobody holds it (or it is reserved for this worker).
 #:
-#: KEYS[1] lease, KEYS[2] token counter, KEYS[3] draining set, KEYS[4] waiters.
+#: KEYS[1] lease, KEYS[2] token counter, KEYS[3] the Stoker's draining mark, KEYS[4] waiters.
 #: ARGV[1] holder id, ARGV[2] this worker's node name, ARGV[3] TTL in ms,
-#: ARGV[4] the highest token the caller has seen, ARGV[5] channel, ARGV[6] Stoker name.
+#: ARGV[4] the highest token the caller has seen, ARGV[5] channel, ARGV[6] Stoker name,
+#: ARGV[7] the publish command (PUBLISH or SPUBLISH).
 #: Reply: ``{1, value, ttl ms, fresh}`` taken (``fresh`` 1 when the counter was
 #: missing: Redis lost its data, or this is the first term ever);
 #: ``{0, value, pttl, rank}`` held by another (this worker joins the waiters;
@@ -63,16 +67,17 @@ redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
 local rank = redis.pcall('ZRANK', KEYS[4], ARGV[2])
 if type(rank) ~= 'number' then rank = -1 end
 redis.pcall('ZREM', KEYS[4], ARGV[2])
-redis.call('PUBLISH', ARGV[5], 'acquired ' .. ARGV[3] .. ' ' .. ARGV[6] .. ' ' .. ARGV[2] ..
+redis.call(ARGV[7], ARGV[5], 'acquired ' .. ARGV[3] .. ' ' .. ARGV[6] .. ' ' .. ARGV[2] ..
   ' ' .. rank)
 return {1, value, tonumber(ARGV[3]), fresh}
 """
 
 #: Extend the holder's lease, unless it is asked to drain or hand over.
 #:
-#: KEYS[1] lease, KEYS[2] draining set, KEYS[3] handoff request.
+#: KEYS[1] lease, KEYS[2] the Stoker's draining mark, KEYS[3] handoff request.
 #: ARGV[1] the exact lease value the holder wrote, ARGV[2] TTL in ms,
-#: ARGV[3] channel, ARGV[4] Stoker name, ARGV[5] node name, ARGV[6] token.
+#: ARGV[3] channel, ARGV[4] Stoker name, ARGV[5] node name, ARGV[6] token,
+#: ARGV[7] the publish command.
 #: Reply: ``{1, ''}`` renewed (announced as ``renewed <ttl> <name>``);
 #: ``{0, ''}`` not ours any more; ``{2, ''}`` asked to drain; ``{3, node or ''}``
 #: asked to hand over (to that node, or to anyone).  On 2 and 3 nothing is
@@ -93,7 +98,7 @@ if request then
   end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], 'renewed ' .. ARGV[2] .. ' ' .. ARGV[4])
+redis.call(ARGV[7], ARGV[3], 'renewed ' .. ARGV[2] .. ' ' .. ARGV[4])
 return {1, ''}
 """
 
@@ -102,7 +107,8 @@ return {1, ''}
 #: KEYS[1] lease, KEYS[2] waiters.
 #: ARGV[1] the exact lease value the holder wrote, ARGV[2] channel, ARGV[3] Stoker
 #: name, ARGV[4] node to reserve the lease for ('' for none), ARGV[5] TTL in ms,
-#: ARGV[6..] the node names the holder sees alive (none: do not filter).
+#: ARGV[6] the publish command, ARGV[7..] the node names the holder sees alive
+#: (none: do not filter).
 #: Reply: 1 released, 0 not ours (nothing written).
 #: Announced as ``released 0 <name> <node>``: that node (the reserved one, or the
 #: longest-waiting live waiter) tries at once; the others try only if no new
@@ -114,9 +120,9 @@ end
 local first = ARGV[4]
 if first == '' then
   local live = {}
-  for i = 6, #ARGV do live[ARGV[i]] = true end
+  for i = 7, #ARGV do live[ARGV[i]] = true end
   for _, node in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-    if #ARGV < 6 or live[node] then
+    if #ARGV < 7 or live[node] then
       first = node
       break
     end
@@ -131,9 +137,9 @@ else
   redis.call('DEL', KEYS[1])
 end
 if first ~= '' then
-  redis.call('PUBLISH', ARGV[2], 'released 0 ' .. ARGV[3] .. ' ' .. first)
+  redis.call(ARGV[6], ARGV[2], 'released 0 ' .. ARGV[3] .. ' ' .. first)
 else
-  redis.call('PUBLISH', ARGV[2], 'released 0 ' .. ARGV[3])
+  redis.call(ARGV[6], ARGV[2], 'released 0 ' .. ARGV[3])
 end
 return 1
 """

@@ -44,8 +44,17 @@ def test_every_stoker_key_shares_its_hash_tag() -> None:
         "closing_key",
         "handoff_key",
         "waiters_key",
+        "stoker_draining_key",
+        "stoker_channel",
     ):
         assert getattr(keys, attr)("p", "a.b").startswith("p:{a.b}:"), attr
+
+
+def test_a_workers_report_lists_share_one_slot_whatever_the_prefix() -> None:
+    from redis.cluster import key_slot
+
+    slots = {key_slot(keys.reports_key(p, "w1@host").encode()) for p in ("a", "stoker", "b.c")}
+    assert len(slots) == 1
 
 
 def test_channel_messages_round_trip() -> None:
