@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from celery_stoker.testing import ManagedProcess, RedisServer, WorkerProcess, resolve_binary
 
@@ -418,28 +418,30 @@ def local_ports_to(pids: Iterable[int], remote_port: int) -> set[int]:
 
 # --------------------------------------------------------------------------- MONITOR
 
-_MONITOR_LINE = re.compile(rb'^\+(\d+\.\d+) \[\d+ ([^\]]+)\] "([^"]*)"')
+_MONITOR_LINE = re.compile(rb'^\+(\d+\.\d+) \[\d+ ([^\]]+)\] "([^"]*)"(.*)$')
+
+#: One MONITOR line: (Redis's timestamp, client address, COMMAND, the raw rest of the line).
+MonitorLine = tuple[float, str, str, bytes]
 
 
-class CommandCounter:
-    """Counts the commands each client sends to one Redis, from a raw MONITOR stream.
+class MonitorStream:
+    """Every command one Redis runs, read from a raw MONITOR stream on a named thread.
 
     A raw socket rather than redis-py's ``monitor()``: a read timeout there
     closes the connection, and this thread must poll a stop flag.  Commands a
-    Lua script runs show as client ``lua`` and are not counted: they are part
-    of the EVALSHA that the client did send.
+    Lua script runs show as client ``lua`` and are skipped: they are part of
+    the EVALSHA that the client did send.  Subclasses say what to keep of each
+    line in :meth:`consume`.
     """
 
     def __init__(self, port: int, host: str = "127.0.0.1") -> None:
         self.address = (host, port)
-        self.counts: Counter[tuple[str, str]] = Counter()  # (client addr, COMMAND)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"monitor-{port}", daemon=True)
-        self._sock: socket.socket | None = None
 
-    def start(self) -> CommandCounter:
+    def start(self: _Stream) -> _Stream:
         self._thread.start()
         self._ready.wait(5)
         on_cleanup(self.stop)
@@ -450,15 +452,12 @@ class CommandCounter:
         self._thread.join(5)
         forget_cleanup(self.stop)
 
-    def take(self) -> Counter[tuple[str, str]]:
-        """The counts since the last call, and start counting afresh."""
-        with self._lock:
-            counts, self.counts = self.counts, Counter()
-        return counts
+    def consume(self, lines: list[MonitorLine]) -> None:
+        """Keep what the subclass needs of ``lines``; called under ``self._lock``."""
+        raise NotImplementedError
 
     def _run(self) -> None:
         sock = socket.create_connection(self.address, timeout=5)
-        self._sock = sock
         try:
             sock.sendall(b"MONITOR\r\n")
             buf = b""
@@ -475,17 +474,62 @@ class CommandCounter:
                 if not chunk:
                     return
                 buf += chunk
-                *lines, buf = buf.split(b"\r\n")
+                *raw, buf = buf.split(b"\r\n")
+                parsed = [
+                    (
+                        float(found.group(1)),
+                        found.group(2).decode(),
+                        found.group(3).decode().upper(),
+                        found.group(4),
+                    )
+                    for found in map(_MONITOR_LINE.match, raw)
+                    if found and found.group(2) != b"lua"
+                ]
                 with self._lock:
-                    for line in lines:
-                        found = _MONITOR_LINE.match(line)
-                        if found and found.group(2) != b"lua":
-                            self.counts[
-                                (found.group(2).decode(), found.group(3).decode().upper())
-                            ] += 1
+                    self.consume(parsed)
         finally:
             self._ready.set()
             sock.close()
+
+
+_Stream = TypeVar("_Stream", bound=MonitorStream)
+
+
+class CommandCounter(MonitorStream):
+    """Counts the commands each client sends to one Redis."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        super().__init__(port, host)
+        self.counts: Counter[tuple[str, str]] = Counter()  # (client addr, COMMAND)
+
+    def take(self) -> Counter[tuple[str, str]]:
+        """The counts since the last call, and start counting afresh."""
+        with self._lock:
+            counts, self.counts = self.counts, Counter()
+        return counts
+
+    def consume(self, lines: list[MonitorLine]) -> None:
+        for _at, client, command, _rest in lines:
+            self.counts[(client, command)] += 1
+
+
+class CommandLog(MonitorStream):
+    """Every command one Redis runs, with Redis's timestamp, kept in order."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        super().__init__(port, host)
+        self.lines: list[MonitorLine] = []
+
+    def since(self, t0: float, t1: float = float("inf")) -> list[MonitorLine]:
+        with self._lock:
+            return [x for x in self.lines if t0 <= x[0] <= t1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self.lines = []
+
+    def consume(self, lines: list[MonitorLine]) -> None:
+        self.lines.extend(lines)
 
 
 def by_owner(

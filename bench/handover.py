@@ -38,15 +38,14 @@ from __future__ import annotations
 import json
 import random
 import re
-import select
 import signal
-import socket
 import threading
 import time
 from collections import Counter
 from typing import Any
 
 from bench.common import (
+    CommandLog,
     Table,
     celery_worker,
     fmt_duration,
@@ -94,77 +93,6 @@ PHASES = [
 
 
 # --------------------------------------------------------------------------- observers
-
-
-_MONITOR = re.compile(rb'^\+(\d+\.\d+) \[\d+ ([^\]]+)\] "([^"]*)"(.*)$')
-
-
-class Monitor:
-    """Every command one Redis runs, with Redis's timestamp (MONITOR, on a raw socket)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.lines: list[tuple[float, str, str, bytes]] = []  # (at, client, COMMAND, rest)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-monitor", daemon=True)
-
-    def start(self) -> Monitor:
-        self._thread.start()
-        self._ready.wait(5)
-        on_cleanup(self.stop)
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        forget_cleanup(self.stop)
-
-    def since(self, t0: float, t1: float = float("inf")) -> list[tuple[float, str, str, bytes]]:
-        with self._lock:
-            return [x for x in self.lines if t0 <= x[0] <= t1]
-
-    def clear(self) -> None:
-        with self._lock:
-            self.lines = []
-
-    def _run(self) -> None:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-        try:
-            sock.sendall(b"MONITOR\r\n")
-            buf = b""
-            while b"\r\n" not in buf:
-                buf += sock.recv(65536)
-            _ok, buf = buf.split(b"\r\n", 1)
-            self._ready.set()
-            sock.setblocking(False)
-            while not self._stop.is_set():
-                readable, _, _ = select.select([sock], [], [], 0.2)
-                if not readable:
-                    continue
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    return
-                buf += chunk
-                *lines, buf = buf.split(b"\r\n")
-                parsed = []
-                for line in lines:
-                    found = _MONITOR.match(line)
-                    if found and found.group(2) != b"lua":
-                        parsed.append(
-                            (
-                                float(found.group(1)),
-                                found.group(2).decode(),
-                                found.group(3).decode().upper(),
-                                found.group(4),
-                            )
-                        )
-                with self._lock:
-                    self.lines.extend(parsed)
-        finally:
-            self._ready.set()
-            sock.close()
 
 
 class ChannelLog:
@@ -322,7 +250,7 @@ def _new_term_start(fleet: Fleet, old_token: int, name: str = NAME) -> dict[str,
 
 
 def _phases(
-    fleet: Fleet, monitor: Monitor, channel: ChannelLog, t0: float, old: int, new: dict[str, Any]
+    fleet: Fleet, monitor: CommandLog, channel: ChannelLog, t0: float, old: int, new: dict[str, Any]
 ) -> dict[str, float | None]:
     """Each phase's time since the signal ``t0`` (None when not seen)."""
     token, node = int(new["token"]), new["node"]
@@ -385,7 +313,7 @@ def rolling(ttl: float, rounds: int, settle: float, *, deploy: bool = True) -> d
     worker is replaced after it, once the new leader acts.
     """
     broker, stoker = start_redis(), start_redis()
-    monitor = Monitor(stoker.port).start()
+    monitor = CommandLog(stoker.port).start()
     channel = ChannelLog(stoker, lease_channel("stoker")).start()
     fleet = Fleet(broker, stoker, ttl, "prefork", TIMER)
     out: list[dict[str, Any]] = []
@@ -495,7 +423,7 @@ def _median(values: list[float]) -> float | None:
 def commands(followers: int, rounds: int) -> dict[str, Any]:
     """Commands to stoker_url for one clean failover with ``followers`` followers (solo pool)."""
     broker, stoker = start_redis(), start_redis()
-    monitor = Monitor(stoker.port).start()
+    monitor = CommandLog(stoker.port).start()
     fleet = Fleet(broker, stoker, 10.0, "solo", 0.0)
     out: list[dict[str, Any]] = []
     try:
