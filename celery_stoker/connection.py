@@ -25,6 +25,9 @@ REDIS_SCHEMES = ("redis", "rediss", "unix", "sentinel", "redis+socket")
 #: would let one command block far longer than its socket timeout.
 NO_RETRY = Retry(NoBackoff(), 0)
 
+#: A cluster client's one retry, at once, on a slot map it has just refreshed.
+CLUSTER_RETRY = Retry(NoBackoff(), 1)
+
 _NEXT_URL = re.compile(r";(?=\s*[a-z][a-z0-9+.-]*://)", re.I)
 
 
@@ -137,8 +140,11 @@ def cluster_client(
     ``rediss://`` and its ``?ssl_...`` parameters apply to every node, as
     redis-py reads them from the URL.  ``max_connections`` caps each node's
     pool, and a caller waits for a free connection (at most ``socket_timeout``)
-    rather than failing, as with a single Redis.  redis-py's own retries are off
-    (a slot's MOVED/ASK redirects are still followed: they are not retries).
+    rather than failing, as with a single Redis.  redis-py retries a command
+    once (:data:`CLUSTER_RETRY`), after it has refreshed its slot map: the first
+    command after a failover otherwise meets the dead primary and fails though
+    the cluster already serves the slot again.  MOVED/ASK redirects (a reshard)
+    are followed as always.
     Typed as ``redis.Redis``: the commands this package sends are the same.
     """
     if url_scheme(url) not in ("redis", "rediss"):
@@ -148,7 +154,7 @@ def cluster_client(
     options: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": socket_connect_timeout or socket_timeout,
-        "retry": NO_RETRY,
+        "retry": CLUSTER_RETRY,
     }
     if max_connections is not None:
         options["max_connections"] = max_connections

@@ -35,6 +35,8 @@ if os.environ.get("STOKER_TEST_METRICS_PORT"):  # serve /metrics (tests/test_met
     app.conf.stoker_metrics_port = int(os.environ["STOKER_TEST_METRICS_PORT"])
 if os.environ.get("STOKER_TEST_MASTER_NAME"):  # stoker_url is a sentinel:// group
     app.conf.stoker_transport_options = {"master_name": os.environ["STOKER_TEST_MASTER_NAME"]}
+if os.environ.get("STOKER_TEST_CLUSTER"):  # stoker_url names a node of a Redis Cluster
+    app.conf.stoker_transport_options = {"cluster": True}
 app.steps["worker"].add(StokerStep)
 
 _record_client: redis.Redis | None = None

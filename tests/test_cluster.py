@@ -1,0 +1,238 @@
+"""A Redis Cluster as the lease store: real six-node clusters, real workers, real failovers.
+
+The broker stays on a plain Redis (``redis_server``); ``stoker_url`` names one node of a
+cluster started by ``stoker_redis_cluster`` (``cluster-node-timeout`` 1 s) and
+``stoker_transport_options = {"cluster": True}``.  What the callbacks did is read from
+their own records, as ``check_terms`` and the chaos soak do.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from support.workers import Fleet, Records, check_terms, wait_for
+from test_operations import cli
+
+from celery_stoker.connection import redis_client
+from celery_stoker.keys import lease_key, stoker_channel, token_key
+from celery_stoker.lease import Holder, RedisLease
+from celery_stoker.listener import LeaseListener
+from celery_stoker.testing.redis_cluster import RedisCluster, slot_of
+
+TTL = 1.5
+RENEW = TTL / 3
+NODE_TIMEOUT = 1.0
+LEASE = lease_key("stoker", "recorder")
+EXTRA = 3  # idle-0..2: with recorder, a Stoker on each of the three primaries
+
+
+@pytest.fixture
+def cluster(stoker_redis_cluster: RedisCluster) -> RedisCluster:
+    return stoker_redis_cluster
+
+
+@pytest.fixture
+def cluster_fleet(fleets: Callable[..., Fleet], cluster: RedisCluster) -> Callable[..., Fleet]:
+    def make(ttl: float = TTL, **env: str) -> Fleet:
+        return fleets("solo", ttl=ttl, STOKER_TEST_URL=cluster.url, STOKER_TEST_CLUSTER="1", **env)
+
+    return make
+
+
+def holders(cluster: RedisCluster, names: list[str]) -> dict[str, str | None]:
+    client = cluster.client()
+    try:
+        out: dict[str, str | None] = {}
+        for name in names:
+            raw = client.get(lease_key("stoker", name))
+            out[name] = Holder.parse(raw, None).hostname if raw else None
+        return out
+    finally:
+        client.close()
+
+
+def test_lease_on_a_cluster_wakes_by_shard_channel_follows_a_moved_slot_and_fences(
+    cluster: RedisCluster,
+) -> None:
+    """Lease level: every script runs in one slot; SPUBLISH in the Stoker's slot wakes a
+    waiter at once, also after the slot moved; a lost counter still gives a higher token."""
+    client = redis_client(cluster.url, transport_options={"cluster": True}, socket_timeout=1.0)
+    listener = LeaseListener(
+        lambda: redis_client(cluster.url, transport_options={"cluster": True}),
+        "stoker:lease-events",
+        thread_name="test-shard-listener",
+        health_interval=1.0,
+        shard_channel=lambda name: stoker_channel("stoker", name),
+    )
+    listener.start()
+    one = RedisLease(client, "tl", holder_id="a", hostname="a@h", ttl=5.0, listener=listener)
+    two = RedisLease(client, "tl", holder_id="b", hostname="b@h", ttl=5.0, listener=listener)
+    try:
+        assert one.publish_command == "SPUBLISH" and one.channel == "stoker:{tl}:lease-events"
+        wait_for(lambda: listener.subscribed, 5, what="shard subscription")
+
+        def release_wakes(term: Any) -> float:
+            result = two.acquire()
+            assert result.term is None and result.holder is not None
+            woke: list[float] = []
+            waiter = threading.Thread(
+                target=lambda: woke.append(two.wait(5.0) and time.monotonic())
+            )
+            waiter.start()
+            time.sleep(0.1)
+            released_at = time.monotonic()
+            assert one.release(term)
+            waiter.join(5)
+            assert woke and woke[0], "the release did not wake the waiter"
+            return woke[0] - released_at
+
+        first = one.acquire()
+        assert first.term is not None
+        assert release_wakes(first.term) < 0.5  # not the 5 s expiry: the shard message woke it
+        taken = two.acquire().term
+        assert taken is not None and taken.token > first.term.token
+        assert two.release(taken)
+
+        # Move the Stoker's slot to another primary: the server withdraws the shard
+        # channel; the listener subscribes again where the slot now is.
+        owner = cluster.slot_owner(slot_of(LEASE.replace("recorder", "tl")))
+        cluster.move_slot(slot_of("{tl}"), next(p for p in cluster.primaries() if p is not owner))
+        wait_for(lambda: listener.subscribed, 10, what="shard subscription after the move")
+        again = wait_for(lambda: one.acquire().term, 10, what="a term after the move")
+        assert again.token > taken.token
+        assert wait_for(lambda: listener.subscribed, 10)
+        assert release_wakes(again) < 1.0
+
+        # The counter and the lease lost (what a promoted replica that missed the last
+        # writes sees): the next token is still above every earlier one, and fresh.
+        client.delete(token_key("stoker", "tl"), lease_key("stoker", "tl"))
+        lost = one.acquire(min_token=again.token)
+        assert lost.term is not None and lost.term.fresh and lost.term.token > again.token
+    finally:
+        one.close()
+        two.close()
+        listener.stop()
+        client.close()
+
+
+def test_three_workers_elect_one_leader_per_stoker_and_fail_over(
+    cluster_fleet: Callable[..., Fleet], cluster: RedisCluster, records: Records
+) -> None:
+    fleet = cluster_fleet(STOKER_TEST_TIMER="0.2", STOKER_TEST_EXTRA_STOKERS=str(EXTRA))
+    workers = [fleet.start(f"w{i}@%h") for i in (1, 2, 3)]
+    nodes = {w.node for w in workers}
+    names = ["recorder"] + [f"idle-{n}" for n in range(EXTRA)]
+    assert len({cluster.slot_owner(slot_of(f"{{{n}}}")).port for n in names}) == 3
+    led = wait_for(
+        lambda: (h := holders(cluster, names)) and all(h.values()) and h,
+        30,
+        what="a leader for every Stoker",
+    )
+    assert set(led.values()) <= nodes
+    first = wait_for(lambda: records.of("now_leader"), 30, what="first leader")[0]
+    wait_for(lambda: len(records.of("timer")) >= 2, 30, what="timers")
+
+    fleet.by_node(first.host).sigterm()
+    stopped_at = time.time()
+    second = wait_for(
+        lambda: [r for r in records.of("now_leader") if r.host != first.host], 10, what="handover"
+    )[0]
+    assert second.at - stopped_at < 1.0, f"clean handover took {second.at - stopped_at:.3f}s"
+    wait_for(lambda: [r for r in records.of("timer") if r.token == second.token], 10)
+
+    fleet.by_node(second.host).sigkill()
+    killed_at = time.time()
+    third = wait_for(
+        lambda: [r for r in records.of("now_leader") if r.token > second.token],
+        15,
+        what="a leader after SIGKILL",
+    )[0]
+    assert third.at - killed_at <= TTL + RENEW + 0.5, f"took {third.at - killed_at:.3f}s"
+    assert third.host not in (first.host, second.host)
+    check_terms(records.events())
+
+
+def test_killing_the_primary_of_a_stokers_slot_keeps_one_leader_and_growing_tokens(
+    cluster_fleet: Callable[..., Fleet], cluster: RedisCluster, records: Records
+) -> None:
+    fleet = cluster_fleet(STOKER_TEST_TIMER="0.15")
+    for i in (1, 2, 3):
+        fleet.start(f"w{i}@%h")
+    wait_for(lambda: records.of("now_leader"), 30, what="first leader")
+    wait_for(lambda: len(records.of("timer")) >= 3, 30, what="timers")
+    before = max(r.token for r in records.events())
+
+    killed_at = time.time()
+    dead, promoted = cluster.kill_primary_of(LEASE)
+    ok_at = time.time()
+    bound = NODE_TIMEOUT + TTL + RENEW + 1.0
+    acted = wait_for(
+        lambda: [r for r in records.events() if r.at >= ok_at], bound + 5, what="a leader acts"
+    )[0]
+    # Acted within the bound of the kill (not only of the promotion).
+    gap = acted.at - killed_at
+    assert gap <= bound, f"a leader acted {gap:.3f}s after the kill (bound {bound:.1f}s)"
+    wait_for(lambda: len([r for r in records.events() if r.at >= ok_at]) >= 5, 10, what="more")
+    events = records.events()
+    check_terms(events)  # one host per term, no overlap, tokens grow
+    assert all(r.token >= before for r in events if r.at >= killed_at)
+    client = cluster.client()
+    try:
+        counter = int(client.get(token_key("stoker", "recorder")) or 0)
+    finally:
+        client.close()
+    assert counter >= max(r.token for r in events)  # the promoted replica's counter
+    assert cluster.slot_owner(slot_of(LEASE)) is promoted and not dead.is_running
+
+
+def test_moving_the_slot_while_it_leads_then_operate_it_from_the_cli(
+    cluster_fleet: Callable[..., Fleet], cluster: RedisCluster, records: Records
+) -> None:
+    fleet = cluster_fleet(ttl=3.0, STOKER_TEST_TIMER="0.15")
+    workers = [fleet.start(f"w{i}@%h") for i in (1, 2, 3)]
+    first = wait_for(lambda: records.of("now_leader"), 30, what="first leader")[0]
+    for w in workers:
+        if w.node != first.host:
+            wait_for(lambda w=w: "following" in w.log(), 30, what=f"{w.node} follows")
+    wait_for(lambda: len(records.of("timer")) >= 3, 30, what="timers")
+
+    owner = cluster.slot_owner(slot_of(LEASE))
+    moved_at = time.time()
+    cluster.move_slot(slot_of(LEASE), next(p for p in cluster.primaries() if p is not owner))
+    wait_for(
+        lambda: len([r for r in records.of("timer") if r.at > moved_at + 3.0]) >= 3,
+        20,
+        what="timers well after the move",
+    )
+    leaders = records.of("now_leader")
+    assert len(leaders) <= 2, f"leadership moved more than once: {leaders}"  # kept, or once
+    check_terms(records.events())
+
+    # The operator's commands, through the real CLI, against the cluster.
+    status = cli(fleet, "status")
+    assert status.returncode == 0, status.stderr
+    leader = leaders[-1].host
+    assert leader in status.stdout
+    target = next(w.node for w in workers if w.node != leader)
+    out = cli(fleet, "handoff", "recorder", "--to", target)
+    assert out.returncode == 0, out.stderr + out.stdout
+    wait_for(lambda: records.of("now_leader")[-1].host == target, 10, what="handoff")
+
+    out = cli(fleet, "drain", target)
+    assert out.returncode == 0, out.stderr + out.stdout
+    after = wait_for(
+        lambda: (last := records.of("now_leader")[-1]).host != target and last,
+        10,
+        what="drained off the target",
+    )
+    assert f"draining: {target}" in cli(fleet, "status").stdout
+    # The drained worker never leads again, and nobody else moves it: one more term only.
+    wait_for(lambda: len([r for r in records.of("timer") if r.token == after.token]) >= 5, 10)
+    assert records.of("now_leader")[-1].token == after.token
+    out = cli(fleet, "undrain", target)
+    assert out.returncode == 0 and "draining: (none)" in out.stdout
+    check_terms(records.events())
