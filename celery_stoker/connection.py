@@ -3,8 +3,9 @@
 One place turns a ``stoker_url`` (``redis://``, ``rediss://``, ``unix://`` or a
 ``sentinel://`` list in Celery's broker-URL form) into a :class:`redis.Redis`
 client, so the lease, the activators and the command line all connect the same
-way.  It knows nothing of Celery: the settings module hands it a URL and the
-transport options.
+way.  It knows nothing of Celery's configuration: the settings module hands it a
+URL and the transport options, after :func:`tls_url` has turned Celery's TLS forms
+(``ssl_cert_reqs=CERT_NONE``, a ``broker_use_ssl`` dict) into the query redis-py reads.
 """
 
 from __future__ import annotations
