@@ -3,16 +3,21 @@
 One place turns a ``stoker_url`` (``redis://``, ``rediss://``, ``unix://`` or a
 ``sentinel://`` list in Celery's broker-URL form) into a :class:`redis.Redis`
 client, so the lease, the activators and the command line all connect the same
-way.  It knows nothing of Celery: the settings module hands it a URL and the
-transport options.
+way.  It knows nothing of Celery's configuration: the settings module hands it a
+URL and the transport options, after :func:`tls_url` has turned Celery's TLS forms
+(``ssl_cert_reqs=CERT_NONE``, a ``broker_use_ssl`` dict) into the query redis-py reads.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 import re
+import ssl
 from collections.abc import Mapping
 from typing import Any, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -207,6 +212,141 @@ def normalize_url(url: str) -> str:
     from urllib.parse import urlencode
 
     return f"unix://{path}" + (f"?{urlencode(params)}" if params else "")
+
+
+#: The TLS options a URL query or a ``*_use_ssl`` dict may give, as kombu's Redis
+#: transport and Celery's Redis backend spell them (redis-py's ``SSLConnection`` names).
+TLS_OPTIONS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_check_hostname")
+_CERT_REQS = {
+    "none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "required": ssl.CERT_REQUIRED,
+}
+CERT_REQS_ACCEPTED = (
+    "CERT_NONE, CERT_OPTIONAL or CERT_REQUIRED (or none, optional, required, in any case; "
+    "or ssl.CERT_NONE, ssl.CERT_OPTIONAL, ssl.CERT_REQUIRED in a dict)"
+)
+_TRUE = ("1", "true", "yes", "y", "on")
+_FALSE = ("0", "false", "no", "n", "off")
+
+
+def cert_reqs_name(value: Any) -> str:
+    """``none``, ``optional`` or ``required``: redis-py's spelling of any form Celery accepts.
+
+    Celery documents ``ssl_cert_reqs=CERT_REQUIRED`` in a URL and ``ssl.CERT_REQUIRED``
+    in ``broker_use_ssl``; kombu and Celery's backend also take ``required``.  redis-py
+    takes only the lower-case word or the constant, and refuses the rest when it
+    first connects, far from the setting.  ``None`` is kombu's and redis-py's "no check".
+    Raises ``ValueError`` listing the accepted values.
+    """
+    if value is None:
+        return "none"
+    if isinstance(value, ssl.VerifyMode) or (type(value) is int and value in (0, 1, 2)):
+        return {v: k for k, v in _CERT_REQS.items()}[ssl.VerifyMode(value)]
+    if isinstance(value, str):
+        word = value.strip().lower()
+        word = word[len("cert_") :] if word.startswith("cert_") else word
+        if word in _CERT_REQS:
+            return word
+    raise ValueError(f"use {CERT_REQS_ACCEPTED}")
+
+
+def _tls_value(key: str, value: Any) -> str:
+    """One TLS option as its URL query value; ``ValueError(why)`` when it is not valid."""
+    if key == "ssl_cert_reqs":
+        return cert_reqs_name(value)
+    if key == "ssl_check_hostname":
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word in _TRUE + _FALSE:
+            return "true" if word in _TRUE else "false"
+        raise ValueError("use true or false")
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError("it must be the path of a PEM file")
+    path = str(os.fspath(value))
+    if not os.path.exists(path):
+        raise ValueError("no such file")
+    return path
+
+
+@functools.cache
+def _redis_py_tls_options() -> frozenset[str]:
+    """The ``ssl_*`` keyword arguments this redis-py's ``SSLConnection`` takes."""
+    params = inspect.signature(redis.connection.SSLConnection.__init__).parameters
+    return frozenset(name for name in params if name.startswith("ssl_"))
+
+
+def tls_url(url: str, use_ssl: Any = None, *, source: str = "", broker: bool = False) -> str:
+    """``url`` with every TLS option resolved into the query redis-py reads.
+
+    Accepts what Celery accepts: ``ssl_*`` options in the URL's query
+    (``?ssl_cert_reqs=CERT_NONE``, ``=none``, ``=required&ssl_ca_certs=/ca.pem``)
+    and a ``broker_use_ssl``-style dict (``use_ssl``, named ``source`` in errors,
+    values as strings or ``ssl.CERT_*``); the URL's options win, key by key.
+    Like kombu, any TLS option (or ``use_ssl=True``) means TLS even on ``redis://``.
+    ``broker=True`` is the broker's own URL: a ``rediss://`` with no option at all
+    then skips the certificate check, as kombu does for the broker (it logs
+    "defaulting to insecure SSL behaviour"); otherwise redis-py's default holds
+    (``required``).
+
+    The result carries its options in the URL, so every client made from it (the
+    worker's, the command line's) connects the same way.  Raises ``ValueError``
+    naming the option and the accepted values; connects to nothing.
+    """
+    scheme = url_scheme(url)
+    if scheme == "sentinel":
+        return url  # the Sentinel client takes no TLS options (see README)
+    base, _, query = url.partition("?")
+    pairs = [piece for piece in query.split("&") if piece] if query else []
+    url_options = {
+        key: value
+        for key, value in parse_qsl(query, keep_blank_values=True)
+        if key.startswith("ssl_")
+    }
+    if scheme in ("unix", "redis+socket"):
+        if url_options:
+            raise ValueError(f"TLS options {sorted(url_options)} do not apply to a {scheme}:// URL")
+        return url
+    dict_name = source or "use_ssl"
+    dict_options: dict[str, Any] = {}
+    if isinstance(use_ssl, Mapping):
+        dict_options = dict(use_ssl)
+    elif use_ssl not in (None, True, False):
+        raise ValueError(
+            f"{dict_name}={use_ssl!r} is not valid: use a dict such as "
+            "{'ssl_cert_reqs': ssl.CERT_REQUIRED, 'ssl_ca_certs': '/path/ca.pem'}, or True"
+        )
+    for key in dict_options:
+        if key not in TLS_OPTIONS:
+            hint = f" (did you mean ssl_{key}?)" if f"ssl_{key}" in TLS_OPTIONS else ""
+            raise ValueError(
+                f"{key!r} in {dict_name} is not a TLS option for Redis{hint}: use "
+                f"{', '.join(TLS_OPTIONS)}"
+            )
+    for key in url_options:
+        if key not in TLS_OPTIONS and key not in _redis_py_tls_options():
+            raise ValueError(
+                f"{key!r} in the URL is not a TLS option for Redis: use "
+                f"{', '.join(TLS_OPTIONS)} (or another ssl_* option of redis-py's SSLConnection)"
+            )
+    if not (scheme == "rediss" or url_options or dict_options or use_ssl is True):
+        return url
+    if broker and not (url_options or dict_options or use_ssl is True):
+        dict_options = {"ssl_cert_reqs": "none"}  # kombu's default for a bare rediss:// broker
+    url_options = {k: v for k, v in url_options.items() if k in TLS_OPTIONS}
+    options = {**dict_options, **url_options}
+    resolved: dict[str, str] = {}
+    for key, value in options.items():
+        try:
+            resolved[key] = _tls_value(key, value)
+        except ValueError as exc:
+            where = "in the URL" if key in url_options else f"in {dict_name}"
+            raise ValueError(f"{key}={value!r} {where} is not valid: {exc}") from None
+    kept = [piece for piece in pairs if unquote(piece.split("=", 1)[0]) not in resolved]
+    kept += [f"{key}={quote(value, safe='')}" for key, value in resolved.items()]
+    rest = base.split("://", 1)[1]
+    return f"rediss://{rest}" + (f"?{'&'.join(kept)}" if kept else "")
 
 
 def _sentinel_client(url: str, options: dict[str, Any], timeouts: dict[str, Any]) -> redis.Redis:

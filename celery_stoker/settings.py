@@ -23,7 +23,15 @@ from typing import Any
 
 from celery.exceptions import ImproperlyConfigured
 
-from .connection import check_url, is_cluster, is_redis_url, mask_url, normalize_url, url_scheme
+from .connection import (
+    check_url,
+    is_cluster,
+    is_redis_url,
+    mask_url,
+    normalize_url,
+    tls_url,
+    url_scheme,
+)
 
 DEFAULT_LEASE_TTL = 10.0
 MIN_LEASE_TTL = 0.2
@@ -133,25 +141,38 @@ def broker_url_of(conf: Any) -> str:
 
 
 def resolve_url(conf: Any) -> tuple[str, dict[str, Any]]:
-    """``stoker_url`` and its transport options, falling back to a Redis broker."""
+    """``stoker_url`` and its transport options, falling back to a Redis broker.
+
+    TLS is read as Celery reads it (:func:`connection.tls_url`): ``ssl_*`` options in
+    the URL and, for the broker's URL, ``broker_use_ssl``; ``stoker_use_ssl`` (the same
+    kind of dict) is used instead of it when set.  The URL returned carries them all.
+    """
     explicit = conf.get("stoker_url")
     options = dict(conf.get("stoker_transport_options") or {})
+    use_ssl = conf.get("stoker_use_ssl")
+    ssl_name = setting_name(conf, "stoker_use_ssl")
+    url_name = setting_name(conf, "stoker_url")
     if explicit:
         url = str(explicit)
         if not is_redis_url(url):
             raise StokerConfigurationError(
-                f"{setting_name(conf, 'stoker_url')}={mask_url(url)!r} is not a Redis URL: it "
+                f"{url_name}={mask_url(url)!r} is not a Redis URL: it "
                 "must start with redis://, rediss://, unix:// or sentinel://"
             )
-        return normalize_url(url), options
+        return _with_tls(url_name, url, use_ssl, ssl_name, broker=False), options
     broker = broker_url_of(conf)
     if is_redis_url(broker):
         broker_options = dict(conf.get("broker_transport_options") or {})
-        return normalize_url(broker), {**broker_options, **options}
+        if use_ssl is None:
+            use_ssl, ssl_name = conf.get("broker_use_ssl"), setting_name(conf, "broker_use_ssl")
+        name = f"{setting_name(conf, 'broker_url')} (used as {url_name})"
+        return _with_tls(name, broker, use_ssl, ssl_name, broker=True), {
+            **broker_options,
+            **options,
+        }
     raise StokerConfigurationError(
         f"the broker {mask_url(broker)!r} is not Redis, so celery-stoker has no Redis to elect in: "
-        f"set {setting_name(conf, 'stoker_url')} = 'redis://host:6379/0' (any Redis the workers "
-        "reach)"
+        f"set {url_name} = 'redis://host:6379/0' (any Redis the workers reach)"
     )
 
 
@@ -181,6 +202,14 @@ def check_cluster(conf: Any, url: str, options: Mapping[str, Any]) -> None:
             f"{url_name}={mask_url(url)!r} selects a database, but a Redis Cluster has only "
             "database 0: drop the /N from the URL"
         )
+
+
+def _with_tls(name: str, url: str, use_ssl: Any, ssl_name: str, *, broker: bool) -> str:
+    """``url`` normalized, its TLS options resolved; a bad one stops the worker, named."""
+    try:
+        return tls_url(normalize_url(url), use_ssl, source=ssl_name, broker=broker)
+    except ValueError as exc:
+        raise StokerConfigurationError(f"{name}={mask_url(url)!r}: {exc}") from None
 
 
 def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> StokerSettings:

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -35,7 +36,9 @@ __all__ = [
     "RedisProcessError",
     "RedisSentinel",
     "RedisServer",
+    "TlsFiles",
     "free_port",
+    "make_tls_files",
     "resolve_binary",
 ]
 
@@ -48,6 +51,63 @@ _P = TypeVar("_P", bound="_ManagedProcess")
 
 class RedisProcessError(RuntimeError):
     """A server failed to start or become ready; the message carries the log tail."""
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """What a TLS server needs: a CA certificate, and a server certificate and key it signed."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(directory: str | Path, hosts: Sequence[str] = (HOST, "localhost")) -> TlsFiles:
+    """Make a throwaway CA and a server certificate for ``hosts`` with ``openssl``.
+
+    TLS is tested against a real ``redis-server --tls-port``: a client that checks
+    certificates must see a chain it can verify (``ssl_ca_certs=<ca_cert>``) or one it
+    cannot (no CA given), so the test owns its CA.  Keys are P-256 (fast to make); the
+    extensions are the ones a strict verifier wants (a critical CA basic constraint, the
+    leaf's key identifiers and its names as subjectAltName).  Valid for two days.
+    """
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise RedisProcessError("openssl not found on PATH: it makes the test certificates")
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = TlsFiles(folder / "ca.crt", folder / "server.crt", folder / "server.key")
+    names = ",".join(
+        f"IP:{host}" if host.replace(".", "").isdigit() or ":" in host else f"DNS:{host}"
+        for host in hosts
+    )
+    extensions = folder / "server.ext"
+    extensions.write_text(
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth\n"
+        "subjectKeyIdentifier=hash\n"
+        "authorityKeyIdentifier=keyid,issuer\n"
+        f"subjectAltName={names}\n"
+    )
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca_key, csr = folder / "ca.key", folder / "server.csr"
+    steps = [
+        [openssl, "req", "-x509", *ec, "-keyout", ca_key, "-out", files.ca_cert, "-days", "2",
+         "-subj", "/CN=celery-stoker test CA",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        [openssl, "req", "-new", *ec, "-keyout", files.key, "-out", csr,
+         "-subj", f"/CN={hosts[0]}"],
+        [openssl, "x509", "-req", "-in", csr, "-CA", files.ca_cert, "-CAkey", ca_key,
+         "-set_serial", str(int(time.time() * 1000)), "-days", "2",
+         "-extfile", extensions, "-out", files.cert],
+    ]  # fmt: skip
+    for step in steps:
+        done = subprocess.run([str(arg) for arg in step], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RedisProcessError(f"{' '.join(map(str, step[:3]))} failed:\n{done.stderr}")
+    return files
 
 
 def free_port() -> int:
@@ -325,10 +385,19 @@ class RedisServer(_ManagedProcess):
         password: str | None = None,
         replica_of: tuple[str, int] | None = None,
         extra_args: Sequence[str] = (),
+        tls: TlsFiles | None = None,
     ) -> None:
         """``replica_of=(host, port)`` starts it with ``--replicaof`` (``--masterauth`` is set
-        to ``password`` too, so a password-protected master/replica pair just works)."""
+        to ``password`` too, so a password-protected master/replica pair just works).
+
+        ``tls`` (see :func:`make_tls_files`) makes it listen for TLS only (``--port 0
+        --tls-port``), without asking clients for a certificate; :attr:`url` is then a
+        ``rediss://`` URL that verifies the server against that CA.
+        """
+        if tls is not None and replica_of is not None:
+            raise RedisProcessError("a TLS replica is not supported by this launcher")
         super().__init__(binary, password)
+        self.tls = tls
         self.replica_of = replica_of
         self.extra_args = list(extra_args)
         self._modern = _major_version(self.binary) >= 7  # 7.0 added options we use
@@ -340,7 +409,10 @@ class RedisServer(_ManagedProcess):
     def url_for(self, db: int) -> str:
         # Percent-encoded so any password yields a valid URL (redis-py unquotes it).
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
-        return f"redis://{auth}{HOST}:{self.port}/{db}"
+        if self.tls is None:
+            return f"redis://{auth}{HOST}:{self.port}/{db}"
+        ca = quote(str(self.tls.ca_cert), safe="")
+        return f"rediss://{auth}{HOST}:{self.port}/{db}?ssl_cert_reqs=required&ssl_ca_certs={ca}"
 
     def restart(self, empty: bool = True, timeout: float = 10.0) -> None:
         """Stop and start again on the same port.
@@ -400,7 +472,20 @@ class RedisServer(_ManagedProcess):
             args += ["--requirepass", self.password, "--masterauth", self.password]
         if self.replica_of:
             args += ["--replicaof", self.replica_of[0], str(self.replica_of[1])]
+        if self.tls is not None:
+            args[1:3] = ["--port", "0", "--tls-port", str(port)]
+            args += [
+                "--tls-cert-file", str(self.tls.cert),
+                "--tls-key-file", str(self.tls.key),
+                "--tls-ca-cert-file", str(self.tls.ca_cert),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         return args + self.extra_args
+
+    def _raw_client(self, **kwargs: Any) -> redis.Redis:
+        if self.tls is not None:
+            kwargs = {"ssl": True, "ssl_ca_certs": str(self.tls.ca_cert), **kwargs}
+        return super()._raw_client(**kwargs)
 
 
 class RedisSentinel(_ManagedProcess):
