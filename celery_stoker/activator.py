@@ -26,7 +26,7 @@ from .lease import RedisLease, Term
 from .listener import LeaseListener
 from .metrics import NO_METRICS, MetricsHooks
 from .pump import EventPump, PendingEvent
-from .registry import StokerSpec
+from .registry import StokerSpec, app_name
 from .settings import StokerSettings
 from .stoker import Stoker, StokerContext
 from .store import StokerStore
@@ -79,6 +79,7 @@ class Activator:
             ttl=settings.lease_ttl,
             key_prefix=settings.key_prefix,
             listener=listener,
+            app=app_name(app),
         )
         self.store = StokerStore(
             self.client,
@@ -148,6 +149,7 @@ class Activator:
             "name": self.name,
             "state": election.state,
             "current_node": self.hostname,
+            "key_prefix": self.settings.key_prefix,
             "created_at": _iso(election.created_at),
             "active_from": _iso(election.active_from),
             "leader": election.leader,

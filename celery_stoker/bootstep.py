@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import redis
@@ -36,10 +37,10 @@ from .connection import is_cluster, redis_client
 from .dispatch import register_dispatch_task, warm_process
 from .keys import draining_key, lease_channel, reports_key, stoker_channel
 from .listener import LeaseListener
-from .membership import Membership
+from .membership import Membership, announce
 from .metrics import NO_METRICS, MetricsHooks
 from .pump import EventPump
-from .registry import WorkerInfo, is_eligible, registry_of
+from .registry import WorkerInfo, app_name, is_eligible, registry_of
 from .settings import (
     StokerConfigurationError,
     StokerSettings,
@@ -89,7 +90,6 @@ class StokerStep(bootsteps.StartStopStep):
             signals.worker_process_init.connect(self._warm_pool_process, weak=False)
         self.activators: dict[str, Activator] = {}
         self.listeners: dict[tuple[str, str], LeaseListener] = {}
-        self.membership = Membership(self.hostname)
         self.emitter = EventEmitter(worker.app, self.hostname)
         self.pump = EventPump(self.hostname)
         self.clients: dict[tuple[str, float], redis.Redis] = {}
@@ -102,6 +102,9 @@ class StokerStep(bootsteps.StartStopStep):
             except StokerConfigurationError as exc:
                 raise StokerConfigurationError(f"Stoker {name!r}: {exc}") from None
         self.queue_name = event_queue_name(self.app.conf, self.hostname)
+        # Members are the workers of this app under the same key prefix (membership.py).
+        prefixes = {settings.key_prefix for settings in self.settings.values()}
+        self.membership = Membership(self.hostname, app_name(self.app), prefixes)
         if self.registry:
             self.app.amqp.queues.select_add(self.queue_name)
         self.metrics = self._metrics()
@@ -127,6 +130,7 @@ class StokerStep(bootsteps.StartStopStep):
         if not self.registry:
             logger.info("celery-stoker: no Stokers registered in this app; nothing to run")
             return
+        announce(self.membership.scope)  # before the consumer's heart sends worker-online
         self.membership.attach_gossip(worker.consumer)
         self.emitter.start()
         self._sync_drain_marks(draining=self.drain_at_start)
@@ -142,7 +146,7 @@ class StokerStep(bootsteps.StartStopStep):
                 hostname=self.hostname,
                 queue_name=self.queue_name,
                 listener=self._listener(settings),
-                members=self.membership.members,
+                members=partial(self.membership.members, settings.key_prefix),
                 holder_id=f"{holder_prefix}/{name}",
                 pump=self.pump,
                 client=self._client(settings.url, settings.socket_timeout, settings),
@@ -152,7 +156,7 @@ class StokerStep(bootsteps.StartStopStep):
                 metrics=self.metrics,
             )
             self.metrics.watch(name, activator.election)
-            self.membership.subscribe(activator.on_cluster_change)
+            self.membership.subscribe(activator.on_cluster_change, settings.key_prefix)
             self.activators[name] = activator
         for activator in self.activators.values():
             activator.start()
@@ -379,6 +383,7 @@ class StokerStep(bootsteps.StartStopStep):
         """Every activator's fields, for ``celery inspect stoker``."""
         return {
             "hostname": self.hostname,
+            "app": self.membership.scope.app,
             "members": sorted(self.membership.members()),
             "membership_source": self.membership.source,
             "activators": {name: a.snapshot() for name, a in self.activators.items()},

@@ -9,15 +9,32 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
-from .control import StokerOperationError, cluster_view, draining, dump_all
+from .control import StokerOperationError, StokerRedisError, draining, dump_all
 from .control import drain as drain_nodes
 from .control import handoff as handoff_leader
 from .control import undrain as undrain_nodes
 from .registry import registry_of
+from .settings import StokerConfigurationError
+
+
+@contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """An error the operator can act on ends the command with one line and exit status 1.
+
+    Redis refused, wrong password, no answer, a bad TLS option, a bad setting,
+    a request that cannot be carried out: each says what and where (the URL's
+    password masked), never with a traceback.
+    """
+    try:
+        yield
+    except (StokerRedisError, StokerOperationError, StokerConfigurationError) as exc:
+        raise click.ClickException(" ".join(str(exc).split())) from None
 
 
 def _ago(iso: str | None) -> str:
@@ -98,12 +115,16 @@ def status(ctx: click.Context, as_json: bool, timeout: float, watch: bool) -> No
     if watch and not as_json and sys.stdout.isatty():
         _watch(app, names, timeout)
         return
-    views = _collect(app, names, timeout)
+    with _one_line_errors():
+        views = dump_all(app, names, timeout=timeout)
+        drained = sorted(draining(app))
     if as_json:
         click.echo(json.dumps(views, indent=2, default=str))
         return
     click.echo(_table(_rows(views), HEADERS))
-    drained = sorted(draining(app))
+    unasked = _workers_error(views)
+    if unasked:
+        click.echo(f"\n{unasked}: the table shows only what Redis holds")
     click.echo(f"\ndraining: {', '.join(drained) if drained else '(none)'}")
     for v in views:
         transitions = v.get("transitions") or []
@@ -114,17 +135,9 @@ def status(ctx: click.Context, as_json: bool, timeout: float, watch: bool) -> No
             click.echo(f"  {_transition_line(t)}")
 
 
-def _collect(app: Any, names: list[str], timeout: float) -> list[dict[str, Any]]:
-    """Every Stoker's view; Redis's alone (with the cause) when the broker does not answer."""
-    try:
-        return dump_all(app, names, timeout=timeout)
-    except Exception as exc:
-        views = []
-        for name in names:
-            view = cluster_view(app, name)
-            view["workers_error"] = f"{exc.__class__.__name__}: {exc}"
-            views.append(view)
-        return views
+def _workers_error(views: list[dict[str, Any]]) -> str | None:
+    """Why the workers could not be asked (the broker), or None when they were."""
+    return next((v["workers_error"] for v in views if v.get("workers_error")), None)
 
 
 def _rows(views: list[dict[str, Any]]) -> list[list[str]]:
@@ -179,7 +192,13 @@ def _watch(app: Any, names: list[str], timeout: float, interval: float = 1.0) ->
         ) from None
 
     def render() -> Group:
-        views = _collect(app, names, timeout)
+        stamp = time.strftime("%H:%M:%S")
+        title = Text(f"celery-stoker status, updated {stamp} (Ctrl-C to stop)", style="bold")
+        try:
+            views = dump_all(app, names, timeout=timeout)
+            drained = sorted(draining(app))
+        except StokerRedisError as exc:  # keep watching: Redis may come back
+            return Group(title, Text(str(exc), style="red"))
         table = Table(expand=True)
         for header in HEADERS:
             table.add_column(header, overflow="fold")
@@ -190,14 +209,14 @@ def _watch(app: Any, names: list[str], timeout: float, interval: float = 1.0) ->
             key=lambda item: item[0].get("at") or 0,
             reverse=True,
         )[:WATCH_TRANSITIONS]
-        drained = sorted(draining(app))
         lines = [Text(f"draining: {', '.join(drained) if drained else '(none)'}")]
         lines.append(Text("\nlast transitions (newest first):", style="bold"))
         lines += [Text(f"  {_transition_line(t, name)}") for t, name in latest] or [
             Text("  (none yet)")
         ]
-        stamp = time.strftime("%H:%M:%S")
-        title = Text(f"celery-stoker status, updated {stamp} (Ctrl-C to stop)", style="bold")
+        unasked = _workers_error(views)
+        if unasked:
+            lines.insert(0, Text(unasked, style="yellow"))
         return Group(title, table, *lines)
 
     console = Console()
@@ -226,10 +245,8 @@ def _iso(ts: Any) -> str | None:
 @click.pass_context
 def handoff(ctx: click.Context, name: str, to: str | None, timeout: float) -> None:
     """Make the leader of NAME step down, to --to NODE or to any other worker."""
-    try:
+    with _one_line_errors():
         result = handoff_leader(ctx.obj.app, name, to, timeout=timeout)
-    except StokerOperationError as exc:
-        raise click.ClickException(str(exc)) from None
     click.echo(
         f"{name}: {result['from']} -> {result['to']} (token {result['token']}) "
         f"in {result['seconds'] * 1000:.0f} ms"
@@ -242,10 +259,8 @@ def handoff(ctx: click.Context, name: str, to: str | None, timeout: float) -> No
 @click.pass_context
 def drain(ctx: click.Context, nodes: tuple[str, ...], timeout: float) -> None:
     """Make NODES give up every leadership and take none (until undrain)."""
-    try:
+    with _one_line_errors():
         result = drain_nodes(ctx.obj.app, list(nodes), timeout=timeout)
-    except StokerOperationError as exc:
-        raise click.ClickException(str(exc)) from None
     for name, move in sorted(result["moved"].items()):
         click.echo(f"{name}: {move['from']} -> {move['to'] or '(no eligible worker yet)'}")
     click.echo(f"draining: {', '.join(result['draining'])}")
@@ -256,5 +271,6 @@ def drain(ctx: click.Context, nodes: tuple[str, ...], timeout: float) -> None:
 @click.pass_context
 def undrain(ctx: click.Context, nodes: tuple[str, ...]) -> None:
     """Let NODES lead again."""
-    result = undrain_nodes(ctx.obj.app, list(nodes))
+    with _one_line_errors():
+        result = undrain_nodes(ctx.obj.app, list(nodes))
     click.echo(f"draining: {', '.join(result['draining']) or '(none)'}")

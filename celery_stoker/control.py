@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import redis
 from celery.worker.control import inspect_command
 
-from .connection import redis_client
+from .connection import mask_url, redis_client
 from .keys import (
     POKE,
     WAKE,
@@ -30,8 +32,8 @@ from .keys import (
     token_key,
 )
 from .lease import Holder
-from .registry import registry_of
-from .settings import StokerSettings, load_settings
+from .registry import app_name, registry_of
+from .settings import StokerConfigurationError, StokerSettings, broker_url_of, load_settings
 from .store import StokerStore
 
 if TYPE_CHECKING:
@@ -39,6 +41,61 @@ if TYPE_CHECKING:
 
 _clients: dict[tuple[str, str], redis.Redis] = {}
 _clients_lock = threading.Lock()
+
+#: How long one Redis command of these looks may block (``socket_timeout`` in
+#: ``stoker_transport_options`` overrides it): a hung Redis costs one of these.
+DEFAULT_SOCKET_TIMEOUT = 5.0
+
+
+class StokerRedisError(redis.RedisError):
+    """The Stoker Redis could not be used: refused, wrong password, no answer, bad TLS option.
+
+    Its message is one line naming the masked URL and the cause (never the
+    password), fit for an operator's terminal; the original error is its
+    ``__cause__``.
+    """
+
+    def __init__(self, settings: StokerSettings, exc: BaseException) -> None:
+        cause = _scrub(f"{type(exc).__name__}: {exc}", settings.url)
+        if isinstance(exc, redis.TimeoutError):
+            cause += f" (no answer within {_socket_timeout(settings):g} s)"
+        super().__init__(f"cannot use the Stoker Redis at {settings.masked_url}: {cause}")
+        self.url = settings.masked_url
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` on one line, with the URL's password (raw or unquoted) masked."""
+    text = " ".join(text.split()).replace(url, mask_url(url))
+    for part in url.split(";"):
+        try:
+            password = urlsplit(part.strip()).password
+        except ValueError:
+            continue
+        for secret in {password, unquote(password or "")} - {None, ""}:
+            text = text.replace(str(secret), "***")
+    return text
+
+
+@contextmanager
+def talking_to(settings: StokerSettings) -> Iterator[None]:
+    """Turn any failure to use ``settings``' Redis into one :class:`StokerRedisError`."""
+    try:
+        yield
+    except StokerRedisError:
+        raise
+    except (redis.RedisError, OSError, ValueError) as exc:
+        raise StokerRedisError(settings, exc) from exc
+
+
+def _socket_timeout(settings: StokerSettings) -> float:
+    raw = settings.transport_options.get("socket_timeout")
+    if raw is None:
+        return DEFAULT_SOCKET_TIMEOUT
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not raw > 0:
+        raise StokerConfigurationError(
+            f"stoker_transport_options socket_timeout={raw!r} must be a positive number of seconds"
+        )
+    return float(raw)
 
 
 @inspect_command()
@@ -58,14 +115,21 @@ def settings_for(app: Celery, name: str) -> StokerSettings:
 
 
 def client_for(settings: StokerSettings) -> redis.Redis:
-    """A shared client per URL for read-only looks (thread-safe: redis-py pools)."""
+    """A shared client per URL for operators' looks and requests (thread-safe: redis-py pools).
+
+    Each command waits at most one socket timeout (:data:`DEFAULT_SOCKET_TIMEOUT`
+    or the transport options' ``socket_timeout``), and redis-py does not retry.
+    """
     key = (settings.url, repr(sorted(settings.transport_options.items())))
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
-            client = _clients[key] = redis_client(
-                settings.url, transport_options=settings.transport_options, socket_timeout=5.0
-            )
+            with talking_to(settings):
+                client = _clients[key] = redis_client(
+                    settings.url,
+                    transport_options=settings.transport_options,
+                    socket_timeout=_socket_timeout(settings),
+                )
         return client
 
 
@@ -82,9 +146,13 @@ def _holder(client: redis.Redis, settings: StokerSettings, name: str) -> Holder 
 
 
 def whereis(app: Celery, name: str) -> str | None:
-    """The node name of ``name``'s leader (e.g. ``w1@host``), or None when nobody leads."""
+    """The node name of ``name``'s leader (e.g. ``w1@host``), or None when nobody leads.
+
+    Raises :class:`StokerRedisError` when the Stoker Redis cannot be read.
+    """
     settings = settings_for(app, name)
-    holder = _holder(client_for(settings), settings, name)
+    with talking_to(settings):
+        holder = _holder(client_for(settings), settings, name)
     if holder is None or holder.foreign:
         return None
     return holder.hostname
@@ -97,8 +165,16 @@ def _iso(ts: Any) -> str | None:
 
 
 def cluster_view(app: Celery, name: str, transitions: int = 5) -> dict[str, Any]:
-    """What Redis says about ``name``: leader, token, since, followers, last event, time left."""
+    """What Redis says about ``name``: leader, token, since, followers, last event, time left.
+
+    Raises :class:`StokerRedisError` when the Stoker Redis cannot be read.
+    """
     settings = settings_for(app, name)
+    with talking_to(settings):
+        return _cluster_view(settings, name, transitions)
+
+
+def _cluster_view(settings: StokerSettings, name: str, transitions: int) -> dict[str, Any]:
     client = client_for(settings)
     holder = _holder(client, settings, name)
     store = StokerStore(client, name, key_prefix=settings.key_prefix)
@@ -138,7 +214,10 @@ def dump(app: Celery, name: str, timeout: float = 1.0) -> dict[str, Any]:
     ``workers`` maps node names to the original's activator fields (state
     ``unk``/``follower``/``leader``, created_at, active_from, leader,
     current_node, last_error, ...); workers that do not answer within
-    ``timeout`` are missing from it.
+    ``timeout`` are missing from it, and so are workers of another app or
+    key prefix.  When the broker cannot be reached, ``workers`` is empty and
+    ``workers_error`` says why.  Raises :class:`StokerRedisError` when the
+    Stoker Redis cannot be read.
     """
     return dump_all(app, [name], timeout=timeout)[0]
 
@@ -146,38 +225,65 @@ def dump(app: Celery, name: str, timeout: float = 1.0) -> dict[str, Any]:
 def dump_all(app: Celery, names: list[str], timeout: float = 1.0) -> list[dict[str, Any]]:
     """:func:`dump` of each of ``names``, from one broadcast to the workers.
 
-    The broadcast waits its whole ``timeout`` (the number of workers is not
-    known), so one for all Stokers keeps ``status`` (and each redraw of
-    ``status --watch``) to one timeout, however many Stokers there are.
+    Redis is read first, so a Redis that cannot be read costs at most one
+    socket timeout and no broadcast.  The broadcast waits its whole
+    ``timeout`` (the number of workers is not known), so one for all Stokers
+    keeps ``status`` (and each redraw of ``status --watch``) to one timeout,
+    however many Stokers there are.
     """
-    replies = app.control.inspect(timeout=timeout)._request("stoker") or {}
-    views = []
-    for name in names:
-        view = cluster_view(app, name)
-        view["workers"] = {}
-        for node, reply in replies.items():
-            activators = (reply or {}).get("activators") or {}
-            if name in activators:
-                view["workers"][node] = activators[name]
+    views = [cluster_view(app, name) for name in names]
+    replies, error = _ask_workers(app, timeout)
+    for view in views:
+        view["workers"] = _worker_views(app, replies, view["name"])
         followers = sorted(n for n, a in view["workers"].items() if a.get("state") == "follower")
         if followers:
             view["followers"] = followers
+        if error is not None:
+            view["workers_error"] = error
         view["dumped_at"] = time.time()
-        views.append(view)
     return views
+
+
+def _ask_workers(app: Celery, timeout: float) -> tuple[dict[str, Any], str | None]:
+    """Every worker's ``inspect stoker`` reply, or none and why the broker could not be used.
+
+    The connection is checked first with a single try: kombu's publish would
+    otherwise retry a refused broker for seconds.
+    """
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0.2)
+            replies = app.control.inspect(timeout=timeout, connection=conn)._request("stoker")
+    except Exception as exc:
+        broker = broker_url_of(app.conf)
+        cause = _scrub(f"{type(exc).__name__}: {exc}", broker)
+        return {}, f"workers could not be asked through the broker {mask_url(broker)}: {cause}"
+    return replies or {}, None
 
 
 class StokerOperationError(RuntimeError):
     """An operator's request (handoff, drain) cannot be carried out; nothing was changed."""
 
 
-def _worker_views(app: Celery, name: str, timeout: float) -> dict[str, dict[str, Any]]:
-    replies = app.control.inspect(timeout=timeout)._request("stoker") or {}
-    return {
-        node: (reply or {}).get("activators", {}).get(name)
-        for node, reply in replies.items()
-        if (reply or {}).get("activators", {}).get(name)
-    }
+def _worker_views(app: Celery, replies: dict[str, Any], name: str) -> dict[str, dict[str, Any]]:
+    """The activators of ``name`` in ``replies``, from workers of this app and key prefix.
+
+    A worker of another app (or running the Stoker under another key prefix)
+    answers the same broadcast when it shares the broker; it is left out.
+    """
+    settings = settings_for(app, name)
+    own = app_name(app) if name in registry_of(app) else None
+    views = {}
+    for node, reply in replies.items():
+        activator = ((reply or {}).get("activators") or {}).get(name)
+        if not activator:
+            continue
+        if own is not None and reply.get("app") not in (None, own):
+            continue
+        if activator.get("key_prefix") not in (None, settings.key_prefix):
+            continue
+        views[node] = activator
+    return views
 
 
 def handoff(
@@ -197,54 +303,60 @@ def handoff(
     if known and name not in known:
         raise StokerOperationError(f"no Stoker named {name}; known: {', '.join(known)}")
     settings = settings_for(app, name)
-    client = client_for(settings)
-    holder = _holder(client, settings, name)
-    if holder is None or holder.foreign or holder.token is None:
-        unchecked = (
-            ""
-            if known
-            else " (this app registers no Stokers to check the name against: is it spelled "
-            "as the workers' app names it?)"
-        )
-        raise StokerOperationError(f"Stoker {name!r} has no leader to hand over from{unchecked}")
-    if to is not None:
-        if to == holder.hostname:
-            raise StokerOperationError(f"{to} already leads {name!r}")
-        view = _worker_views(app, name, timeout=1.0).get(to)
-        if view is None:
-            raise StokerOperationError(
-                f"{to} did not answer as a worker running Stoker {name!r}: is it alive, and is "
-                "the name spelled as `celery inspect ping` shows it?"
+    with talking_to(settings):
+        client = client_for(settings)
+        holder = _holder(client, settings, name)
+        if holder is None or holder.foreign or holder.token is None:
+            unchecked = (
+                ""
+                if known
+                else " (this app registers no Stokers to check the name against: is it spelled "
+                "as the workers' app names it?)"
             )
-        if not view.get("eligible", True):
-            raise StokerOperationError(f"{to} is not eligible to lead {name!r} (eligible=...)")
-        if view.get("draining"):
-            raise StokerOperationError(f"{to} is draining; undrain it first")
-        if view.get("state") != "follower":
-            raise StokerOperationError(f"{to} is {view.get('state')!r}, not a follower")
-    started = time.monotonic()
-    client.set(
-        handoff_key(settings.key_prefix, name),
-        f"{holder.token} {to or ''}",
-        px=max(10_000, int(settings.lease_ttl * 2000)),
-    )
-    announce(client, settings.key_prefix, name, POKE)
-    deadline = started + timeout
-    while time.monotonic() < deadline:
-        now = _holder(client, settings, name)
-        moved = now is not None and not now.foreign and now.token != holder.token
-        if moved and now is not None and now.hostname and (to is None or now.hostname == to):
-            return {
-                "name": name,
-                "from": holder.hostname,
-                "to": now.hostname,
-                "token": now.token,
-                "seconds": round(time.monotonic() - started, 3),
-            }
-        time.sleep(0.01)
-    raise StokerOperationError(
-        f"the handoff of {name!r} from {holder.hostname} did not complete within {timeout:g} s"
-    )
+            raise StokerOperationError(
+                f"Stoker {name!r} has no leader to hand over from{unchecked}"
+            )
+        if to is not None:
+            if to == holder.hostname:
+                raise StokerOperationError(f"{to} already leads {name!r}")
+            replies, error = _ask_workers(app, 1.0)
+            if error is not None:
+                raise StokerOperationError(f"cannot check {to}: {error}")
+            view = _worker_views(app, replies, name).get(to)
+            if view is None:
+                raise StokerOperationError(
+                    f"{to} did not answer as a worker running Stoker {name!r}: is it alive, and is "
+                    "the name spelled as `celery inspect ping` shows it?"
+                )
+            if not view.get("eligible", True):
+                raise StokerOperationError(f"{to} is not eligible to lead {name!r} (eligible=...)")
+            if view.get("draining"):
+                raise StokerOperationError(f"{to} is draining; undrain it first")
+            if view.get("state") != "follower":
+                raise StokerOperationError(f"{to} is {view.get('state')!r}, not a follower")
+        started = time.monotonic()
+        client.set(
+            handoff_key(settings.key_prefix, name),
+            f"{holder.token} {to or ''}",
+            px=max(10_000, int(settings.lease_ttl * 2000)),
+        )
+        announce(client, settings.key_prefix, name, POKE)
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            now = _holder(client, settings, name)
+            moved = now is not None and not now.foreign and now.token != holder.token
+            if moved and now is not None and now.hostname and (to is None or now.hostname == to):
+                return {
+                    "name": name,
+                    "from": holder.hostname,
+                    "to": now.hostname,
+                    "token": now.token,
+                    "seconds": round(time.monotonic() - started, 3),
+                }
+            time.sleep(0.01)
+        raise StokerOperationError(
+            f"the handoff of {name!r} from {holder.hostname} did not complete within {timeout:g} s"
+        )
 
 
 def _prefixes(app: Celery) -> dict[str, StokerSettings]:
@@ -267,36 +379,45 @@ def drain(app: Celery, nodes: list[str], *, timeout: float = 10.0) -> dict[str, 
     if not nodes:
         raise StokerOperationError("name at least one worker to drain")
     for prefix, settings in _prefixes(app).items():
-        client = client_for(settings)
-        mark_draining(client, prefix, _stoker_names(app, client, prefix), nodes, draining=True)
+        with talking_to(settings):
+            client = client_for(settings)
+            mark_draining(client, prefix, _stoker_names(app, client, prefix), nodes, draining=True)
     moved: dict[str, Any] = {}
     deadline = time.monotonic() + timeout
     for name in registry_of(app):
         settings = settings_for(app, name)
-        client = client_for(settings)
-        holder = _holder(client, settings, name)
-        if holder is None or holder.hostname not in nodes:
-            continue
-        announce(client, settings.key_prefix, name, POKE)
-        while time.monotonic() < deadline:
-            now = _holder(client, settings, name)
-            if now is not None and now.hostname and now.hostname not in nodes:
-                moved[name] = {"from": holder.hostname, "to": now.hostname}
-                break
-            time.sleep(0.01)
-        else:
-            moved[name] = {"from": holder.hostname, "to": None}
+        with talking_to(settings):
+            move = _move_off(client_for(settings), settings, name, nodes, deadline)
+        if move is not None:
+            moved[name] = move
     return {"draining": sorted(draining(app)), "moved": moved}
+
+
+def _move_off(
+    client: redis.Redis, settings: StokerSettings, name: str, nodes: list[str], deadline: float
+) -> dict[str, str | None] | None:
+    """Poke the leader of ``name`` if it is one of ``nodes``; wait until it moved (or not)."""
+    holder = _holder(client, settings, name)
+    if holder is None or holder.hostname not in nodes:
+        return None
+    announce(client, settings.key_prefix, name, POKE)
+    while time.monotonic() < deadline:
+        now = _holder(client, settings, name)
+        if now is not None and now.hostname and now.hostname not in nodes:
+            return {"from": holder.hostname, "to": now.hostname}
+        time.sleep(0.01)
+    return {"from": holder.hostname, "to": None}
 
 
 def undrain(app: Celery, nodes: list[str]) -> dict[str, Any]:
     """Let ``nodes`` lead again; their activators look at once."""
     for prefix, settings in _prefixes(app).items():
-        client = client_for(settings)
-        names = _stoker_names(app, client, prefix)
-        mark_draining(client, prefix, names, nodes, draining=False)
-        for name in names:
-            announce(client, prefix, name, WAKE)
+        with talking_to(settings):
+            client = client_for(settings)
+            names = _stoker_names(app, client, prefix)
+            mark_draining(client, prefix, names, nodes, draining=False)
+            for name in names:
+                announce(client, prefix, name, WAKE)
     return {"draining": sorted(draining(app))}
 
 
@@ -304,10 +425,9 @@ def draining(app: Celery) -> set[str]:
     """The node names that are draining (under any of the app's key prefixes)."""
     nodes: set[str] = set()
     for prefix, settings in _prefixes(app).items():
-        nodes |= {
-            n.decode() if isinstance(n, bytes) else str(n)
-            for n in client_for(settings).smembers(draining_key(prefix))
-        }
+        with talking_to(settings):
+            raw = client_for(settings).smembers(draining_key(prefix))
+        nodes |= {n.decode() if isinstance(n, bytes) else str(n) for n in raw}
     return nodes
 
 

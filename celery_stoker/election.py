@@ -136,6 +136,7 @@ class Election:
         self._stop_reason = "worker_stopping"
         self._redis_down_since: float | None = None
         self._foreign_logged: bytes | None = None
+        self._other_app_logged: str | None = None
         self._thread: threading.Thread | None = None
 
     # ----------------------------------------------------------------- control
@@ -292,9 +293,34 @@ class Election:
             logger.info(
                 "Stoker %s: following %s (token %s)", self.name, holder.hostname, holder.token
             )
+        self._note_other_app(holder)
         self.leader = holder.hostname
         self.leader_token = holder.token
         self.highest_token = max(self.highest_token, holder.token or 0)
+
+    def _note_other_app(self, holder: Holder) -> None:
+        """Warn once per holding app when a worker of another app holds this Stoker's lease.
+
+        Two apps whose Stokers share a name and a key prefix share one lease:
+        only one of them ever runs.  Said again only when the holding app changes.
+        """
+        mine = self.lease.app
+        if not holder.app or not mine or holder.app == mine:
+            return
+        if self._other_app_logged == holder.app:
+            return
+        self._other_app_logged = holder.app
+        logger.warning(
+            "Stoker %s: its lease %s is held by %s, a worker of app %s, not of this app %s: "
+            "two apps whose Stokers share a name and stoker_key_prefix share one lease, so "
+            "only one of them runs; give each app its own stoker_key_prefix (or its Stoker "
+            "another name)",
+            self.name,
+            self.lease.lease_key,
+            holder.hostname,
+            holder.app,
+            mine,
+        )
 
     def _become_leader(self, term: Term) -> None:
         self.suspended = True  # not acting until _check_acting says so

@@ -94,6 +94,8 @@ class Holder:
     foreign: bool = False
     #: Set while a handoff keeps the lease for this worker (nobody holds it yet).
     reserved_for: str | None = None
+    #: The holder's Celery app (None in a value written before the lease named it).
+    app: str | None = None
 
     @classmethod
     def parse(cls, raw: bytes, pttl_ms: int | None) -> Holder:
@@ -123,6 +125,7 @@ class Holder:
                 since=int(data["since"]) / 1000.0,
                 ttl_left=ttl_left,
                 raw=raw,
+                app=str(data["app"]) if data.get("app") else None,
             )
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             return cls(None, None, None, None, ttl_left, raw, foreign=True)
@@ -219,8 +222,11 @@ class RedisLease:
         ttl: float,
         key_prefix: str = "stoker",
         listener: LeaseListener | None = None,
+        app: str = "",
     ) -> None:
         self.client = client
+        #: The Celery app this holder runs, written into the lease value it takes.
+        self.app = app
         self.name = name
         self.holder_id = holder_id
         self.hostname = hostname
@@ -285,6 +291,7 @@ class RedisLease:
                     self.channel,
                     self.name,
                     self.publish_command,
+                    self.app,
                 ],
             )
         except redis.ResponseError as exc:

@@ -1,4 +1,4 @@
-"""The live worker set, as Celery's gossip sees it.
+"""The live worker set, as Celery's gossip sees it, kept to this app's workers.
 
 Celery's ``Gossip`` consumer step already follows every worker's
 ``worker-online``, ``worker-heartbeat`` and ``worker-offline`` events (they are
@@ -6,6 +6,14 @@ sent whether or not the worker runs with ``-E``) and calls back on a node
 joining, leaving cleanly or being lost (heartbeats stopped).  This module
 listens to those callbacks, keeps the set of live node names, and tells the
 activators about each change.
+
+Every worker on a broker sends those events, whatever its app.  So each worker
+running Stokers adds one field, :data:`SCOPE_FIELD`, to the events its heart
+sends: its app's name and the key prefixes of its Stokers (no extra message,
+nothing sent to Redis).  A worker counts as a member of a Stoker's fleet only
+when it announces the same app and that Stoker's key prefix; a worker of
+another app, of another key prefix, one without Stokers, or one of a release
+that announces nothing is not counted (logged once at DEBUG).
 
 With ``--without-gossip`` there is nothing to listen to: the set holds only
 this worker, and no ``cluster_change`` events are raised (logged once).
@@ -15,55 +23,138 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 logger = logging.getLogger("celery_stoker.membership")
 
 GOSSIP_STEP = "celery.worker.consumer.gossip.Gossip"
+#: The field of ``worker-online``/``-heartbeat``/``-offline`` events that says which
+#: app and key prefixes a worker runs Stokers for: ``{"app": ..., "prefixes": [...]}``.
+SCOPE_FIELD = "stoker_scope"
 
 #: Called with (node name, "joined" | "left" | "lost").
 ChangeListener = Callable[[str, str], None]
 
 
-class Membership:
-    """The live node names of the fleet, this worker included."""
+@dataclass(frozen=True)
+class Scope:
+    """The app a worker runs and the key prefixes of its Stokers."""
 
-    def __init__(self, hostname: str) -> None:
+    app: str
+    prefixes: frozenset[str]
+
+    def covers(self, app: str, prefix: str | None) -> bool:
+        """True when this worker runs ``app``'s Stokers under ``prefix`` (any shared, if None)."""
+        return self.app == app and (prefix is None or prefix in self.prefixes)
+
+    @classmethod
+    def of_event_fields(cls, raw: Any) -> Scope | None:
+        """The scope a worker announced (None: it announced none, or not in our form)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("app"), str):
+            return None
+        prefixes = raw.get("prefixes")
+        if not isinstance(prefixes, list):
+            return None
+        return cls(raw["app"], frozenset(p for p in prefixes if isinstance(p, str)))
+
+
+def announce(scope: Scope) -> None:
+    """Make this worker's heartbeats (and ``worker-online``/``-offline``) carry ``scope``.
+
+    Celery's heart sends ``celery.worker.state.SOFTWARE_INFO`` with every such
+    event (and reads it at each send), so adding our field there costs no
+    message of its own.  It must run before the consumer starts its heart.
+    """
+    from celery.worker.state import SOFTWARE_INFO
+
+    SOFTWARE_INFO[SCOPE_FIELD] = {"app": scope.app, "prefixes": sorted(scope.prefixes)}
+
+
+class Membership:
+    """The live node names of the fleet, this worker included, by scope."""
+
+    def __init__(self, hostname: str, app: str = "", prefixes: Iterable[str] = ()) -> None:
         self.hostname = hostname
-        self._live: set[str] = {hostname}
+        self.scope = Scope(app, frozenset(prefixes))
+        #: Live nodes and what they announced (None: no scope, e.g. another release).
+        self._live: dict[str, Scope | None] = {hostname: self.scope}
         self._lock = threading.Lock()
-        self._listeners: list[ChangeListener] = []
+        self._listeners: list[tuple[ChangeListener, str | None]] = []
+        self._strangers_logged: set[tuple[str, Scope | None]] = set()
         self.source = "self only"
 
-    def members(self) -> frozenset[str]:
-        """A snapshot of the live node names."""
+    def members(self, prefix: str | None = None) -> frozenset[str]:
+        """A snapshot of the live nodes that run this app's Stokers under ``prefix``.
+
+        With no ``prefix``: under any of this worker's prefixes.
+        """
         with self._lock:
-            return frozenset(self._live)
+            return frozenset(
+                node
+                for node, scope in self._live.items()
+                if node == self.hostname or self._ours(scope, prefix)
+            )
 
-    def subscribe(self, listener: ChangeListener) -> None:
-        """Call ``listener(node, change)`` on every change."""
-        self._listeners.append(listener)
+    def subscribe(self, listener: ChangeListener, prefix: str | None = None) -> None:
+        """Call ``listener(node, change)`` on every change among the members of ``prefix``."""
+        self._listeners.append((listener, prefix))
 
-    def change(self, node: str, change: str) -> None:
-        """Record that ``node`` joined, left or was lost, and tell the listeners."""
+    def _ours(self, scope: Scope | None, prefix: str | None) -> bool:
+        if scope is None or scope.app != self.scope.app:
+            return False
+        if prefix is None:
+            return bool(scope.prefixes & self.scope.prefixes)
+        return prefix in scope.prefixes
+
+    def change(self, node: str, change: str, scope: Scope | None = None) -> None:
+        """Record that ``node`` (announcing ``scope``) joined, left or was lost; tell listeners.
+
+        A listener hears only of nodes entering or leaving its own members.
+        """
         if node == self.hostname:
             return
         with self._lock:
-            before = node in self._live
+            was_live, before = node in self._live, self._live.get(node)
             if change == "joined":
-                self._live.add(node)
+                self._live[node] = scope
             else:
-                self._live.discard(node)
-            after = node in self._live
-        if before == after:
-            return
-        logger.info("fleet: %s %s (%d live)", node, change, len(self._live))
-        for listener in list(self._listeners):
+                self._live.pop(node, None)
+            is_live, after = node in self._live, self._live.get(node)
+            live = sum(
+                1 for n, s in self._live.items() if n == self.hostname or self._ours(s, None)
+            )
+
+        def moved(prefix: str | None) -> str | None:
+            was = was_live and self._ours(before, prefix)
+            now = is_live and self._ours(after, prefix)
+            if was == now:
+                return None
+            return change if now or change != "joined" else "left"
+
+        for listener, prefix in list(self._listeners):
+            told = moved(prefix)
+            if told is None:
+                continue
             try:
-                listener(node, change)
+                listener(node, told)
             except Exception:
-                logger.exception("cluster-change listener failed for %s %s", node, change)
+                logger.exception("cluster-change listener failed for %s %s", node, told)
+        told = moved(None)
+        if told is not None:
+            logger.info("fleet: %s %s (%d live)", node, told, live)
+        elif change == "joined" and (node, scope) not in self._strangers_logged:
+            self._strangers_logged.add((node, scope))
+            logger.debug(
+                "fleet: %s is no member of app %s (prefixes %s): it runs %s",
+                node,
+                self.scope.app,
+                ", ".join(sorted(self.scope.prefixes)),
+                f"app {scope.app}, prefixes {', '.join(sorted(scope.prefixes))}"
+                if scope
+                else "no Stokers (or a release that does not say)",
+            )
 
     def attach_gossip(self, consumer: Any) -> bool:
         """Follow the worker consumer's Gossip step; False when gossip is off."""
@@ -75,11 +166,18 @@ class Membership:
                 "cluster_change events and context.members holds only this worker"
             )
             return False
-        gossip.on.node_join.add(lambda worker: self.change(worker.hostname, "joined"))
+        gossip.on.node_join.add(
+            lambda worker: self.change(worker.hostname, "joined", _scope(worker))
+        )
         gossip.on.node_leave.add(lambda worker: self.change(worker.hostname, "left"))
         gossip.on.node_lost.add(lambda worker: self.change(worker.hostname, "lost"))
         for worker in list(getattr(gossip.state, "workers", {}).values()):
             if getattr(worker, "alive", False):
-                self.change(worker.hostname, "joined")
+                self.change(worker.hostname, "joined", _scope(worker))
         self.source = "gossip"
         return True
+
+
+def _scope(worker: Any) -> Scope | None:
+    """What a gossip ``Worker`` announced (Celery keeps every event field as an attribute)."""
+    return Scope.of_event_fields(getattr(worker, SCOPE_FIELD, None))

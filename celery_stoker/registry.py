@@ -118,6 +118,15 @@ def registry_of(app: Celery) -> StokerRegistry:
     return registry
 
 
+def app_name(app: Celery) -> str:
+    """The app as workers tell each other apart: its main name (``Celery("proj")``: ``proj``).
+
+    Membership, ``status`` and the lease's holder carry it, so two apps that
+    share a broker or a Redis keep to their own workers.
+    """
+    return str(app.main or "__main__")
+
+
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 

@@ -9,9 +9,9 @@ Redis Cluster).  Every check comes before the first write,
 so a script that is refused half-way leaves nothing half-applied.
 
 The lease value is JSON written by ``ACQUIRE`` (``{"v":1,"token":N,"since":ms,
-"holder":id,"host":node}``) or by ``RELEASE`` for a handoff
-(``{"v":1,"reserved_for":node,"since":ms}``); ``lease.Holder.parse`` reads it
-in Python and ``COMMIT`` finds the token in it as digits.
+"holder":id,"host":node,"app":name}``; values from before ``app`` read as well)
+or by ``RELEASE`` for a handoff (``{"v":1,"reserved_for":node,"since":ms}``);
+``lease.Holder.parse`` reads it in Python and ``COMMIT`` finds the token in it as digits.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from __future__ import annotations
 #: KEYS[1] lease, KEYS[2] token counter, KEYS[3] the Stoker's draining mark, KEYS[4] waiters.
 #: ARGV[1] holder id, ARGV[2] this worker's node name, ARGV[3] TTL in ms,
 #: ARGV[4] the highest token the caller has seen, ARGV[5] channel, ARGV[6] Stoker name,
-#: ARGV[7] the publish command (PUBLISH or SPUBLISH).
+#: ARGV[7] the publish command (PUBLISH or SPUBLISH), ARGV[8] the holder's Celery app
+#: (so a worker of another app sharing the prefix can say so).
 #: Reply: ``{1, value, ttl ms, fresh}`` taken (``fresh`` 1 when the counter was
 #: missing: Redis lost its data, or this is the first term ever);
 #: ``{0, value, pttl, rank}`` held by another (this worker joins the waiters;
@@ -61,8 +62,8 @@ end
 -- increment (an unreplicated write before a failover) cannot repeat a token.
 local token = math.max(counted, floor + 1, now_us)
 redis.call('SET', KEYS[2], string.format('%d', token))
-local value = string.format('{"v":1,"token":%d,"since":%d,"holder":%s,"host":%s}',
-  token, now_ms, cjson.encode(ARGV[1]), cjson.encode(ARGV[2]))
+local value = string.format('{"v":1,"token":%d,"since":%d,"holder":%s,"host":%s,"app":%s}',
+  token, now_ms, cjson.encode(ARGV[1]), cjson.encode(ARGV[2]), cjson.encode(ARGV[8] or ''))
 redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
 local rank = redis.pcall('ZRANK', KEYS[4], ARGV[2])
 if type(rank) ~= 'number' then rank = -1 end

@@ -1,0 +1,5 @@
+"""App ``tenant_b`` (see tests/apps/tenant.py)."""
+
+from tests.apps.tenant import make_app
+
+app = make_app("tenant_b")
