@@ -240,10 +240,15 @@ class Activator:
         self._deliver_shutdown(term, reason, lost=lost, stale=stale)
 
     def _heard_of(self, term: Term) -> bool:
-        """Whether the Stoker heard an event of ``term`` (or one may still be running)."""
+        """Whether the Stoker heard an event of ``term`` (or one is running in the pool now).
+
+        An event sent but never started (the worker stopped consuming) does not
+        count: it can no longer start, the term is closing or over in Redis.
+        """
         if self._heard_token == term.token:
             return True
-        return self._sent_token == term.token and self.pump.running(self.name) is not None
+        running = self.pump.running(self.name) if self._sent_token == term.token else None
+        return running is not None and running.get("started_at") is not None
 
     def _call_local(self, term: Term, hook: str, *args: Any) -> None:
         """Run an in-process leader hook of the Stoker; log, never raise."""
