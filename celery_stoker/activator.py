@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from .access import AccessCheck
 from .dispatch import DISPATCH_TASK, EVENT_MESSAGE_EXPIRES, Outcome, run_event
 from .election import REDIS_DOWN, Election
 from .lease import RedisLease, Term
@@ -61,6 +62,7 @@ class Activator:
         min_members: int = 1,
         emit: Callable[..., None] | None = None,
         metrics: MetricsHooks = NO_METRICS,
+        access: AccessCheck | None = None,
     ) -> None:
         self.app = app
         self.spec = spec
@@ -99,6 +101,8 @@ class Activator:
             min_members=min_members,
             emit=emit,
             metrics=metrics,
+            access=access
+            or AccessCheck(self.client, settings.key_prefix, masked_url=settings.masked_url),
         )
         self.metrics = metrics
         self.last_event: str | None = None
@@ -109,6 +113,13 @@ class Activator:
         self._state_version: int | None = None
         #: Consecutive failed events (max_failures).
         self.failures = 0
+        #: The token of the last term whose events reached the pool (sent), and of the
+        #: last one whose Stoker heard one (ran): ``shutdown`` goes only to a Stoker
+        #: that heard of its term.
+        self._sent_token: int | None = None
+        self._heard_token: int | None = None
+        #: The token of the last term whose ``leader_started`` hook ran.
+        self._started_token: int | None = None
         #: This process's own instance, for the in-process leader hooks.
         self._local: Stoker | None = None
 
@@ -118,6 +129,10 @@ class Activator:
         """Take a lane in the pump and start the election thread."""
         self.pump.add_lane(self)
         self.election.start()
+
+    def begin_stopping(self) -> None:
+        """The worker begins to stop: take no lease from now on (signal-safe)."""
+        self.election.begin_stopping()
 
     def request_stop(self, reason: str = "worker_stopping") -> None:
         """Begin stepping down now, without waiting (safe from a signal handler)."""
@@ -157,7 +172,10 @@ class Activator:
             "lease_time_left": round(term.time_left(), 3) if term else None,
             "last_event": self.last_event,
             "last_event_at": _iso(self.last_event_at),
-            "last_error": self.last_error,
+            # The election's fault first: it is why nothing else happens.
+            "last_error": election.error or self.last_error,
+            "election_error": election.error,
+            "election_error_since": _iso(election.error_since),
             "terms_won": election.terms_won,
             "eligible": election.eligible,
             "draining": election.draining,
@@ -200,6 +218,7 @@ class Activator:
             self._state_cache = self._state_version = None
 
     def start_acting(self, term: Term) -> None:
+        self._started_token = term.token
         self._call_local(term, "leader_started")
         self.pump.begin_term(self.name, term.token)
 
@@ -210,9 +229,28 @@ class Activator:
     def events_idle(self, timeout: float) -> bool:
         return self.pump.wait_idle(self.name, timeout)
 
-    def stop_acting(self, term: Term, reason: str, *, lost: bool) -> None:
-        self._call_local(term, "leader_stopping", reason)
-        self._deliver_shutdown(term, reason, lost=lost)
+    def stop_acting(self, term: Term, reason: str, *, lost: bool, stale: bool = False) -> None:
+        if self._started_token == term.token:
+            self._call_local(term, "leader_stopping", reason)
+        if not self._heard_of(term):
+            logger.info(
+                "Stoker %s: term %d ends before any of its events ran; no shutdown to send",
+                self.name,
+                term.token,
+            )
+            return
+        self._deliver_shutdown(term, reason, lost=lost, stale=stale)
+
+    def _heard_of(self, term: Term) -> bool:
+        """Whether the Stoker heard an event of ``term`` (or one is running in the pool now).
+
+        An event sent but never started (the worker stopped consuming) does not
+        count: it can no longer start, the term is closing or over in Redis.
+        """
+        if self._heard_token == term.token:
+            return True
+        running = self.pump.running(self.name) if self._sent_token == term.token else None
+        return running is not None and running.get("started_at") is not None
 
     def _call_local(self, term: Term, hook: str, *args: Any) -> None:
         """Run an in-process leader hook of the Stoker; log, never raise."""
@@ -225,7 +263,7 @@ class Activator:
             logger.exception("Stoker %s: %s() raised; carrying on", self.name, hook)
             self.last_error = f"{hook}() raised"
 
-    def _deliver_shutdown(self, term: Term, reason: str, *, lost: bool) -> None:
+    def _deliver_shutdown(self, term: Term, reason: str, *, lost: bool, stale: bool) -> None:
         """Run ``shutdown`` in this process: the pool may be draining, the broker gone."""
         self.last_event, self.last_event_at = "shutdown", time.time()
         try:
@@ -247,6 +285,7 @@ class Activator:
                 # start from our copy of the state, ask Redis nothing first.
                 prefer_cached=lost,
                 client=self.client,
+                stale=stale,
             )
             self.metrics.event_done(self.name, "shutdown", outcome)
             self.last_error = outcome.error or self.last_error
@@ -275,6 +314,7 @@ class Activator:
     def send_event(self, item: PendingEvent, task_id: str) -> None:
         """Send ``item`` to this worker's own queue as the dispatch task."""
         self.last_event, self.last_event_at = item.event, time.time()
+        self._sent_token = item.token
         self.app.send_task(
             DISPATCH_TASK,
             args=[
@@ -297,6 +337,8 @@ class Activator:
     def event_done(self, item: PendingEvent, outcome: Outcome) -> None:
         """Note what an event did; too many failures in a row move the Stoker elsewhere."""
         self.metrics.event_done(self.name, item.event, outcome)
+        if outcome.ran:
+            self._heard_token = item.token
         if outcome.error:
             self.last_error = outcome.error
         if outcome.state is not None:

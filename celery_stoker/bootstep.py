@@ -32,6 +32,7 @@ from typing import Any
 import redis
 from celery import bootsteps, signals
 
+from .access import AccessCheck
 from .activator import Activator
 from .connection import is_cluster, redis_client
 from .dispatch import register_dispatch_task, warm_process
@@ -93,6 +94,8 @@ class StokerStep(bootsteps.StartStopStep):
         self.emitter = EventEmitter(worker.app, self.hostname)
         self.pump = EventPump(self.hostname)
         self.clients: dict[tuple[str, float], redis.Redis] = {}
+        #: One permission check (ACLs) per Redis URL and key prefix, shared by its elections.
+        self.access_checks: dict[tuple[str, str], AccessCheck] = {}
         self._stopped = threading.Event()
         # Check every setting now: a bad value stops the worker before it starts.
         self.settings: dict[str, StokerSettings] = {}
@@ -139,6 +142,11 @@ class StokerStep(bootsteps.StartStopStep):
         self._warn_unenforced_limits(worker)
         for name, spec in self.registry.items():
             settings = self.settings[name]
+            client = self._client(settings.url, settings.socket_timeout, settings)
+            access = self.access_checks.setdefault(
+                (settings.url, settings.key_prefix),
+                AccessCheck(client, settings.key_prefix, masked_url=settings.masked_url),
+            )
             activator = Activator(
                 self.app,
                 spec,
@@ -149,11 +157,12 @@ class StokerStep(bootsteps.StartStopStep):
                 members=partial(self.membership.members, settings.key_prefix),
                 holder_id=f"{holder_prefix}/{name}",
                 pump=self.pump,
-                client=self._client(settings.url, settings.socket_timeout, settings),
+                client=client,
                 eligible=self._eligible(spec, info),
                 min_members=spec.min_members,
                 emit=self.emitter.emit,
                 metrics=self.metrics,
+                access=access,
             )
             self.metrics.watch(name, activator.election)
             self.membership.subscribe(activator.on_cluster_change, settings.key_prefix)
@@ -332,6 +341,10 @@ class StokerStep(bootsteps.StartStopStep):
         """
         if sender is not None and str(sender) != self.hostname:
             return
+        # First, right here: no election takes a lease from now on (a plain flag), so
+        # a release by another stopping worker cannot hand this one a term.
+        for activator in list(self.activators.values()):
+            activator.begin_stopping()
         if _green_spawn(self._request_stops):
             return
         threading.Thread(

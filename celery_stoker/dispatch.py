@@ -211,6 +211,7 @@ def run_event(
     cached_version: int | None = None,
     prefer_cached: bool = False,
     client: redis.Redis | None = None,
+    stale: bool = False,
 ) -> Outcome:
     """Run one callback of ``spec`` as a worker does: this process's instance, Redis, settings.
 
@@ -238,6 +239,7 @@ def run_event(
         cached_state=cached_state,
         cached_version=cached_version,
         prefer_cached=prefer_cached,
+        stale=stale,
     )
 
 
@@ -275,6 +277,7 @@ def run_callbacks(
     cached_version: int | None = None,
     prefer_cached: bool = False,
     reraise: bool = False,
+    stale: bool = False,
 ) -> Outcome:
     """Run one callback under ``token`` and commit its state if the token is still current.
 
@@ -304,7 +307,7 @@ def run_callbacks(
         )
         return outcome
 
-    instance.context = StokerContext(spec.name, hostname, token, frozenset(members))
+    instance.context = StokerContext(spec.name, hostname, token, frozenset(members), stale=stale)
     outcome.ran = True
     errors: list[str] = []
     state: Any = None

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import redis
 
+from .access import AccessCheck
 from .lease import Holder, RedisLease, Term
 from .metrics import NO_METRICS, MetricsHooks
 from .settings import StokerSettings
@@ -63,8 +64,12 @@ class TermHandler(Protocol):
     def events_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` until no event is in the pool; True if none is."""
 
-    def stop_acting(self, term: Term, reason: str, *, lost: bool) -> None:
-        """End the term's work: ``leader_stopping``, then ``shutdown`` (``lost``: from a copy)."""
+    def stop_acting(self, term: Term, reason: str, *, lost: bool, stale: bool = False) -> None:
+        """End the term's work: ``leader_stopping``, then ``shutdown`` (``lost``: from a copy).
+
+        ``stale``: Redis no longer holds this term (another took it, or the lease
+        vanished): ``shutdown`` is told so, and its commit will be refused.
+        """
 
 
 class Election:
@@ -84,8 +89,11 @@ class Election:
         min_members: int = 1,
         emit: Callable[..., None] | None = None,
         metrics: MetricsHooks = NO_METRICS,
+        access: AccessCheck | None = None,
     ) -> None:
         self.name = name
+        #: Whether this worker's Redis user may run what the election needs (ACLs).
+        self.access = access
         self.settings = settings
         self.lease = lease
         self.store = store
@@ -134,6 +142,10 @@ class Election:
         self._step_down_request: str | None = None
         self._stop = threading.Event()
         self._stop_reason = "worker_stopping"
+        #: Set (a plain assignment: safe in a signal handler) once the worker begins to
+        #: stop: from then on this election never takes the lease.
+        self._stopping = False
+        self._vanished_logged = False
         self._redis_down_since: float | None = None
         self._foreign_logged: bytes | None = None
         self._other_app_logged: str | None = None
@@ -147,8 +159,13 @@ class Election:
         )
         self._thread.start()
 
+    def begin_stopping(self) -> None:
+        """The worker begins to stop: never acquire again (a plain flag; signal-safe)."""
+        self._stopping = True
+
     def request_stop(self, reason: str = "worker_stopping") -> None:
         """Begin stepping down now, without waiting (safe from a signal handler)."""
+        self._stopping = True
         if not self._stop.is_set():
             self._stop_reason = reason
             self._stop.set()
@@ -195,6 +212,8 @@ class Election:
         while not self._stop.is_set():
             try:
                 if self.term is None:
+                    if not self._permitted():
+                        continue
                     self._follow()
                 else:
                     self._hold()
@@ -214,6 +233,8 @@ class Election:
                 # A refusal such as OOM, NOPERM or READONLY, or a bug: log it once, not
                 # per retry; status shows it until it clears.
                 text = f"{exc.__class__.__name__}: {exc}"
+                if isinstance(exc, redis.exceptions.NoPermissionError) and self.access:
+                    self.access.invalidate()  # the ACL changed: check it before electing again
                 if text != self._last_error_text:
                     logger.exception("Stoker %s: election error (%s); retrying", self.name, text)
                     self._last_error_text = text
@@ -225,6 +246,24 @@ class Election:
         except Exception:
             logger.exception("Stoker %s: error while stepping down at stop", self.name)
         self.state = "unk"
+
+    def _permitted(self) -> bool:
+        """True when this worker's Redis user may run what the election needs.
+
+        While it may not, the election does not run at all (no flapping): the
+        fault shows in ``health`` and the check is repeated quietly.
+        """
+        if self.access is None:
+            return True
+        refused = self.access.refused()
+        if not refused:
+            return True
+        self.state = "unk"
+        self.error = self.access.describe()
+        if self.error_since is None:
+            self.error_since = time.time()
+        self._stop.wait(max(BACKOFF_MAX, self.access.retry_in()))
+        return False
 
     def _note_election_error(self, exc: BaseException) -> None:
         self.error = f"{exc.__class__.__name__}: {exc}"
@@ -249,9 +288,15 @@ class Election:
             self._stop.wait(cooldown)
             self._cooldown_until = 0.0
             return
+        if self._stopping:
+            self._stop.wait(1.0)  # the worker is stopping: never take the lease again
+            return
         result = self.lease.acquire(min_token=self.highest_token)
         self._redis_ok_at = time.monotonic()
         if result.term is not None:
+            if self._stopping:
+                self._give_back(result.term)
+                return
             self._become_leader(result.term)
             return
         holder = result.holder
@@ -269,6 +314,21 @@ class Election:
         if self.draining:
             timeout = max(timeout, self.settings.lease_ttl)
         self.lease.wait(timeout)
+
+    def _give_back(self, term: Term) -> None:
+        """Release a lease taken while the worker began to stop: no hook, no event.
+
+        The acquire was in flight when the stop began; the next waiter tries at once.
+        """
+        self.highest_token = max(self.highest_token, term.token)
+        released = self.lease.release(term, live=self._live_nodes())
+        logger.info(
+            "Stoker %s: %s took the lease (token %d) as it began to stop; %s at once",
+            self.name,
+            self.hostname,
+            term.token,
+            "released it" if released else "it was no longer held",
+        )
 
     def _note_holder(self, holder: Holder | None) -> None:
         if holder is None:
@@ -423,8 +483,10 @@ class Election:
     def _check_acting(self, term: Term) -> None:
         """Start or stop acting on the held term: quarantine over, enough workers seen."""
         enough = len(self._members()) >= self.min_members
-        may_start = time.monotonic() >= self._act_not_before and (
-            term.time_left() > RENEW_ATTEMPT * self.settings.socket_timeout
+        may_start = (
+            not self._stopping  # a stopping worker starts no term (it releases it next)
+            and time.monotonic() >= self._act_not_before
+            and term.time_left() > RENEW_ATTEMPT * self.settings.socket_timeout
         )
         if self.suspended and enough and may_start:
             if self._acted:
@@ -481,7 +543,10 @@ class Election:
         self.metrics.lease_renewed(self.name, self._redis_ok_at - sent_at)
         self._renew_at = self._redis_ok_at + self.settings.renew_interval
         if not renewed:
-            self._step_down("lease_lost", release=False)
+            if self.lease.vanished:
+                self._log_vanished(term)
+            # Redis no longer holds this term: its shutdown is stale (commit refused).
+            self._step_down("lease_lost", release=False, stale=True)
             return
         request = self.lease.step_down_request
         if request is not None:
@@ -489,7 +554,25 @@ class Election:
             self._step_down(kind, release=True, reserve_for=to)
             self._cooldown_until = time.monotonic() + self.settings.lease_ttl
 
-    def _step_down(self, reason: str, *, release: bool, reserve_for: str | None = None) -> None:
+    def _log_vanished(self, term: Term) -> None:
+        """Our lease is gone from Redis while our own validity still runs: say so, once."""
+        if self._vanished_logged:
+            return
+        self._vanished_logged = True
+        policy = self.access.policy if self.access is not None else None
+        logger.warning(
+            "Stoker %s: the lease (token %d) vanished from Redis %.2f s before its expiry: "
+            "possible eviction (maxmemory-policy %s; celery-stoker needs noeviction), or "
+            "Redis lost its data (a restart, a flush); said once",
+            self.name,
+            term.token,
+            max(0.0, term.time_left()),
+            policy or "unknown",
+        )
+
+    def _step_down(
+        self, reason: str, *, release: bool, reserve_for: str | None = None, stale: bool = False
+    ) -> None:
         """Stop acting on the current term: no more events, ``shutdown`` here, then release."""
         term = self.term
         if term is None:
@@ -512,16 +595,18 @@ class Election:
         self.active_from = None
         was_suspended, self.suspended = self.suspended, False
         if not was_suspended:  # a suspended leader already said shutdown
-            self.handler.stop_acting(term, reason, lost=not release)
+            self.handler.stop_acting(term, reason, lost=not release, stale=stale)
         if release:
             try:
                 if self.lease.release(term, reserve_for=reserve_for, live=self._live_nodes()):
                     logger.info("Stoker %s: lease released (token %d)", self.name, term.token)
-            except REDIS_DOWN as exc:
+            except (redis.RedisError, OSError) as exc:
+                # Unreachable, or refused (an ACL, OOM): never the end of this thread.
                 logger.warning(
-                    "Stoker %s: could not release the lease (%s); it expires in %.1f s",
+                    "Stoker %s: could not release the lease (%s: %s); it expires in %.1f s",
                     self.name,
                     exc.__class__.__name__,
+                    exc,
                     self.settings.lease_ttl,
                 )
         self._record(

@@ -244,6 +244,8 @@ class RedisLease:
         #: Set by :meth:`renew` when the holder was asked to step down instead:
         #: ("drain", None) or ("handoff", worker or None).
         self.step_down_request: tuple[str, str | None] | None = None
+        #: Set by :meth:`renew` when the lease was not there at all (evicted, flushed).
+        self.vanished = False
         #: This worker's place among the waiters (0: first to try), as of its last look.
         self.rank: int | None = None
         self._poked = threading.Event()
@@ -322,6 +324,7 @@ class RedisLease:
         """
         self._poked.clear()
         self.step_down_request = None
+        self.vanished = False
         started = time.monotonic()
         try:
             code, detail = self._renew(
@@ -351,6 +354,7 @@ class RedisLease:
             to = detail.decode() if isinstance(detail, bytes) else str(detail)
             self.step_down_request = ("handoff", to or None)
             return True
+        self.vanished = detail in (b"gone", "gone")
         return False
 
     def release(

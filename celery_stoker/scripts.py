@@ -6,7 +6,11 @@ own copy of the draining set, and announcements go to the channel the caller
 names with the command it names (``PUBLISH`` to the prefix's channel on a
 single Redis, ``SPUBLISH`` to the Stoker's shard channel, in its slot, on a
 Redis Cluster).  Every check comes before the first write,
-so a script that is refused half-way leaves nothing half-applied.
+so a script that is refused half-way leaves nothing half-applied.  Announcements
+are best effort (``redis.pcall``, last): a refused or failed announcement never
+aborts the write before it; followers then wait for the lease's expiry instead
+of the message.  ``PROBE`` (and ``access.py``) find a Redis user's missing
+permissions before any of these runs.
 
 The lease value is JSON written by ``ACQUIRE`` (``{"v":1,"token":N,"since":ms,
 "holder":id,"host":node,"app":name}``; values from before ``app`` read as well)
@@ -68,7 +72,7 @@ redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
 local rank = redis.pcall('ZRANK', KEYS[4], ARGV[2])
 if type(rank) ~= 'number' then rank = -1 end
 redis.pcall('ZREM', KEYS[4], ARGV[2])
-redis.call(ARGV[7], ARGV[5], 'acquired ' .. ARGV[3] .. ' ' .. ARGV[6] .. ' ' .. ARGV[2] ..
+redis.pcall(ARGV[7], ARGV[5], 'acquired ' .. ARGV[3] .. ' ' .. ARGV[6] .. ' ' .. ARGV[2] ..
   ' ' .. rank)
 return {1, value, tonumber(ARGV[3]), fresh}
 """
@@ -80,11 +84,14 @@ return {1, value, tonumber(ARGV[3]), fresh}
 #: ARGV[3] channel, ARGV[4] Stoker name, ARGV[5] node name, ARGV[6] token,
 #: ARGV[7] the publish command.
 #: Reply: ``{1, ''}`` renewed (announced as ``renewed <ttl> <name>``);
-#: ``{0, ''}`` not ours any more; ``{2, ''}`` asked to drain; ``{3, node or ''}``
-#: asked to hand over (to that node, or to anyone).  On 2 and 3 nothing is
+#: ``{0, ''}`` not ours any more (``{0, 'gone'}``: no lease at all, e.g. evicted);
+#: ``{2, ''}`` asked to drain; ``{3, node or ''}`` asked to hand over (to that
+#: node, or to anyone).  On 2 and 3 nothing is
 #: written but the consumed handoff request: the holder steps down and releases.
 RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+local current = redis.call('GET', KEYS[1])
+if current ~= ARGV[1] then
+  if not current then return {0, 'gone'} end
   return {0, ''}
 end
 if redis.call('SISMEMBER', KEYS[2], ARGV[5]) == 1 then
@@ -99,7 +106,7 @@ if request then
   end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call(ARGV[7], ARGV[3], 'renewed ' .. ARGV[2] .. ' ' .. ARGV[4])
+redis.pcall(ARGV[7], ARGV[3], 'renewed ' .. ARGV[2] .. ' ' .. ARGV[4])
 return {1, ''}
 """
 
@@ -138,9 +145,9 @@ else
   redis.call('DEL', KEYS[1])
 end
 if first ~= '' then
-  redis.call(ARGV[6], ARGV[2], 'released 0 ' .. ARGV[3] .. ' ' .. first)
+  redis.pcall(ARGV[6], ARGV[2], 'released 0 ' .. ARGV[3] .. ' ' .. first)
 else
-  redis.call(ARGV[6], ARGV[2], 'released 0 ' .. ARGV[3])
+  redis.pcall(ARGV[6], ARGV[2], 'released 0 ' .. ARGV[3])
 end
 return 1
 """
@@ -177,4 +184,52 @@ for i = 8, #ARGV, 2 do
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
 end
 return 1
+"""
+
+#: Which of the commands the scripts above run this Redis user may not run.
+#:
+#: KEYS[1] a scratch key under the prefix (it lives 1 s at most), ARGV[1] the channel.
+#: Reply: the refused commands' names, lower case (empty: all allowed).  Every
+#: call is ``redis.pcall``: a refusal (or an OOM) is an answer, not an abort.  The
+#: announcement it publishes (``probe 0 -``) names no Stoker, so listeners drop it.
+PROBE = """
+local refused = {}
+local function try(name, ...)
+  local reply = redis.pcall(name, ...)
+  if type(reply) == 'table' and reply.err then
+    local text = reply.err
+    if string.find(text, 'NOPERM', 1, true) or string.find(text, "can't run this command", 1, true)
+        or string.find(text, 'no permissions', 1, true) then
+      table.insert(refused, string.lower(name))
+    end
+  end
+end
+local k = KEYS[1]
+try('SET', k, '1', 'PX', 1000)
+try('GET', k)
+try('MGET', k)
+try('INCR', k)
+try('PTTL', k)
+try('PEXPIRE', k, 1000)
+try('EXISTS', k)
+try('DEL', k)
+try('HSET', k, 'f', 'v')
+try('HGET', k, 'f')
+try('HGETALL', k)
+try('DEL', k)
+try('ZADD', k, 0, 'm')
+try('ZRANK', k, 'm')
+try('ZRANGE', k, 0, -1)
+try('ZREM', k, 'm')
+try('SADD', k, 'm')
+try('SISMEMBER', k, 'm')
+try('SMEMBERS', k)
+try('SREM', k, 'm')
+try('LPUSH', k, 'm')
+try('LTRIM', k, 0, 0)
+try('LRANGE', k, 0, -1)
+try('DEL', k)
+try('TIME')
+try('PUBLISH', ARGV[1], 'probe 0 -')
+return refused
 """

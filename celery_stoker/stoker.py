@@ -29,6 +29,9 @@ class StokerContext:
     hostname: str
     token: int
     members: frozenset[str] = field(default_factory=frozenset)
+    #: True in a ``shutdown`` whose term Redis no longer holds (another term took the
+    #: lease, or it vanished): the callback still runs, but its state is not stored.
+    stale: bool = False
 
 
 class Stoker:

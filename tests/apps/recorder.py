@@ -38,6 +38,10 @@ if os.environ.get("STOKER_TEST_MASTER_NAME"):  # stoker_url is a sentinel:// gro
 if os.environ.get("STOKER_TEST_CLUSTER"):  # stoker_url names a node of a Redis Cluster
     app.conf.stoker_transport_options = {"cluster": True}
 app.steps["worker"].add(StokerStep)
+if os.environ.get("STOKER_TEST_ACL_RECHECK"):  # re-probe a Redis user's ACL sooner than 30 s
+    import celery_stoker.access
+
+    celery_stoker.access.RECHECK_INTERVAL = float(os.environ["STOKER_TEST_ACL_RECHECK"])
 
 _record_client: redis.Redis | None = None
 _record_pid = 0
@@ -149,6 +153,7 @@ class Recorder(Stoker):
             members=sorted(ctx.members),
             events=state["events"],
             started=started,
+            stale=getattr(ctx, "stale", None),
         )
         if event == "timer" and os.environ.get("STOKER_TEST_RAISE_ON_TIMER") == ctx.hostname:
             raise RuntimeError("boom in timer")

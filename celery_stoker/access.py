@@ -1,0 +1,234 @@
+"""What a Redis user must be allowed, and a check of it at start (Redis ACLs).
+
+A user that lacks one command the lease scripts run fails in ways that are
+hard to read: the script is refused half-way at "a script line", the lease
+flaps, or no worker ever leads while every worker says it is fine.  So before
+a worker's first election it asks Redis once (:data:`scripts.PROBE`, run the
+way the lease scripts run: ``SCRIPT LOAD`` then ``EVALSHA``) which of them
+this user may not run.  While any is refused the elections do not start: the
+worker logs one ERROR naming the commands and the ``ACL SETUSER`` line that
+fixes it, shows the fault in ``health``, and asks again every
+:data:`RECHECK_INTERVAL` quietly, so fixing the ACL needs no restart.
+
+:data:`COMMANDS` is the single list of what celery-stoker runs: the lease and
+state scripts' commands, and what the worker and the CLI send themselves.
+README's "Redis requirements" line is :func:`acl_line` of it (a test keeps the
+two equal and runs a real worker and ``status`` as that user).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+
+import redis
+
+from . import scripts
+from .keys import lease_channel
+
+logger = logging.getLogger("celery_stoker.activator")
+
+#: Every command celery-stoker sends to ``stoker_url`` (workers and the CLI), in ACL form.
+COMMANDS = (
+    # running the Lua scripts (redis-py: EVALSHA, and SCRIPT LOAD when not cached)
+    "evalsha",
+    "script|load",
+    # inside the scripts
+    "get",
+    "set",
+    "del",
+    "exists",
+    "incr",
+    "pttl",
+    "pexpire",
+    "time",
+    "sismember",
+    "zadd",
+    "zrank",
+    "zrange",
+    "zrem",
+    "hget",
+    "hset",
+    "publish",
+    # sent by the worker and the CLI themselves
+    "mget",
+    "hgetall",
+    "lpush",
+    "ltrim",
+    "lrange",
+    "blpop",
+    "sadd",
+    "srem",
+    "smembers",
+    "subscribe",
+    "ping",
+    "info",
+    "multi",
+    "exec",
+)
+#: Optional: lets the worker check ``maxmemory-policy`` at start (it says nothing without).
+OPTIONAL_COMMANDS = ("config|get",)
+#: While permissions are missing, how often the worker asks again (quietly).
+RECHECK_INTERVAL = 30.0
+
+_COMMAND_IN_ERROR = re.compile(r"run the '([^']+)' command")
+
+
+def acl_line(prefix: str = "stoker", user: str = "stoker", password: str = "PASSWORD") -> str:
+    """The ``ACL SETUSER`` line that gives ``user`` exactly what celery-stoker needs."""
+    commands = " ".join(f"+{c}" for c in COMMANDS)
+    return (
+        f"ACL SETUSER {user} on >{password} resetkeys ~{prefix}:* "
+        f"resetchannels &{prefix}:* -@all {commands}"
+    )
+
+
+def probe_key(prefix: str) -> str:
+    """A scratch key under ``prefix`` (its own hash tag: one Cluster slot)."""
+    return f"{prefix}:{{stoker-probe}}:probe"
+
+
+def _refused_command(exc: redis.ResponseError) -> str | None:
+    """The command a permission error names, or None if ``exc`` is not one."""
+    text = str(exc)
+    if not isinstance(exc, redis.exceptions.NoPermissionError) and "NOPERM" not in text:
+        return None
+    found = _COMMAND_IN_ERROR.search(text)
+    return found.group(1) if found else "(a key or channel outside the prefix)"
+
+
+class AccessCheck:
+    """Whether this worker's Redis user may run what the elections need; shared by them.
+
+    Thread-safe: every election of one Redis URL and key prefix asks the same
+    instance; while the answer is "refused" it is reused for
+    :data:`RECHECK_INTERVAL`, so many Stokers cost one probe, and one log line.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str, masked_url: str = "") -> None:
+        self.client = client
+        self.prefix = prefix
+        self.masked_url = masked_url
+        self._lock = threading.Lock()
+        self._ok = False
+        self._refused: tuple[str, ...] = ()
+        self._checked_at = float("-inf")
+        #: The server's ``maxmemory-policy`` once read (None: not read, or not allowed).
+        self.policy: str | None = None
+        self._policy_checked = False
+
+    def refused(self) -> tuple[str, ...]:
+        """The commands this user may not run (empty: all allowed); asks Redis when due.
+
+        Raises what the client raises when Redis cannot be reached.
+        """
+        with self._lock:
+            if not self._policy_checked:
+                self._check_policy()
+            if self._ok:
+                return ()
+            if time.monotonic() - self._checked_at < RECHECK_INTERVAL:
+                return self._refused
+            refused = self._probe()
+            self._checked_at = time.monotonic()
+            if refused and refused != self._refused:
+                logger.error(
+                    "celery-stoker: the Redis user of %s may not run %s, which the election "
+                    "needs; no Stoker is elected on this worker until it may (checked again "
+                    "every %.0f s). Grant it with: %s",
+                    self.masked_url or "stoker_url",
+                    ", ".join(refused),
+                    RECHECK_INTERVAL,
+                    acl_line(self.prefix, user="<user>", password="<password>"),
+                )
+            elif not refused and self._refused:
+                logger.warning(
+                    "celery-stoker: the Redis user of %s may now run every command the "
+                    "election needs; electing",
+                    self.masked_url or "stoker_url",
+                )
+            self._refused = refused
+            self._ok = not refused
+            return refused
+
+    def retry_in(self) -> float:
+        """Seconds until the next probe is due (for a waiting election)."""
+        with self._lock:
+            return max(0.0, self._checked_at + RECHECK_INTERVAL - time.monotonic())
+
+    def invalidate(self) -> None:
+        """A command was refused at run time (the ACL changed): probe again before electing."""
+        with self._lock:
+            if self._ok:
+                self._ok = False
+                self._checked_at = float("-inf")
+
+    def describe(self) -> str:
+        """The fault as ``health`` shows it."""
+        return f"NOPERM: the Redis user may not run {', '.join(self._refused)} (see the log)"
+
+    def _check_policy(self) -> None:
+        """Warn once if Redis may evict our keys: only ``noeviction`` keeps the lease safe.
+
+        The lease has a TTL, so a ``volatile-*`` policy evicts it first (two leaders
+        may act, leadership churns); ``allkeys-*`` evicts the state and the token
+        counter too.  A user not allowed ``CONFIG GET`` is not told (debug only).
+        """
+        try:
+            reply = self.client.config_get("maxmemory-policy")
+        except redis.ResponseError as exc:
+            self._policy_checked = True
+            logger.debug("celery-stoker: maxmemory-policy not readable (%s)", exc)
+            return
+        self._policy_checked = True
+        policy = reply.get("maxmemory-policy") if isinstance(reply, dict) else None
+        if isinstance(policy, bytes):
+            policy = policy.decode()
+        self.policy = policy
+        if policy and policy != "noeviction":
+            logger.warning(
+                "celery-stoker: the Redis at %s has maxmemory-policy %s; celery-stoker needs "
+                "noeviction: under memory pressure Redis would evict %s, and two workers "
+                "could lead at once (CONFIG SET maxmemory-policy noeviction, or a Redis of "
+                "its own for stoker_url)",
+                self.masked_url or "stoker_url",
+                policy,
+                "the lease first (it has a TTL)"
+                if policy.startswith("volatile")
+                else "the lease, the state and the token counter",
+            )
+
+    def _probe(self) -> tuple[str, ...]:
+        key = probe_key(self.prefix)
+        channel = lease_channel(self.prefix)
+        refused: list[str] = []
+        try:
+            sha = self.client.script_load(scripts.PROBE)
+        except redis.ResponseError as exc:
+            command = _refused_command(exc)
+            if command is None:
+                raise
+            refused.append(command)
+            sha = None
+        if sha is not None:
+            try:
+                reply = self.client.evalsha(sha, 1, key, channel)
+            except redis.ResponseError as exc:
+                command = _refused_command(exc)
+                if command is None:
+                    raise
+                refused.append(command)
+            else:
+                refused += [c.decode() if isinstance(c, bytes) else str(c) for c in reply]
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.pttl(key)
+            pipe.execute()
+        except redis.ResponseError as exc:
+            # redis-py drops MULTI's own refusal; Redis then answers EXEC without MULTI.
+            command = "multi" if "EXEC without MULTI" in str(exc) else _refused_command(exc)
+            if command is not None:
+                refused.append(command)
+        return tuple(dict.fromkeys(refused))
