@@ -143,8 +143,7 @@ def test_a_user_without_a_command_is_told_at_start_and_recovers(
     assert f"may not run {missing}" in first
     assert "ACL SETUSER <user> on ><password> resetkeys ~stoker:* resetchannels &stoker:*" in first
     view = wait_for(
-        lambda: (v := status_json(fleet.env))["workers"].get(w1.node, {}).get("health", {})
-        and v,
+        lambda: (v := status_json(fleet.env))["workers"].get(w1.node, {}).get("health", {}) and v,
         20,
         what="w1 in status",
     )
