@@ -26,7 +26,7 @@ import time
 import redis
 
 from . import scripts
-from .keys import lease_channel
+from .keys import channel_for
 
 logger = logging.getLogger("celery_stoker.activator")
 
@@ -62,12 +62,17 @@ COMMANDS = (
     "sadd",
     "srem",
     "smembers",
+    "scan",  # the CLI of an app that registers no Stokers finds them by their token keys
     "subscribe",
     "ping",
     "info",
     "multi",
     "exec",
 )
+#: What a Redis Cluster needs besides :data:`COMMANDS`: redis-py's ``RedisCluster``
+#: reads the slot map (``CLUSTER SLOTS``) and the key positions (``COMMAND``), and
+#: announcements travel by sharded pub/sub.
+CLUSTER_COMMANDS = ("cluster|slots", "command", "spublish", "ssubscribe")
 #: Optional: lets the worker check ``maxmemory-policy`` at start (it says nothing without).
 OPTIONAL_COMMANDS = ("config|get",)
 #: While permissions are missing, how often the worker asks again (quietly).
@@ -76,18 +81,33 @@ RECHECK_INTERVAL = 30.0
 _COMMAND_IN_ERROR = re.compile(r"run the '([^']+)' command")
 
 
-def acl_line(prefix: str = "stoker", user: str = "stoker", password: str = "PASSWORD") -> str:
-    """The ``ACL SETUSER`` line that gives ``user`` exactly what celery-stoker needs."""
-    commands = " ".join(f"+{c}" for c in COMMANDS)
+def acl_line(
+    prefix: str = "stoker",
+    user: str = "stoker",
+    password: str = "PASSWORD",
+    *,
+    cluster: bool = False,
+) -> str:
+    """The ``ACL SETUSER`` line that gives ``user`` exactly what celery-stoker needs.
+
+    On a Redis Cluster (``cluster=True``) it adds :data:`CLUSTER_COMMANDS`; run it
+    on every node.
+    """
+    needed = COMMANDS + (CLUSTER_COMMANDS if cluster else ())
+    commands = " ".join(f"+{c}" for c in needed)
     return (
         f"ACL SETUSER {user} on >{password} resetkeys ~{prefix}:* "
         f"resetchannels &{prefix}:* -@all {commands}"
     )
 
 
+#: The probe's hash tag: its scratch key and (on a cluster) its shard channel share a slot.
+PROBE_NAME = "stoker-probe"
+
+
 def probe_key(prefix: str) -> str:
     """A scratch key under ``prefix`` (its own hash tag: one Cluster slot)."""
-    return f"{prefix}:{{stoker-probe}}:probe"
+    return f"{prefix}:{{{PROBE_NAME}}}:probe"
 
 
 def _refused_command(exc: redis.ResponseError) -> str | None:
@@ -111,6 +131,7 @@ class AccessCheck:
         self.client = client
         self.prefix = prefix
         self.masked_url = masked_url
+        self.cluster = isinstance(client, redis.RedisCluster)
         self._lock = threading.Lock()
         self._ok = False
         self._refused: tuple[str, ...] = ()
@@ -141,7 +162,9 @@ class AccessCheck:
                     self.masked_url or "stoker_url",
                     ", ".join(refused),
                     RECHECK_INTERVAL,
-                    acl_line(self.prefix, user="<user>", password="<password>"),
+                    acl_line(
+                        self.prefix, user="<user>", password="<password>", cluster=self.cluster
+                    ),
                 )
             elif not refused and self._refused:
                 logger.warning(
@@ -202,7 +225,8 @@ class AccessCheck:
 
     def _probe(self) -> tuple[str, ...]:
         key = probe_key(self.prefix)
-        channel = lease_channel(self.prefix)
+        # The channel and command the leases announce with (SPUBLISH on a cluster).
+        channel, publish = channel_for(self.prefix, PROBE_NAME, sharded=self.cluster)
         refused: list[str] = []
         try:
             sha = self.client.script_load(scripts.PROBE)
@@ -214,7 +238,7 @@ class AccessCheck:
             sha = None
         if sha is not None:
             try:
-                reply = self.client.evalsha(sha, 1, key, channel)
+                reply = self.client.evalsha(sha, 1, key, channel, publish)
             except redis.ResponseError as exc:
                 command = _refused_command(exc)
                 if command is None:

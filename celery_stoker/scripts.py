@@ -188,7 +188,8 @@ return 1
 
 #: Which of the commands the scripts above run this Redis user may not run.
 #:
-#: KEYS[1] a scratch key under the prefix (it lives 1 s at most), ARGV[1] the channel.
+#: KEYS[1] a scratch key under the prefix (it lives 1 s at most), ARGV[1] the channel,
+#: ARGV[2] the publish command the lease scripts use (PUBLISH, or SPUBLISH on a cluster).
 #: Reply: the refused commands' names, lower case (empty: all allowed).  Every
 #: call is ``redis.pcall``: a refusal (or an OOM) is an answer, not an abort.  The
 #: announcement it publishes (``probe 0 -``) names no Stoker, so listeners drop it.
@@ -230,6 +231,6 @@ try('LTRIM', k, 0, 0)
 try('LRANGE', k, 0, -1)
 try('DEL', k)
 try('TIME')
-try('PUBLISH', ARGV[1], 'probe 0 -')
+try(ARGV[2], ARGV[1], 'probe 0 -')
 return refused
 """

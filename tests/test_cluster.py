@@ -236,3 +236,39 @@ def test_moving_the_slot_while_it_leads_then_operate_it_from_the_cli(
     out = cli(fleet, "undrain", target)
     assert out.returncode == 0 and "draining: (none)" in out.stdout
     check_terms(records.events())
+
+
+def test_the_readme_cluster_acl_is_enough_and_a_missing_spublish_is_named(
+    cluster: RedisCluster,
+) -> None:
+    """README's ACL line plus its cluster commands, on every node, runs leases, shard
+    announcements and the CLI's token scan; without SPUBLISH the start-up probe names it
+    (announcements are best effort, so nothing else would ever say so)."""
+    from test_redis_requirements import readme_acl_line
+
+    from celery_stoker import access
+
+    line = readme_acl_line().replace("PASSWORD", "pw").split()
+    for node in cluster.running:
+        node.client().execute_command(*line, *(f"+{c}" for c in access.CLUSTER_COMMANDS))
+    host, port = cluster.running[0].address
+    url = f"redis://stoker:pw@{host}:{port}/0"
+    client = redis_client(url, transport_options={"cluster": True}, socket_timeout=2.0)
+    try:
+        assert access.AccessCheck(client, "stoker").refused() == ()
+        lease = RedisLease(client, "acl", holder_id="a", hostname="a@h", ttl=2.0)
+        term = lease.acquire().term
+        assert term is not None and lease.renew(term) and lease.release(term)
+        assert [k for k in client.scan_iter(match=token_key("stoker", "*"))] == [
+            token_key("stoker", "acl").encode()
+        ]
+        pubsub = client.pubsub()
+        pubsub.ssubscribe(stoker_channel("stoker", "acl"))
+        assert wait_for(lambda: pubsub.get_sharded_message(timeout=0.2), 5)["data"] == 1
+        pubsub.close()
+
+        for node in cluster.running:
+            node.client().execute_command("ACL", "SETUSER", "stoker", "-spublish")
+        assert access.AccessCheck(client, "stoker").refused() == ("spublish",)
+    finally:
+        client.close()
