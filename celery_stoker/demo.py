@@ -11,7 +11,9 @@ worker as a follower.  At the end it prints a summary and stops every process
 it started, also on Ctrl-C or SIGTERM.
 
 ``--broker redis://...`` uses an existing Redis instead; the demo keeps to its
-own keys and queue there (prefix ``stoker-demo``).
+own keys and queue there (prefix ``stoker-demo``).  ``--stoker-url`` puts the
+leases on another Redis (``stoker_url``), and with ``--cluster`` that URL names a
+node of a Redis Cluster.
 
 The demo reads what it shows from Redis only (the lease, the Stokers' records
 and the events the demo Stoker writes), as any client of the fleet could.
@@ -174,6 +176,12 @@ class Demo:
             self.url = self.server.url
         os.environ["CELERY_STOKER_DEMO_BROKER"] = self.url
         os.environ["CELERY_STOKER_DEMO_TTL"] = str(self.args.ttl)
+        if self.args.stoker_url:
+            if not _wait_ping(self.args.stoker_url, 3.0):
+                raise DemoError(f"no Redis answers at {mask_url(self.args.stoker_url)}")
+            os.environ["CELERY_STOKER_DEMO_STOKER_URL"] = self.args.stoker_url
+            if self.args.cluster:
+                os.environ["CELERY_STOKER_DEMO_CLUSTER"] = "1"
         from . import demo_app  # reads the two variables above
 
         self.app = demo_app.app
@@ -198,6 +206,12 @@ class Demo:
         self.say(
             f"Redis: {mask_url(self.url)}"
             + (" (embedded Valkey)" if self.server else "")
+            + (
+                f"; leases on {mask_url(self.args.stoker_url)}"
+                + (" (a Redis Cluster)" if self.args.cluster else "")
+                if self.args.stoker_url
+                else ""
+            )
             + f"; {len(self.workers)} workers starting ({self.args.pool} pool), lease TTL "
             f"{self.args.ttl:g} s"
         )
@@ -516,6 +530,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--broker", default=None, help="use this Redis instead of an embedded Valkey"
     )
+    parser.add_argument(
+        "--stoker-url",
+        default=None,
+        help="keep the leases in this Redis (stoker_url; default: the broker's)",
+    )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="--stoker-url names a node of a Redis Cluster (stoker_transport_options cluster)",
+    )
     parser.add_argument("--workers", type=int, default=3, help="how many workers (default 3)")
     parser.add_argument("--ttl", type=float, default=2.0, help="lease TTL in seconds (default 2)")
     parser.add_argument("--pool", default="prefork", choices=("prefork", "solo", "threads"))
@@ -524,6 +548,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.interval <= 0:
         parser.error("--duration and --interval must be positive")
+    if args.cluster and not args.stoker_url:
+        parser.error("--cluster needs --stoker-url redis://<a cluster node>:<port>")
     if args.workers < 2:
         parser.error("--workers must be at least 2 (someone has to take over)")
     if not 0.2 <= args.ttl <= 60:

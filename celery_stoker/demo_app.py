@@ -9,7 +9,9 @@ prefix), so ``--broker`` may point at a Redis that also serves a real app.
 Configured by environment, because the demo starts the workers as separate
 ``celery worker`` processes: ``CELERY_STOKER_DEMO_BROKER`` (the Redis URL) and
 ``CELERY_STOKER_DEMO_TTL`` (the lease TTL in seconds, short so a crash
-failover is quick to watch).
+failover is quick to watch); ``CELERY_STOKER_DEMO_STOKER_URL`` puts the leases
+elsewhere (``stoker_url``), on a Redis Cluster when ``CELERY_STOKER_DEMO_CLUSTER``
+is set (the demo's records and RedBeat stay on the broker's Redis).
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_prefetch_multiplier=1,
 )
+if os.environ.get("CELERY_STOKER_DEMO_STOKER_URL"):
+    app.conf.stoker_url = os.environ["CELERY_STOKER_DEMO_STOKER_URL"]
+    # RedBeat does not speak Cluster: its schedule and lock stay on the broker's Redis.
+    app.conf.redbeat_redis_url = BROKER
+    if os.environ.get("CELERY_STOKER_DEMO_CLUSTER"):
+        app.conf.stoker_transport_options = {"cluster": True}
 app.steps["worker"].add(StokerStep)
 install(app)
 

@@ -69,6 +69,10 @@ SEND_RETRY = 0.5
 #: ``init()`` raised: the event is sent again after this long, doubling up to the cap.
 INIT_RETRY_START = 1.0
 INIT_RETRY_MAX = 60.0
+#: The pool process could not reach Redis before the callbacks ran: the event is sent
+#: again after this long, doubling up to the cap (a longer outage ends the term anyway).
+REDIS_RETRY_START = 0.5
+REDIS_RETRY_MAX = 5.0
 #: Longest the pump waits for a pool process that a hard time limit is killing.
 KILL_WAIT = 5.0
 #: A pool process still running an event this long past its hard limit is killed by the pump.
@@ -155,6 +159,7 @@ class Lane:
     #: The next pending event is not sent before this (monotonic): a send or init retry.
     not_before: float | None = None
     init_retry: float = INIT_RETRY_START
+    redis_retry: float = REDIS_RETRY_START
     idle: threading.Event = field(default_factory=threading.Event)
     send_error: str | None = None
 
@@ -237,6 +242,7 @@ class EventPump:
             lane.pending.append(PendingEvent(self.next_seq(), token, "now_leader", None))
             lane.timer_due = lane.not_before = None
             lane.init_retry = INIT_RETRY_START
+            lane.redis_retry = REDIS_RETRY_START
             self._ready.add(name)
             self._cond.notify_all()
 
@@ -403,9 +409,29 @@ class EventPump:
             )
             lane.init_retry = min(lane.init_retry * 2, INIT_RETRY_MAX)
             return
+        if not outcome.ran and outcome.kind == "error":
+            # The pool process could not reach Redis (or hit its soft limit) before the
+            # callbacks ran: the event never happened.  Dropping it would leave the term
+            # without events -- no timer is armed after a now_leader that never ran, and a
+            # timer that never ran arms no next one -- until something else sends one.
+            lane.pending.appendleft(
+                PendingEvent(self.next_seq(), item.token, item.event, item.reason, item.attempt)
+            )
+            self._hold_lane(lane, now + lane.redis_retry)
+            log = logger.warning if lane.redis_retry == REDIS_RETRY_START else logger.debug
+            log(
+                "Stoker %s: %s did not run (%s); it is sent again in %.1f s",
+                lane.owner.name,
+                item.event,
+                outcome.error,
+                lane.redis_retry,
+            )
+            lane.redis_retry = min(lane.redis_retry * 2, REDIS_RETRY_MAX)
+            return
         if not outcome.ran:
             return  # skipped: the term is over or ending
         lane.init_retry = INIT_RETRY_START
+        lane.redis_retry = REDIS_RETRY_START
         interval = lane.last_interval if outcome.timer_error else outcome.next_timer
         lane.last_interval = interval
         if interval is None:

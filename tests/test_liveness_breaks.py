@@ -14,6 +14,8 @@ from celery import Celery
 from support.redis_server import RedisServer
 from support.workers import Fleet, Records, wait_for
 
+from celery_stoker.keys import token_key
+
 pytestmark = pytest.mark.workers
 
 Fleets = Callable[..., Fleet]
@@ -117,3 +119,76 @@ def test_a_hard_time_limit_still_holds_while_the_leader_worker_stops(
         f"while it still ran (time_limit={hard_limit:g})"
     )
     assert taken.started - fault["at"] <= hard_limit + 2.5
+
+
+def test_a_now_leader_that_cannot_reach_redis_is_sent_again(
+    fleets: Fleets, records: Records, redis_server: RedisServer, make_redis_server: Callable
+) -> None:
+    """The pool process cannot reach the lease Redis when a term's ``now_leader`` starts.
+
+    The dispatch task catches the error ("Redis unreachable while running now_leader")
+    and reports an event that never ran.  The pump took "never ran" for "skipped: the
+    term is over" and did nothing more: no ``now_leader`` again, and since no event of
+    the term ran, no timer either -- the leader renewed a term that did nothing until
+    something else (a membership change) sent an event; a timer that failed so ended
+    the timers of the term.  Redis is back within a second here; the term's events
+    must resume soon after.
+    """
+    lease = make_redis_server()
+    # A counter exists: the first term is not fresh, so it acts at once (no TTL wait).
+    lease.client().set(token_key("stoker", "recorder"), 1)
+    broker = make_redis_server()
+    ttl = 9.0  # renewals every 3 s: the main process rides out the pause with its term
+    fleet = fleets(
+        "prefork",
+        ttl=ttl,
+        STOKER_TEST_BROKER=broker.url_for(0),
+        STOKER_TEST_RECORD_URL=redis_server.url_for(0),
+        STOKER_TEST_URL=lease.url_for(0),
+        STOKER_TEST_TIMER="0.5",
+    )
+    w1 = fleet.start("w1@%h", concurrency=1)
+    busy = 6.0
+    # Occupy the only pool process across the moment the term starts.
+    Celery("client", broker=broker.url_for(0)).send_task(
+        "recorder.sleep", args=[busy], queue=f"stoker.{w1.node}"
+    )
+    wait_for(lambda: "Task recorder.sleep[" in w1.log(), 30, what="the sleep task received")
+    slept_from = time.monotonic()
+    wait_for(lambda: "Task celery_stoker.dispatch[" in w1.log(), 30, what="now_leader reserved")
+    assert not records.of("now_leader"), "now_leader must still wait behind the busy pool"
+    free_at = slept_from + busy
+    assert time.monotonic() < free_at - 1.0, "the term started too late for this test"
+    # Redis hangs from just before the pool slot frees until well after the pool
+    # process's read of the lease gave up (its socket timeout is 2 s).
+    time.sleep(free_at - 0.5 - time.monotonic())
+    lease.pause()
+    try:
+        wait_for(
+            lambda: "Redis unreachable while running now_leader" in w1.log(),
+            10,
+            what="now_leader failing on the paused Redis",
+        )
+    finally:
+        lease.resume()
+    resumed = time.time()
+    first = wait_for(lambda: records.of("now_leader"), 8, what="now_leader sent again")[0]
+    assert first.started >= resumed - 0.5
+    wait_for(lambda: records.of("timer"), 5, what="the term's timers")
+    # The same mid-term: a timer that cannot reach Redis armed no next one.
+    lease.pause()
+    try:
+        wait_for(
+            lambda: "Redis unreachable while running timer" in w1.log(),
+            10,
+            what="a timer failing on the paused Redis",
+        )
+    finally:
+        lease.resume()
+    resumed = time.time()
+    wait_for(
+        lambda: [r for r in records.of("timer") if r.started >= resumed - 0.5],
+        5,
+        what="timers again",
+    )
+    assert {r.token for r in records.events()} == {first.token}, "one term throughout"

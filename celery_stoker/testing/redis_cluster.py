@@ -42,10 +42,15 @@ class ClusterNode(RedisServer):
         super().__init__(binary=binary)
         self.node_timeout_ms = node_timeout_ms
         self.bus_port: int | None = None
+        self._revive = False
 
     def _command(self, port: int) -> list[str]:
         # A fresh bus port per attempt: a port race on it retries like one on the data port.
-        self.bus_port = free_port()
+        # A node started again on its old port keeps its bus port too (its nodes.conf and
+        # every other node still name it), unless that one is taken now.
+        if not (self.bus_port is not None and self._port == port and self._revive):
+            self.bus_port = free_port()
+        self._revive = False
         return [
             *super()._command(port),
             "--cluster-enabled", "yes",
@@ -246,6 +251,29 @@ class RedisCluster:
             time.sleep(0.05)
         self.wait_ok(max(1.0, deadline - time.monotonic()))
         return primary, replica
+
+    def revive(self, node: ClusterNode, timeout: float = 20.0) -> None:
+        """Start a killed ``node`` again on its port, bus port and nodes.conf, and wait until it
+        is back as a synced replica (a primary whose slots were taken over while it was down
+        rejoins as a replica of the node that replaced it) and the cluster is ok."""
+        node._revive = True
+        node.start(port=node.port)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(redis.RedisError, OSError):
+                replication = node._command_reply("INFO", "replication")
+                if (
+                    replication.get("role") == "slave"
+                    and replication.get("master_link_status") == "up"
+                ):
+                    break
+            if time.monotonic() >= deadline:
+                raise RedisProcessError(
+                    f"node {node.port} not back as a synced replica after {timeout:.0f}s\n"
+                    + node.log_tail()
+                )
+            time.sleep(0.05)
+        self.wait_ok(max(1.0, deadline - time.monotonic()))
 
     def move_slot(self, slot: int, to: ClusterNode, *, batch: int = 100) -> None:
         """Move ``slot`` and its keys to the primary ``to``, as ``redis-cli --cluster reshard``:

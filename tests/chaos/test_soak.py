@@ -13,6 +13,21 @@ so any one of them can be cut off.  Faults come from a seeded schedule (the seed
 * ``partition_leader`` - the leader's lease and broker connections are black-holed for a
   while, then healed; it must rejoin as a follower without a restart.
 
+``--chaos-store cluster`` runs the same soak with the lease store on a six-node Redis Cluster
+(``stoker_transport_options = {"cluster": True}``; the broker stays a plain Redis).  A cluster
+client learns every node's real address from the cluster itself, so the workers reach the
+nodes directly (no proxy): the store's faults are the cluster's own instead of
+``redis_restart`` and ``partition_leader``:
+
+* ``primary_kill`` - SIGKILL of the primary that holds the Stoker's slot; its replica is
+  promoted, and once a leader acts again the dead node is started again (it rejoins as the
+  new primary's replica, so the next kill has a replica to promote);
+* ``move_slot`` - the Stoker's slot moves to another primary while it leads (SETSLOT
+  IMPORTING/MIGRATING, MIGRATE, SETSLOT NODE): leadership is kept or moves once.
+
+By default both stores run, each in its short form (``--chaos-store plain`` or ``cluster``
+picks one).
+
 Then, over the whole trail (callbacks and the in-process leader hooks): no two terms overlap in
 time, tokens grow from term to term, no term has two hosts; and after every fault a leader
 acted again within its bound.  ``--chaos-minutes`` sets how long faults are injected (default:
@@ -37,6 +52,8 @@ from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
 from support.workers import Fleet, Record, WorkerProcess, check_terms, wait_for
 
+from celery_stoker.testing.redis_cluster import RedisCluster, slot_of
+
 pytestmark = [pytest.mark.chaos, pytest.mark.workers]
 
 APP = "tests.apps.recorder"
@@ -44,6 +61,8 @@ TTL = 1.5
 RENEW = TTL / 3
 TIMER = 0.15
 LEASE_KEY = "stoker:{recorder}:lease"
+#: ``cluster-node-timeout`` of the soak's cluster (the ``stoker_redis_cluster`` fixture's).
+NODE_TIMEOUT = 1.0
 #: Slack for the trip of ``now_leader`` through the broker and a busy two-core machine.
 SLACK = 0.5
 #: Bound on the time from the fault (or from Redis answering again) to the first callback of
@@ -57,8 +76,22 @@ BOUNDS = {
     "sigkill_leader": TTL + RENEW + SLACK,
     "partition_leader": TTL + RENEW + SLACK,
     "redis_restart": TTL + 2 * SLACK,
+    # Cluster: the replica is promoted within about the node timeout; meanwhile the holder's
+    # renewals fail, so its term may end and the next one starts on the promoted primary
+    # (README, "Redis Cluster": cluster-node-timeout + TTL + renew + 1 s).
+    "primary_kill": NODE_TIMEOUT + TTL + RENEW + 1.0,
+    # A moved slot keeps its keys: the leader keeps its term, or it moves once.
+    "move_slot": TTL + RENEW + SLACK,
 }
-KINDS = tuple(BOUNDS)
+KINDS = {
+    "plain": ("sigterm_leader", "sigkill_leader", "restart_worker", "redis_restart",
+              "partition_leader"),
+    "cluster": ("sigterm_leader", "sigkill_leader", "restart_worker", "primary_kill",
+                "move_slot"),
+}  # fmt: skip
+#: Minutes of faults in the short form of each store (what CI runs; ``--chaos-minutes`` sets
+#: both).  The cluster's is shorter so the suite stays within its ten minutes.
+SHORT_MINUTES = {"plain": 1.0, "cluster": 0.6}
 #: How long past its bound a fault may go unanswered before the soak gives up on the fleet.
 GIVE_UP_AFTER = 20.0
 
@@ -69,7 +102,7 @@ class Slot:
 
     name: str
     pool: str
-    lease_proxy: TcpProxy
+    lease_proxy: TcpProxy | None  # None on a cluster: the workers reach its nodes directly
     broker_proxy: TcpProxy
     worker: WorkerProcess | None = None
     incarnations: list[WorkerProcess] = field(default_factory=list)
@@ -162,7 +195,7 @@ class Soak:
         self,
         rng: random.Random,
         fleet: Fleet,
-        lease_redis: RedisServer,
+        lease_store: RedisServer | RedisCluster,
         broker_redis: RedisServer,
         trail: Trail,
         make_proxy: Callable[[int], TcpProxy],
@@ -170,7 +203,9 @@ class Soak:
     ) -> None:
         self.rng = rng
         self.fleet = fleet
-        self.lease_redis = lease_redis
+        self.lease_store = lease_store
+        self.store = "cluster" if isinstance(lease_store, RedisCluster) else "plain"
+        self.kinds = KINDS[self.store]
         self.broker_redis = broker_redis
         self.trail = trail
         self.say = say
@@ -180,25 +215,31 @@ class Soak:
             Slot(
                 name=f"w{i}@%h",
                 pool=pool,
-                lease_proxy=make_proxy(lease_redis.port),
+                lease_proxy=(
+                    None if isinstance(lease_store, RedisCluster) else make_proxy(lease_store.port)
+                ),
                 broker_proxy=make_proxy(broker_redis.port),
             )
             for i, pool in enumerate(("prefork", "solo", "solo"), start=1)
         ]
-        self._observer = lease_redis.client(socket_timeout=0.5, socket_connect_timeout=0.5)
+        self._observer: redis.Redis | redis.RedisCluster = lease_store.client(
+            socket_timeout=0.5, socket_connect_timeout=0.5
+        )
+
+    def close(self) -> None:
+        self._observer.close()
 
     # ------------------------------------------------------------------ workers
 
     def start(self, slot: Slot) -> None:
-        slot.worker = self.fleet.start(
-            slot.name,
-            pool=slot.pool,
-            concurrency=2,
-            env={
-                "STOKER_TEST_URL": f"redis://127.0.0.1:{slot.lease_proxy.port}/0",
-                "STOKER_TEST_BROKER": f"redis://127.0.0.1:{slot.broker_proxy.port}/0",
-            },
-        )
+        env = {"STOKER_TEST_BROKER": f"redis://127.0.0.1:{slot.broker_proxy.port}/0"}
+        if isinstance(self.lease_store, RedisCluster):
+            # A node that runs now; the client finds the others (and later ones) from it.
+            env.update(STOKER_TEST_URL=self.lease_store.url, STOKER_TEST_CLUSTER="1")
+        else:
+            assert slot.lease_proxy is not None
+            env["STOKER_TEST_URL"] = f"redis://127.0.0.1:{slot.lease_proxy.port}/0"
+        slot.worker = self.fleet.start(slot.name, pool=slot.pool, concurrency=2, env=env)
         slot.incarnations.append(slot.worker)
         slot.ready = False
 
@@ -308,10 +349,14 @@ class Soak:
         elif kind == "redis_restart":
             # Counted from the call, so the time Redis takes to stop and start is included:
             # an upper bound on the time from Redis answering again.
+            assert isinstance(self.lease_store, RedisServer)
             at = time.time()
-            self.lease_redis.restart(empty=True)
+            self.lease_store.restart(empty=True)
             first = self.wait_new_term(above, start, timeout)
+        elif kind in ("primary_kill", "move_slot"):
+            at, first = self._cluster_fault(kind, fault, above, start)
         elif kind == "partition_leader":
+            assert target.lease_proxy is not None
             at = time.time()
             target.lease_proxy.blackhole()
             target.broker_proxy.blackhole()
@@ -328,7 +373,9 @@ class Soak:
         fault.at = at
         if first is not None:
             fault.took = first.at - at
-            fault.new_token, fault.new_host = first.token, first.host
+            fault.new_host = first.host
+            # A cluster fault may keep the term: that is no failover.
+            fault.new_token = first.token if first.token > above else None
         self._judge(fault)
         self.faults.append(fault)
         took = "no new term" if fault.took is None else f"{fault.took:.3f}s -> {fault.new_host}"
@@ -337,6 +384,49 @@ class Soak:
             f"{'leader' if fault.was_leader else 'follower':<8} {took} {fault.note}"
         )
         return fault
+
+    def _cluster_fault(
+        self, kind: str, fault: Fault, above: int, start: int
+    ) -> tuple[float, Record | None]:
+        """Kill the primary of the Stoker's slot, or move the slot; return (when, the first
+        callback after the cluster serves the slot again of the term that leads once the
+        fleet settles): a term that acts once more and then ends does not count."""
+        cluster = self.lease_store
+        assert isinstance(cluster, RedisCluster)
+        slot = slot_of(LEASE_KEY)
+        at = time.time()
+        if kind == "primary_kill":
+            dead, promoted = cluster.kill_primary_of(LEASE_KEY)
+            fault.note = f"primary {dead.port} -> {promoted.port}"
+        else:
+            source = cluster.slot_owner(slot)
+            to = self.rng.choice([p for p in cluster.primaries() if p is not source])
+            cluster.move_slot(slot, to)
+            fault.note = f"slot {slot} {source.port} -> {to.port}"
+        served = time.time()
+        first: Record | None = None
+        try:
+            _, token = self.settle(fault.bound + GIVE_UP_AFTER)
+        except AssertionError:
+            token = None
+        if token is not None:
+            first = next(
+                (
+                    r
+                    for r in self.trail.events[start:]
+                    if r.token == token and r.at >= served and r.event != "shutdown"
+                ),
+                None,
+            )
+            terms = sorted({r.token for r in self.trail.events[start:] if r.token > above})
+            if kind == "move_slot" and len(terms) > 1:
+                self.problems.append(
+                    f"moving slot {slot} started {len(terms)} terms (kept or moved once "
+                    f"expected): {terms}"
+                )
+        if kind == "primary_kill":
+            cluster.revive(dead)  # back as the new primary's replica, for the next kill
+        return at, first
 
     def _judge(self, fault: Fault) -> None:
         if not fault.was_leader:
@@ -393,14 +483,15 @@ class Soak:
 
     def summary(self, seed: int, minutes: float, elapsed: float) -> str:
         lines = [
-            f"chaos soak: seed {seed}, {minutes:g} min asked, ran {elapsed:.0f}s, "
+            f"chaos soak ({self.store} Redis): seed {seed}, {minutes:g} min asked, "
+            f"ran {elapsed:.0f}s, "
             f"TTL {TTL}s, renew {RENEW:.2f}s, timer {TIMER}s",
             f"  faults injected: {len(self.faults)}; terms seen: "
             f"{len({r.token for r in self.trail.events})}; callbacks recorded: "
             f"{len(self.trail.events)}",
             f"  {'kind':<17} {'count':>5} {'failovers':>9} {'worst':>8} {'mean':>8} {'bound':>7}",
         ]
-        for kind in KINDS:
+        for kind in self.kinds:
             done = [f for f in self.faults if f.kind == kind]
             timed = [f.took for f in done if f.was_leader and f.took is not None]
             worst = f"{max(timed):.3f}s" if timed else "-"
@@ -452,22 +543,41 @@ def _at(record: Record) -> float:
     return record.at
 
 
-@pytest.fixture
+def chaos_minutes(config: pytest.Config, store: str) -> float:
+    """``--chaos-minutes`` if given, else the store's short form."""
+    minutes = config.getoption("--chaos-minutes")
+    return float(minutes) if minutes is not None else SHORT_MINUTES[store]
+
+
+@pytest.fixture(params=["plain", "cluster"])
 def chaos_servers(
+    request: pytest.FixtureRequest,
     make_redis_server: Callable[..., RedisServer],
-) -> Iterator[tuple[RedisServer, RedisServer, RedisServer]]:
-    """The lease Redis (faulted), the broker Redis (cut off per worker), the records' Redis."""
-    yield make_redis_server(), make_redis_server(), make_redis_server()
+) -> Iterator[tuple[RedisServer | RedisCluster, RedisServer, RedisServer]]:
+    """The lease store (faulted: one Redis, or a six-node cluster), the broker Redis (cut off
+    per worker), the records' Redis."""
+    store = request.param
+    chosen = request.config.getoption("--chaos-store")
+    if chosen not in ("both", store):
+        pytest.skip(f"--chaos-store {chosen}")
+    lease: RedisServer | RedisCluster = (
+        request.getfixturevalue("stoker_redis_cluster")
+        if store == "cluster"
+        else make_redis_server()
+    )
+    yield lease, make_redis_server(), make_redis_server()
 
 
 def test_chaos_soak(
     request: pytest.FixtureRequest,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
-    chaos_servers: tuple[RedisServer, RedisServer, RedisServer],
+    chaos_servers: tuple[RedisServer | RedisCluster, RedisServer, RedisServer],
     tcp_proxy: Callable[[int], TcpProxy],
 ) -> None:
-    minutes = float(request.config.getoption("--chaos-minutes"))
+    lease_store, broker_redis, record_redis = chaos_servers
+    store = "cluster" if isinstance(lease_store, RedisCluster) else "plain"
+    minutes = chaos_minutes(request.config, store)
     seed_option = request.config.getoption("--chaos-seed")
     seed = int(seed_option) if seed_option is not None else random.SystemRandom().randrange(2**32)
     rng = random.Random(seed)
@@ -476,8 +586,10 @@ def test_chaos_soak(
         with capsys.disabled():
             print(line, flush=True)
 
-    say(f"\nchaos soak: seed {seed} (replay with --chaos-seed {seed}), {minutes:g} min")
-    lease_redis, broker_redis, record_redis = chaos_servers
+    say(
+        f"\nchaos soak ({store} Redis): seed {seed} (replay with --chaos-seed {seed}), "
+        f"{minutes:g} min"
+    )
     trail = Trail(record_redis.client())
     fleet = Fleet(
         APP,
@@ -487,16 +599,19 @@ def test_chaos_soak(
             "STOKER_TEST_TIMER": str(TIMER),
         },
     )
-    soak = Soak(rng, fleet, lease_redis, broker_redis, trail, tcp_proxy, say)
+    soak = Soak(rng, fleet, lease_store, broker_redis, trail, tcp_proxy, say)
     began = time.monotonic()
     try:
         for slot in soak.slots:
             soak.start(slot)
         soak.settle(60)
         deadline = began + minutes * 60
-        while time.monotonic() < deadline:
-            for kind in rng.sample(KINDS, len(KINDS)):
-                if time.monotonic() >= deadline:
+        rounds = 0
+        while time.monotonic() < deadline or not rounds:
+            rounds += 1
+            for kind in rng.sample(soak.kinds, len(soak.kinds)):
+                # The first round always runs whole: every kind is injected at least once.
+                if time.monotonic() >= deadline and rounds > 1:
                     break
                 fault = soak.inject(kind)
                 if fault.was_leader and fault.took is None:
@@ -512,6 +627,7 @@ def test_chaos_soak(
         raise
     finally:
         fleet.cleanup()
+        soak.close()
 
     trail.poll()
     trail.poll_hooks()
@@ -525,7 +641,7 @@ def test_chaos_soak(
         assert not violations, "safety:\n" + "\n".join(violations)
         check_terms(trail_records)
         assert not soak.problems, "\n".join(soak.problems)
-        for kind in KINDS:
+        for kind in soak.kinds:
             assert any(f.kind == kind for f in soak.faults), f"no {kind} fault was injected"
     except BaseException:
         print(fleet.logs())
