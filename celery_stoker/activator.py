@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from .access import AccessCheck
-from .dispatch import DISPATCH_TASK, EVENT_MESSAGE_EXPIRES, Outcome, run_event
+from .dispatch import DISPATCH_TASK, EVENT_MESSAGE_EXPIRES, EventCall, Outcome, run_event
 from .election import REDIS_DOWN, Election
 from .lease import RedisLease, Term
 from .listener import LeaseListener
@@ -267,9 +267,7 @@ class Activator:
         """Run ``shutdown`` in this process: the pool may be draining, the broker gone."""
         self.last_event, self.last_event_at = "shutdown", time.time()
         try:
-            outcome = run_event(
-                self.app,
-                self.spec,
+            call = EventCall(
                 seq=self.pump.next_seq(),
                 token=term.token,
                 event="shutdown",
@@ -284,9 +282,9 @@ class Activator:
                 # A lost term must hear shutdown before Redis can hand the lease on:
                 # start from our copy of the state, ask Redis nothing first.
                 prefer_cached=lost,
-                client=self.client,
                 stale=stale,
             )
+            outcome = run_event(self.app, self.spec, call, client=self.client)
             self.metrics.event_done(self.name, "shutdown", outcome)
             self.last_error = outcome.error or self.last_error
         except Exception as exc:

@@ -196,22 +196,34 @@ def check_timer(name: str, value: Any) -> float | None:
     return seconds
 
 
+@dataclass(frozen=True)
+class EventCall:
+    """One event to run: which term, which callback, and what to start from.
+
+    ``cached_state`` (an earlier :attr:`Outcome.state`, with ``cached_version``)
+    is used when Redis cannot be read, or first of all with ``prefer_cached``: a
+    leader that lost its lease must tell its Stoker to stop before the lease can
+    expire, without waiting on a Redis it may not reach (with no copy, it starts
+    from ``init()``).  ``check_current=False`` runs it even when the term is
+    over (``shutdown``); its commit is still fenced.  ``stale`` tells the Stoker
+    (``context.stale``) that a newer term has replaced this one.
+    """
+
+    seq: int
+    token: int
+    event: str
+    reason: Any
+    hostname: str
+    members: frozenset[str]
+    check_current: bool = True
+    cached_state: tuple[str, str, str] | None = None
+    cached_version: int | None = None
+    prefer_cached: bool = False
+    stale: bool = False
+
+
 def run_event(
-    app: Celery,
-    spec: StokerSpec,
-    *,
-    seq: int,
-    token: int,
-    event: str,
-    reason: Any,
-    hostname: str,
-    members: frozenset[str],
-    check_current: bool = True,
-    cached_state: tuple[str, str, str] | None = None,
-    cached_version: int | None = None,
-    prefer_cached: bool = False,
-    client: redis.Redis | None = None,
-    stale: bool = False,
+    app: Celery, spec: StokerSpec, call: EventCall, *, client: redis.Redis | None = None
 ) -> Outcome:
     """Run one callback of ``spec`` as a worker does: this process's instance, Redis, settings.
 
@@ -225,22 +237,7 @@ def run_event(
         key_prefix=settings.key_prefix,
         serializer=settings.state_serializer,
     )
-    return run_callbacks(
-        store,
-        resources.instance(app, spec),
-        spec,
-        seq=seq,
-        token=token,
-        event=event,
-        reason=reason,
-        hostname=hostname,
-        members=members,
-        check_current=check_current,
-        cached_state=cached_state,
-        cached_version=cached_version,
-        prefer_cached=prefer_cached,
-        stale=stale,
-    )
+    return run_callbacks(store, resources.instance(app, spec), spec, call)
 
 
 class StateStore(Protocol):
@@ -265,19 +262,9 @@ def run_callbacks(
     store: StateStore,
     instance: Stoker,
     spec: StokerSpec,
+    call: EventCall,
     *,
-    seq: int,
-    token: int,
-    event: str,
-    reason: Any,
-    hostname: str,
-    members: frozenset[str],
-    check_current: bool = True,
-    cached_state: tuple[str, str, str] | None = None,
-    cached_version: int | None = None,
-    prefer_cached: bool = False,
     reraise: bool = False,
-    stale: bool = False,
 ) -> Outcome:
     """Run one callback under ``token`` and commit its state if the token is still current.
 
@@ -288,17 +275,13 @@ def run_callbacks(
     logged with the Stoker's name and traceback, the stored state is kept, and
     the outcome carries the error.  The commit names the state version the
     event started from, so an event that returns after a newer one committed
-    cannot overwrite it.
-
-    ``cached_state`` (an earlier :attr:`Outcome.state`, with ``cached_version``)
-    is used when Redis cannot be read, or first of all with ``prefer_cached``: a
-    leader that lost its lease must tell its Stoker to stop before the lease can
-    expire, without waiting on a Redis it may not reach (with no copy, it starts
-    from ``init()``).
+    cannot overwrite it.  ``call`` says which event, of which term, from what.
     """
+    seq, token, event, reason = call.seq, call.token, call.event, call.reason
+    cached_state, cached_version = call.cached_state, call.cached_version
     started = time.monotonic()
     outcome = Outcome(seq=seq, token=token, ran=False, name=spec.name)
-    if check_current and not store.term_accepts_events(token):
+    if call.check_current and not store.term_accepts_events(token):
         logger.info(
             "Stoker %s: skipped %s event of term %d: that term is over or ending",
             spec.name,
@@ -307,14 +290,16 @@ def run_callbacks(
         )
         return outcome
 
-    instance.context = StokerContext(spec.name, hostname, token, frozenset(members), stale=stale)
+    instance.context = StokerContext(
+        spec.name, call.hostname, token, frozenset(call.members), stale=call.stale
+    )
     outcome.ran = True
     errors: list[str] = []
     state: Any = None
     version: int | None = None
     have_state = from_init = False
     try:
-        if prefer_cached and cached_state is not None:
+        if call.prefer_cached and cached_state is not None:
             state, have_state = from_portable(cached_state, store.serializer), True
             version = cached_version
         else:
@@ -405,7 +390,7 @@ def run_callbacks(
             event,
             token,
         )
-    elif result is Commit.STALE_TERM and check_current:
+    elif result is Commit.STALE_TERM and call.check_current:
         logger.warning(
             "Stoker %s: the state after %s was not stored: term %d ended while the callback ran",
             spec.name,
@@ -537,12 +522,7 @@ def register_dispatch_task(app: Celery) -> None:
             outcome = run_event(
                 task.app,
                 spec,
-                seq=seq,
-                token=token,
-                event=event,
-                reason=reason,
-                hostname=hostname,
-                members=frozenset(members),
+                EventCall(seq, token, event, reason, hostname, frozenset(members)),
             )
         except redis.RedisError as exc:
             outcome.error = f"Redis unreachable while running {event}: {exc}"

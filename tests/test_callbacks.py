@@ -17,7 +17,7 @@ import redis
 from celery import Celery
 
 from celery_stoker import Stoker, StokerRegistrationError, stoker
-from celery_stoker.dispatch import check_timer, run_event
+from celery_stoker.dispatch import EventCall, check_timer, run_event
 from celery_stoker.lease import RedisLease, Term
 from celery_stoker.registry import registry_of
 from celery_stoker.store import StokerStore
@@ -40,9 +40,7 @@ class Fixture:
 
     def run(self, name: str, event: str = "timer", token: int | None = None) -> Any:
         spec = registry_of(self.app)[name]
-        return run_event(
-            self.app,
-            spec,
+        call = EventCall(
             seq=1,
             token=token if token is not None else self.term(name).token,
             event=event,
@@ -50,6 +48,7 @@ class Fixture:
             hostname="w@h",
             members=frozenset({"w@h"}),
         )
+        return run_event(self.app, spec, call)
 
     def store(self, name: str, serializer: str = "json") -> StokerStore:
         return StokerStore(self.client, name, key_prefix="stoker", serializer=serializer)

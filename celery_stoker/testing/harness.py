@@ -22,7 +22,7 @@ import itertools
 from collections.abc import Iterable
 from typing import Any
 
-from ..dispatch import Outcome, run_callbacks
+from ..dispatch import EventCall, Outcome, run_callbacks
 from ..registry import StokerSpec
 from ..stoker import Stoker, StokerContext
 from ..store import Commit, StoredState, decode_state, encode_state
@@ -178,10 +178,7 @@ class StokerHarness:
             raise RuntimeError(
                 f"Stoker {self.name!r} does not lead: call elect() before sending {event}"
             )
-        outcome = run_callbacks(
-            self.store,
-            self.instance,
-            self.spec,
+        call = EventCall(
             seq=next(self._seq),
             token=self.store.token or 0,
             event=event,
@@ -189,8 +186,8 @@ class StokerHarness:
             hostname=self.hostname,
             members=frozenset(self.members),
             check_current=check_current,
-            reraise=True,
         )
+        outcome = run_callbacks(self.store, self.instance, self.spec, call, reraise=True)
         self.outcome = outcome
         self.next_timer = outcome.next_timer
         return outcome
