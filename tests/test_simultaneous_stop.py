@@ -99,6 +99,8 @@ def test_a_stopping_worker_never_leads_on_an_acquire_sent_before_its_stop(
         )
         stopping.wait_ready()
         waiters_in_order(redis_server, [stopping.node])
+        pubsub = redis_server.client().pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(lease_channel("stoker"))
         proxy.hold_upstream()
         leader.signal(signal.SIGTERM)  # its release names the only waiter
         wait_for(
@@ -113,8 +115,6 @@ def test_a_stopping_worker_never_leads_on_an_acquire_sent_before_its_stop(
             what=f"{stopping.node} begins to stop",
         )
         time.sleep(0.2)  # the signal handler is over (not an assertion: a precondition)
-        pubsub = redis_server.client().pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(lease_channel("stoker"))
         proxy.release_upstream()  # now Redis grants the acquire sent before the stop
         mark = f" recorder {stopping.node} ".encode()
         wait_for(  # the premise: Redis did grant it
