@@ -201,6 +201,17 @@ def sleep(seconds: float) -> None:
     record("slept", seconds=seconds)
 
 
+@app.task(name="recorder.block", bind=True)
+def block(self: Any, key: str, timeout: float) -> None:
+    """Hold a pool slot until the test pushes to ``key`` (or ``timeout`` passes).
+
+    Records ``blocking`` once it runs, so a test knows the slot is taken.
+    """
+    record("blocking", key=key, host=self.request.hostname)
+    _client().blpop([key], timeout=timeout)
+    record("unblocked", key=key, host=self.request.hostname)
+
+
 def _extra_stokers(count: int) -> None:
     """STOKER_TEST_EXTRA_STOKERS=N: N more Stokers that do nothing (a worker with many)."""
 

@@ -4,6 +4,8 @@ Killing Redis only tests the "connection refused / reset" path.  The dangerous c
 holder is a *partition*: sockets stay open, packets vanish, and the client only learns about it
 through timeouts while its lease quietly expires on the server.  :meth:`TcpProxy.blackhole`
 simulates exactly that; :meth:`TcpProxy.reset_all` simulates abrupt resets.
+:meth:`TcpProxy.hold_upstream` keeps a command in flight as long as a test needs (what the
+clients sent waits here, readable, while replies still flow).
 
 One named thread runs a ``select`` loop over all sockets (non-blocking, with per-direction
 buffers for back-pressure), so a slow reader can never stall other connections.
@@ -49,6 +51,9 @@ class TcpProxy:
         self._pairs: dict[socket.socket, _Pair] = {}
         self._blackholed = False
         self._drop = False
+        self._held = False
+        #: The sockets to the target (the other end of each pair is a client).
+        self._upstreams: set[socket.socket] = set()
         self._stopping = False
         self._thread = threading.Thread(
             target=self._loop, name=f"tcp-proxy-{self.port}-loop", daemon=True
@@ -99,6 +104,29 @@ class TcpProxy:
             self._blackholed = self._drop = False
         self._wake()
 
+    def hold_upstream(self) -> None:
+        """Read what clients send but keep it here, unsent, until :meth:`release_upstream`.
+
+        Replies and pub/sub messages still reach the clients, so a client acts on
+        what it hears while its own commands wait (see :meth:`held_bytes`).
+        """
+        with self._lock:
+            self._held = True
+        self._wake()
+
+    def release_upstream(self) -> None:
+        """Send every held command on to the target, in order, and forward as usual."""
+        with self._lock:
+            self._held = False
+        self._wake()
+
+    def held_bytes(self) -> bytes:
+        """What clients sent since :meth:`hold_upstream` that has not reached the target."""
+        with self._lock:
+            return b"".join(
+                pair.pending[sock] for sock, pair in self._pairs.items() if sock in self._upstreams
+            )
+
     def reset_all(self) -> None:
         """Abruptly close (RST) every proxied connection; the listener keeps accepting."""
         with self._lock:
@@ -120,10 +148,12 @@ class TcpProxy:
         for pair in set(self._pairs.values()):
             pair.close(abrupt)
         self._pairs.clear()
+        self._upstreams.clear()
 
     def _drop_pair(self, pair: _Pair) -> None:
         for sock in pair.peer:
             self._pairs.pop(sock, None)
+            self._upstreams.discard(sock)
         pair.close()
 
     def _loop(self) -> None:
@@ -134,7 +164,7 @@ class TcpProxy:
                 for sock, pair in self._pairs.items():
                     if self._drop or (not self._blackholed and not pair.pending[pair.peer[sock]]):
                         readers.append(sock)  # back-pressure: read only if peer buffer drained
-                    if pair.pending[sock] and not self._blackholed:
+                    if pair.pending[sock] and not self._blackholed and not self._holding(sock):
                         writers.append(sock)
             try:
                 readable, writable, _ = select.select(readers, writers, [], 0.5)
@@ -170,6 +200,11 @@ class TcpProxy:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._pairs[sock] = pair
+        self._upstreams.add(upstream)
+
+    def _holding(self, sock: socket.socket) -> bool:
+        """True while bytes bound for ``sock`` must wait (a held command to the target)."""
+        return self._held and sock in self._upstreams
 
     def _forward(self, pair: _Pair, src: socket.socket) -> None:
         if self._blackholed and not self._drop:
@@ -188,7 +223,7 @@ class TcpProxy:
             self._flush(pair, dst)
 
     def _flush(self, pair: _Pair, dst: socket.socket) -> None:
-        if self._blackholed or not pair.pending[dst]:
+        if self._blackholed or self._holding(dst) or not pair.pending[dst]:
             return
         try:
             sent = dst.send(pair.pending[dst])
