@@ -264,6 +264,16 @@ class RedisLease:
         self._release = client.register_script(scripts.RELEASE)
         self._observe = client.register_script(scripts.OBSERVE)
 
+    def _redis_answered(self) -> None:
+        """A script got its answer: Redis serves this lease (again); a listener down retries now.
+
+        After a failover the listener's own backoff may still have seconds to
+        run while the election already reached the new primary; a release
+        announced meanwhile would be heard by nobody (see ``listener``).
+        """
+        if self._listener is not None:
+            self._listener.retry_now()
+
     def close(self) -> None:
         """Stop being woken by the listener (the client is the caller's to close)."""
         if self._listener is not None:
@@ -300,6 +310,7 @@ class RedisLease:
             if not _is_foreign_data_error(exc):
                 raise
             return AcquireResult(None, Holder.foreign_error(exc))
+        self._redis_answered()
         raw_bytes = raw if isinstance(raw, bytes) else str(raw).encode()
         if int(ok) == 2:
             holder = Holder.parse(raw_bytes, int(pttl)) if raw_bytes else None
@@ -343,6 +354,7 @@ class RedisLease:
             if not _is_foreign_data_error(exc):
                 raise
             return False  # someone replaced our lease with a value of another type
+        self._redis_answered()
         code = int(code)
         if code == 1:
             term.valid_until = started + validity(self.ttl)
@@ -396,6 +408,7 @@ class RedisLease:
             if not _is_foreign_data_error(exc):
                 raise
             return Holder.foreign_error(exc)
+        self._redis_answered()
         if raw is None:
             return None
         raw_bytes = raw if isinstance(raw, bytes) else str(raw).encode()
