@@ -69,7 +69,8 @@ class LeaseListener:
     one shared channel carrying the lease name costs less than a subscription
     per lease.  If the connection drops, waiters still wake at the expiry they
     observed; the listener reconnects with backoff and then wakes every waiter
-    so it looks again.
+    so it looks again.  ``client_factory`` must make a new client at each call:
+    the listener closes it with the attempt it served.
     """
 
     def __init__(
@@ -174,12 +175,13 @@ class LeaseListener:
         backoff = RECONNECT_START
         logged_down = False
         while not self._stopping.is_set():
-            pubsub = None
+            client = pubsub = None
             # A nudge before this attempt is answered by it; one during it (Redis answered
             # meanwhile) makes a failed attempt try again at once.
             self._retry.clear()
             try:
-                pubsub = self._client_factory().pubsub(ignore_subscribe_messages=False)
+                client = self._client_factory()
+                pubsub = client.pubsub(ignore_subscribe_messages=False)
                 sharded: set[str] = set()
                 if self.shard_channel is None:
                     pubsub.subscribe(self.channel)
@@ -233,9 +235,11 @@ class LeaseListener:
                 self._retry.wait(backoff)
                 backoff = min(backoff * 2, RECONNECT_MAX)
             finally:
-                if pubsub is not None:
-                    with contextlib.suppress(Exception):  # closing a broken socket
-                        pubsub.close()
+                # Each attempt's client goes with it: on a cluster it holds a pool per node.
+                for closable in (pubsub, client):
+                    if closable is not None:
+                        with contextlib.suppress(Exception):  # closing a broken socket
+                            closable.close()
         self._subscribed.clear()
 
     def _subscribe_shards(self, pubsub: Any, subscribed: set[str]) -> None:
