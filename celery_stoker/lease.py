@@ -73,7 +73,9 @@ WAKE_MARGIN = 0.005
 MAX_LEASE_VALUE = 4096
 #: After a release that names another waiter to try first, or an expiry that finds
 #: this waiter behind others, it tries itself only if no new term is announced
-#: within this long: one command per failover instead of one per waiter.
+#: within this long times its rank: one command per failover instead of one per
+#: waiter, and when the first waiter is late (a paused or overloaded process) the
+#: others try one after another rather than all at once.
 HERD_DELAY = 0.05
 
 
@@ -205,11 +207,12 @@ class RedisLease:
 
     **No herd.**  Followers queue in a sorted set that Redis keeps (oldest
     first).  A release names the longest-waiting live follower; only that one
-    tries at once, and every other waits :data:`HERD_DELAY` for the new term to
-    be announced, which it then waits out without a command.  An expiry (the
-    holder crashed) wakes the first waiter at once and the others after the
-    same delay.  So a failover costs a couple of commands whatever the number
-    of followers, and a dead first waiter costs the others only the delay.
+    tries at once, and every other waits :data:`HERD_DELAY` times its rank for
+    the new term to be announced, which it then waits out without a command.
+    An expiry (the holder crashed) wakes the first waiter at once and the others
+    after the same staggered delay.  So a failover costs a couple of commands
+    whatever the number of followers, a dead first waiter costs the others one
+    delay, and a late one lets the next in line try, not the whole queue.
     """
 
     def __init__(
@@ -443,10 +446,10 @@ class RedisLease:
         announced meanwhile moves it to the announced expiry, so a waiter sends
         nothing while a holder keeps renewing.  Returns True when its turn came
         (a release named it, or named another who did not take the lease within
-        :data:`HERD_DELAY`; or the listener reconnected), False when the
-        (possibly moved) deadline passed or ``max_wait`` seconds went by.  At an
-        expiry, a waiter behind others first gives the first one
-        :data:`HERD_DELAY` to announce a new term.
+        :data:`HERD_DELAY` times this waiter's rank; or the listener reconnected),
+        False when the (possibly moved) deadline passed or ``max_wait`` seconds
+        went by.  At an expiry, a waiter behind others first gives those ahead
+        the same staggered head start to announce a new term.
         """
         started = time.monotonic()
         deadline = started + timeout
@@ -456,7 +459,7 @@ class RedisLease:
         while not self._woken.is_set():
             released_at, self._released_to_other_at = self._released_to_other_at, None
             if released_at is not None:
-                turn_at = released_at + HERD_DELAY
+                turn_at = released_at + self._head_start()
             renewed_until, self._renewed_until = self._renewed_until, None
             if renewed_until is not None:
                 deadline = max(deadline, renewed_until + WAKE_MARGIN)
@@ -477,13 +480,17 @@ class RedisLease:
             if now >= deadline:
                 if self.rank and not expiry_deferred:
                     expiry_deferred = True  # a new term announced meanwhile counts too
-                    deadline = now + HERD_DELAY
+                    deadline = now + self._head_start()
                     continue
                 return False
             wake_at = min(deadline, cap, turn_at if turn_at is not None else float("inf"))
             self._nudged.wait(max(0.0, wake_at - now))
             self._nudged.clear()
         return True
+
+    def _head_start(self) -> float:
+        """How long this waiter leaves those ahead of it to take the lease and say so."""
+        return HERD_DELAY * max(1, self.rank or 0)
 
     def wake(self) -> None:
         """Interrupt a :meth:`wait` or :meth:`wait_poked` from another thread (to stop)."""

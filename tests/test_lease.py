@@ -24,6 +24,7 @@ import redis
 from support.redis_server import RedisServer
 from support.workers import wait_for
 
+from celery_stoker import lease as lease_module
 from celery_stoker import scripts
 from celery_stoker.connection import mask_url, redis_client
 from celery_stoker.keys import lease_channel, lease_key, token_key
@@ -903,6 +904,28 @@ def test_a_release_naming_a_dead_waiter_still_hands_over(leases: Leases) -> None
     wait_for(lambda: winners, 5, what="a new holder")
     assert time.monotonic() - released_at < 1.0
     assert winners[0] in {"f0", "f1", "f2"}
+
+
+def test_when_the_named_waiter_is_late_the_next_in_line_tries_not_the_queue(
+    leases: Leases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first waiter never tries (a paused or overloaded process): the others go one
+    after another, each after its rank's head start, so the second takes the lease and
+    the rest hear its new term instead of all trying at once."""
+    monkeypatch.setattr(lease_module, "HERD_DELAY", 0.3)  # wide steps: no race with the CPU
+    holder = leases.lease("holder", 10.0)
+    term = must_acquire(holder)
+    ghost = leases.lease("ghost", 10.0)
+    assert ghost.acquire().term is None  # first in line, and named by the release
+    winners, _ = _run_followers(leases, 6, 10.0)
+    time.sleep(0.2)
+    admin = leases.client()
+    before = _evalsha_calls(admin)
+    assert holder.release(term)
+    wait_for(lambda: winners, 5, what="a new holder")
+    time.sleep(1.0)  # past the head start of the third in line and more
+    assert winners == ["f0"], "the next in line takes over"
+    assert _evalsha_calls(admin) - before == 2, "the release and one acquire: no herd"
 
 
 def test_a_release_skips_waiters_the_holder_sees_dead(leases: Leases) -> None:
