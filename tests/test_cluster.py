@@ -8,16 +8,22 @@ their own records, as ``check_terms`` and the chaos soak do.
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
+from celery import Celery
+from support.redis_server import RedisServer, make_tls_files
 from support.workers import Fleet, Records, check_terms, wait_for
 from test_operations import cli
 
+from celery_stoker import dump, whereis
 from celery_stoker.connection import redis_client
 from celery_stoker.keys import lease_key, stoker_channel, token_key
 from celery_stoker.lease import Holder, RedisLease
@@ -42,6 +48,24 @@ def cluster_fleet(fleets: Callable[..., Fleet], cluster: RedisCluster) -> Callab
         return fleets("solo", ttl=ttl, STOKER_TEST_URL=cluster.url, STOKER_TEST_CLUSTER="1", **env)
 
     return make
+
+
+@pytest.fixture
+def tls_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A six-node cluster that speaks TLS only (clients, bus, replication), its own CA."""
+    cluster = RedisCluster(tls=make_tls_files(tmp_path / "tls"))
+    cluster.start()
+    yield cluster
+    cluster.close()
+
+
+def operator_app(broker: RedisServer, stoker_url: str) -> Celery:
+    """An operator's process (a shell, a web app): same broker, the cluster as stoker_url."""
+    app = Celery("operator", broker=broker.url_for(0))
+    app.conf.update(
+        stoker_url=stoker_url, stoker_transport_options={"cluster": True}, stoker_lease_ttl=TTL
+    )
+    return app
 
 
 def holders(cluster: RedisCluster, names: list[str]) -> dict[str, str | None]:
@@ -121,7 +145,10 @@ def test_lease_on_a_cluster_wakes_by_shard_channel_follows_a_moved_slot_and_fenc
 
 
 def test_three_workers_elect_one_leader_per_stoker_and_fail_over(
-    cluster_fleet: Callable[..., Fleet], cluster: RedisCluster, records: Records
+    cluster_fleet: Callable[..., Fleet],
+    cluster: RedisCluster,
+    records: Records,
+    redis_server: RedisServer,
 ) -> None:
     fleet = cluster_fleet(STOKER_TEST_TIMER="0.2", STOKER_TEST_EXTRA_STOKERS=str(EXTRA))
     workers = [fleet.start(f"w{i}@%h") for i in (1, 2, 3)]
@@ -136,6 +163,28 @@ def test_three_workers_elect_one_leader_per_stoker_and_fail_over(
     assert set(led.values()) <= nodes
     first = wait_for(lambda: records.of("now_leader"), 30, what="first leader")[0]
     wait_for(lambda: len(records.of("timer")) >= 2, 30, what="timers")
+
+    # The operator's looks against the cluster-backed stoker_url: the Python API from
+    # another process's app, and the command line's JSON, name the leader.
+    app = operator_app(redis_server, cluster.url)
+    assert whereis(app, "recorder") == first.host
+    assert whereis(app, "idle-0") == led["idle-0"]
+    view = wait_for(
+        lambda: (d := dump(app, "recorder", timeout=2.0))["workers"].keys() == nodes and d,
+        30,
+        interval=0.3,
+        what="a dump with every worker",
+    )
+    assert (view["leader"], view["token"]) == (first.host, first.token)
+    assert view["workers"][first.host]["state"] == "leader"
+    assert sorted(view["followers"]) == sorted(nodes - {first.host})
+    out = cli(fleet, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    by_name = {v["name"]: v for v in json.loads(out.stdout)}
+    assert set(by_name) == set(names)
+    assert by_name["recorder"]["leader"] == first.host
+    assert by_name["recorder"]["token"] == first.token
+    assert {n: by_name[n]["leader"] for n in names} == holders(cluster, names)
 
     fleet.by_node(first.host).sigterm()
     stopped_at = time.time()
@@ -154,6 +203,49 @@ def test_three_workers_elect_one_leader_per_stoker_and_fail_over(
     )[0]
     assert third.at - killed_at <= TTL + RENEW + 0.5, f"took {third.at - killed_at:.3f}s"
     assert third.host not in (first.host, second.host)
+    check_terms(records.events())
+
+
+def test_a_tls_cluster_in_celerys_url_forms_elects_and_hands_over(
+    fleets: Callable[..., Fleet],
+    tls_cluster: RedisCluster,
+    records: Records,
+    redis_server: RedisServer,
+) -> None:
+    """``rediss://<node>?ssl_cert_reqs=required&ssl_ca_certs=...`` and Celery's
+    ``ssl_cert_reqs=CERT_NONE``: every node the cluster client discovers speaks TLS only,
+    so the lease, the token and the shard announcement of a release all go over TLS."""
+    assert tls_cluster.url.startswith("rediss://")
+    host, port = tls_cluster.running[0].address
+    ca = quote(str(tls_cluster.tls.ca_cert), safe="") if tls_cluster.tls else ""
+    required = f"rediss://{host}:{port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+    cert_none = f"rediss://{host}:{port}/0?ssl_cert_reqs=CERT_NONE"
+    verified = fleets(STOKER_TEST_URL=required, STOKER_TEST_CLUSTER="1", STOKER_TEST_TIMER="0.2")
+    unverified = fleets(STOKER_TEST_URL=cert_none, STOKER_TEST_CLUSTER="1")
+    w1 = verified.start("w1@%h").wait_ready()
+    first = wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")[0]
+    assert first.host == w1.node
+    wait_for(lambda: records.of("timer"), 30, what="w1's timer")
+    assert holders(tls_cluster, ["recorder"]) == {"recorder": w1.node}
+    client = tls_cluster.client()
+    try:
+        assert int(client.get(token_key("stoker", "recorder")) or 0) == first.token
+    finally:
+        client.close()
+    for url in (required, cert_none):
+        assert whereis(operator_app(redis_server, url), "recorder") == w1.node
+
+    w2 = unverified.start("w2@%h").wait_ready()
+    wait_for(lambda: "following" in w2.log(), 30, what="w2 follows")
+    w1.sigterm()
+    stopped_at = time.time()
+    second = wait_for(
+        lambda: [r for r in records.of("now_leader") if r.host == w2.node], 10, what="w2 leads"
+    )[0]
+    # Heard the release on its shard channel (over TLS), not the lease expiry.
+    assert second.at - stopped_at < 1.0, f"handover took {second.at - stopped_at:.3f}s"
+    assert second.token > first.token
+    assert holders(tls_cluster, ["recorder"]) == {"recorder": w2.node}
     check_terms(records.events())
 
 

@@ -13,11 +13,16 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 from support.workers import ROOT, wait_for
+
+from celery_stoker.keys import lease_key, token_key
+from celery_stoker.lease import Holder
+from celery_stoker.testing.redis_cluster import RedisCluster
 
 pytestmark = [
     pytest.mark.workers,
@@ -26,6 +31,7 @@ pytestmark = [
 
 MARKER = "STOKER_DEMO_TEST_RUN"
 TTL = 2.0  # the demo's default
+PREFIX, TICKER = "stoker-demo", "demo.ticker"  # the demo app's key prefix and Stoker
 ROW = re.compile(
     r"^\W*(SIGTERM|SIGKILL) \((?:clean stop|crash)\)\W+(\d+)[^│|]*\W+(-|[\d.]+ s)\W+(-|[\d.]+ s)"
 )
@@ -87,6 +93,44 @@ def test_demo_runs_failovers_prints_a_summary_and_leaves_nothing_behind() -> Non
     kill_worst = seconds(kill_max)
     if int(kill_count):
         assert kill_worst is not None and kill_worst <= TTL * 4 / 3 + 0.5, out
+    assert "every process the demo started has stopped" in out
+    assert processes_with(run_id) == []
+
+
+def test_demo_with_its_leases_on_a_redis_cluster(stoker_redis_cluster: RedisCluster) -> None:
+    """``--stoker-url <a cluster node> --cluster``: the broker stays the embedded Valkey,
+    the leases live in the cluster, and the failovers are as quick as on one Redis."""
+    cluster = stoker_redis_cluster
+    run_id = uuid.uuid4().hex
+    started = time.monotonic()
+    proc = demo(
+        run_id, "--stoker-url", cluster.url, "--cluster", "--duration", "5", "--interval", "2"
+    )
+    try:
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    print(out, f"\n(the demo ran {time.monotonic() - started:.1f} s)")
+    assert proc.returncode == 0, out
+    assert f"leases on {cluster.url} (a Redis Cluster)" in out
+    rows = {m.group(1): m.groups()[1:] for m in map(ROW.match, out.splitlines()) if m}
+    assert set(rows) == {"SIGTERM", "SIGKILL"}, out
+    term_count, _, term_max = rows["SIGTERM"]
+    assert int(term_count) >= 1, out
+    term_worst = seconds(term_max)
+    assert term_worst is not None and term_worst < 1.0, out
+    # The demo's Stoker kept its fencing counter (and its last lease) in the cluster.
+    client = cluster.client()
+    try:
+        token = int(client.get(token_key(PREFIX, TICKER)) or 0)
+        raw = client.get(lease_key(PREFIX, TICKER))
+    finally:
+        client.close()
+    assert token > 0, "no fencing counter of demo.ticker in the cluster"
+    if raw is not None:  # the last leader stopped cleanly: released, or expiring
+        holder = Holder.parse(raw, None)
+        assert holder.token is not None and holder.token <= token
     assert "every process the demo started has stopped" in out
     assert processes_with(run_id) == []
 

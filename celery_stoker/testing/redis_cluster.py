@@ -10,6 +10,11 @@ test), joined by ``redis-cli --cluster create ... --cluster-replicas 1``.
 Each node also gets its own cluster-bus port (``--cluster-port``): the default, port + 10000,
 may lie beyond 65535 for a port the kernel chose.  Every process is registered with the
 reaper, like any ``RedisServer``, so nothing outlives the interpreter.
+
+``RedisCluster(tls=make_tls_files(dir))`` starts a cluster that speaks TLS only, as a managed
+"cluster mode with in-transit encryption" does: clients, the cluster bus and replication
+(``--tls-port`` with ``--port 0``, ``--tls-cluster yes``, ``--tls-replication yes``), so the
+node addresses a client discovers are TLS ports and every connection to them must be TLS.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 import redis
 from redis.cluster import key_slot
 
-from .redis_server import HOST, RedisProcessError, RedisServer, free_port
+from .redis_server import HOST, RedisProcessError, RedisServer, TlsFiles, free_port
 
 __all__ = ["ClusterNode", "RedisCluster", "slot_of"]
 
@@ -38,8 +43,10 @@ def slot_of(key: str) -> int:
 class ClusterNode(RedisServer):
     """One cluster-enabled ``redis-server``: its own bus port and its own nodes.conf."""
 
-    def __init__(self, *, node_timeout_ms: int, binary: str | None = None) -> None:
-        super().__init__(binary=binary)
+    def __init__(
+        self, *, node_timeout_ms: int, binary: str | None = None, tls: TlsFiles | None = None
+    ) -> None:
+        super().__init__(binary=binary, tls=tls)
         self.node_timeout_ms = node_timeout_ms
         self.bus_port: int | None = None
         self._revive = False
@@ -51,7 +58,7 @@ class ClusterNode(RedisServer):
         if not (self.bus_port is not None and self._port == port and self._revive):
             self.bus_port = free_port()
         self._revive = False
-        return [
+        args = [
             *super()._command(port),
             "--cluster-enabled", "yes",
             "--cluster-config-file", str(self.tmpdir / "nodes.conf"),
@@ -60,6 +67,9 @@ class ClusterNode(RedisServer):
             # A replica of a primary that died a moment ago may still be promoted.
             "--cluster-replica-validity-factor", "0",
         ]  # fmt: skip
+        if self.tls is not None:  # the bus and replication too; nodes announce their TLS port
+            args += ["--tls-cluster", "yes", "--tls-replication", "yes"]
+        return args
 
     def node_id(self) -> str:
         return str(self._command_reply("CLUSTER", "MYID"))
@@ -95,13 +105,22 @@ class RedisCluster:
     """
 
     def __init__(
-        self, *, primaries: int = 3, node_timeout_ms: int = 1000, binary: str | None = None
+        self,
+        *,
+        primaries: int = 3,
+        node_timeout_ms: int = 1000,
+        binary: str | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
+        """``tls`` (see :func:`~celery_stoker.testing.redis_server.make_tls_files`): every
+        node speaks TLS only, on its clients' port, its cluster bus and its replication link,
+        and :attr:`url` is a ``rediss://`` URL that verifies the nodes against that CA."""
         if primaries < 3:
             raise ValueError("a Redis Cluster needs at least three primaries")
         self.node_timeout_ms = node_timeout_ms
+        self.tls = tls
         self.nodes = [
-            ClusterNode(node_timeout_ms=node_timeout_ms, binary=binary)
+            ClusterNode(node_timeout_ms=node_timeout_ms, binary=binary, tls=tls)
             for _ in range(primaries * 2)
         ]
         self._cli = shutil.which("redis-cli") or shutil.which("valkey-cli")
@@ -116,6 +135,8 @@ class RedisCluster:
                 node.start()
             addresses = [f"{HOST}:{node.port}" for node in self.nodes]
             command = [self._cli, "--cluster", "create", *addresses]
+            if self.tls is not None:
+                command[1:1] = ["--tls", "--cacert", str(self.tls.ca_cert)]
             created = subprocess.run(
                 [*command, "--cluster-replicas", "1", "--cluster-yes"],
                 capture_output=True,
@@ -164,6 +185,8 @@ class RedisCluster:
         from redis.cluster import ClusterNode as Startup
 
         options: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 2.0}
+        if self.tls is not None:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls.ca_cert))
         options.update(kwargs)
         return redis.RedisCluster(
             startup_nodes=[Startup(HOST, node.port) for node in self.running], **options

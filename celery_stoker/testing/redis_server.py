@@ -69,7 +69,9 @@ def make_tls_files(directory: str | Path, hosts: Sequence[str] = (HOST, "localho
     certificates must see a chain it can verify (``ssl_ca_certs=<ca_cert>``) or one it
     cannot (no CA given), so the test owns its CA.  Keys are P-256 (fast to make); the
     extensions are the ones a strict verifier wants (a critical CA basic constraint, the
-    leaf's key identifiers and its names as subjectAltName).  Valid for two days.
+    leaf's key identifiers and its names as subjectAltName).  The leaf may also serve as a
+    client certificate: a TLS cluster's nodes present it to each other on the cluster bus,
+    which always asks for one.  Valid for two days.
     """
     openssl = shutil.which("openssl")
     if openssl is None:
@@ -85,7 +87,7 @@ def make_tls_files(directory: str | Path, hosts: Sequence[str] = (HOST, "localho
     extensions.write_text(
         "basicConstraints=critical,CA:FALSE\n"
         "keyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=serverAuth\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
         "subjectKeyIdentifier=hash\n"
         "authorityKeyIdentifier=keyid,issuer\n"
         f"subjectAltName={names}\n"
