@@ -26,7 +26,7 @@ import time
 import redis
 
 from . import scripts
-from .keys import channel_for
+from .keys import CLUSTER_HINT, channel_for
 
 logger = logging.getLogger("celery_stoker.activator")
 
@@ -139,6 +139,10 @@ class AccessCheck:
         #: The server's ``maxmemory-policy`` once read (None: not read, or not allowed).
         self.policy: str | None = None
         self._policy_checked = False
+        #: Set when ``stoker_url`` names a Redis Cluster node but the client is a plain
+        #: one (``cluster`` missing from the transport options): the scripts of every
+        #: Stoker whose slot lives elsewhere would be refused with MOVED.
+        self.mode_error: str | None = None
 
     def refused(self) -> tuple[str, ...]:
         """The commands this user may not run (empty: all allowed); asks Redis when due.
@@ -148,6 +152,9 @@ class AccessCheck:
         with self._lock:
             if not self._policy_checked:
                 self._check_policy()
+                self._check_mode()
+            if self.mode_error is not None:
+                return ("cluster mode",)
             if self._ok:
                 return ()
             if time.monotonic() - self._checked_at < RECHECK_INTERVAL:
@@ -190,6 +197,8 @@ class AccessCheck:
 
     def describe(self) -> str:
         """The fault as ``health`` shows it."""
+        if self.mode_error is not None:
+            return self.mode_error
         return f"NOPERM: the Redis user may not run {', '.join(self._refused)} (see the log)"
 
     def _check_policy(self) -> None:
@@ -222,6 +231,25 @@ class AccessCheck:
                 if policy.startswith("volatile")
                 else "the lease, the state and the token counter",
             )
+
+    def _check_mode(self) -> None:
+        """Refuse a Redis Cluster node reached with a plain client, once, saying the fix."""
+        if self.cluster:
+            return
+        try:
+            enabled = str(self.client.info("cluster").get("cluster_enabled", 0)) == "1"
+        except redis.ResponseError:  # INFO refused (checked by the probe) or not supported
+            return
+        if not enabled:
+            return
+        self.mode_error = CLUSTER_HINT
+        logger.error(
+            "celery-stoker: %s names a node of a Redis Cluster, but celery-stoker was not "
+            "told: the lease scripts of every Stoker whose slot lives on another node would "
+            'be refused (MOVED). Set stoker_transport_options = {"cluster": True}; no '
+            "Stoker is elected on this worker until then",
+            self.masked_url or "stoker_url",
+        )
 
     def _probe(self) -> tuple[str, ...]:
         key = probe_key(self.prefix)

@@ -21,6 +21,7 @@ from celery.worker.control import inspect_command
 
 from .connection import mask_url, redis_client
 from .keys import (
+    CLUSTER_HINT,
     POKE,
     WAKE,
     channel_for,
@@ -59,6 +60,8 @@ class StokerRedisError(redis.RedisError):
         cause = _scrub(f"{type(exc).__name__}: {exc}", settings.url)
         if isinstance(exc, redis.TimeoutError):
             cause += f" (no answer within {_socket_timeout(settings):g} s)"
+        elif isinstance(exc, redis.exceptions.MovedError):
+            cause += f" ({CLUSTER_HINT})"
         super().__init__(f"cannot use the Stoker Redis at {settings.masked_url}: {cause}")
         self.url = settings.masked_url
 
@@ -138,6 +141,8 @@ def _holder(client: redis.Redis, settings: StokerSettings, name: str) -> Holder 
     try:
         raw = client.get(key)
         pttl = client.pttl(key) if raw is not None else None
+    except redis.exceptions.MovedError:
+        raise  # a cluster node read with a plain client: not a foreign value
     except redis.ResponseError as exc:
         return Holder.foreign_error(exc)
     if raw is None:

@@ -40,6 +40,12 @@ POKE = "poke"  # an operator asks the holder to renew now and hear why
 WAKE = "wake"  # waiters should look again (undrain)
 
 
+#: What a Redis Cluster node reached with a plain client means, and the fix.
+CLUSTER_HINT = (
+    'stoker_url is a Redis Cluster node: set stoker_transport_options = {"cluster": True}'
+)
+
+
 def lease_key(prefix: str, name: str) -> str:
     """The key of ``name``'s lease; braces keep one Stoker's keys in one Cluster slot."""
     return f"{prefix}:{{{name}}}:lease"

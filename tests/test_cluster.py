@@ -426,3 +426,24 @@ def test_the_readme_cluster_acl_is_enough_and_a_missing_spublish_is_named(
         assert access.AccessCheck(client, "stoker").refused() == ("spublish",)
     finally:
         client.close()
+
+
+def test_a_cluster_node_without_the_cluster_option_is_refused_saying_the_fix(
+    fleets: Callable[..., Fleet], cluster: RedisCluster, records: Records
+) -> None:
+    """``stoker_url`` names a cluster node but ``cluster`` is not set: the worker elects
+    nothing and says what to set (instead of Stokers whose slot lives elsewhere failing
+    with MOVED), and ``celery stoker status`` exits with the same fix on one line."""
+    owner = cluster.slot_owner(slot_of(LEASE))
+    elsewhere = next(p for p in cluster.primaries() if p is not owner)
+    fleet = fleets("solo", STOKER_TEST_URL=f"redis://127.0.0.1:{elsewhere.port}/0")
+    worker = fleet.start("plain@%h").wait_ready()
+    wait_for(
+        lambda: "names a node of a Redis Cluster" in worker.log(), 30, what="the start-up error"
+    )
+    out = cli(fleet, "status")
+    assert out.returncode == 1, out.stdout
+    assert 'set stoker_transport_options = {"cluster": True}' in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert not records.of("now_leader"), "nothing is elected on a misconfigured worker"
+    assert worker.log().count("names a node of a Redis Cluster") == 1, "said once"
