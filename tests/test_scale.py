@@ -15,6 +15,8 @@ import pytest
 from support.redis_server import RedisServer
 from support.workers import Fleet, wait_for
 
+from celery_stoker.keys import reports_key
+
 pytestmark = pytest.mark.workers
 
 
@@ -35,18 +37,20 @@ def _measure(
         what=f"{stokers} leases held",
     )
     wait_for(lambda: " ready." in worker.log(), 30, what="the worker ready")
-    # Every Stoker ran its now_leader (pool processes connected), then settle.
-    wait_for(
-        lambda: (
-            len(client.keys("stoker:{*}:state")) >= 1
-            and client.llen("stoker:reports:" + worker.node) == 0
-        ),
-        30,
-        what="events ran",
-    )
+
+    # Every Stoker ran its now_leader (both pool processes connected) and the pump
+    # read every report: nothing is still starting when the count is taken.
+    def settled() -> bool:
+        ran = sum(
+            client.hget(key, "last_event") is not None for key in client.keys("stoker:{*}:info")
+        )
+        return ran == stokers and client.llen(reports_key("stoker", worker.node)) == 0
+
+    wait_for(settled, 60, what="every Stoker's now_leader ran and reported")
     own = client.client_id()
     connections = [c for c in client.client_list() if int(c["id"]) != own]
     threads = len(list(Path(f"/proc/{worker.pid}/task").iterdir()))
+    client.close()  # else the next measure counts this test's own connection
     worker.sigterm()
     worker.wait_exit(30)
     lease_redis.flushall()
