@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 from celery import Celery
 from support.redis_server import RedisServer
-from support.workers import Fleet, Records, wait_for
+from support.workers import Fleet, Records, WorkerProcess, wait_for
 
 from celery_stoker.keys import token_key
 
@@ -121,6 +121,16 @@ def test_a_hard_time_limit_still_holds_while_the_leader_worker_stops(
     assert taken.started - fault["at"] <= hard_limit + 2.5
 
 
+def _paused_until_logged(server: RedisServer, worker: WorkerProcess, line: str) -> float:
+    """Pause ``server`` until ``worker`` logs ``line``; resume it and say when."""
+    server.pause()
+    try:
+        wait_for(lambda: line in worker.log(), 10, what=f"{line!r} on the paused Redis")
+    finally:
+        server.resume()
+    return time.time()
+
+
 def test_a_now_leader_that_cannot_reach_redis_is_sent_again(
     fleets: Fleets, records: Records, redis_server: RedisServer, make_redis_server: Callable
 ) -> None:
@@ -162,30 +172,12 @@ def test_a_now_leader_that_cannot_reach_redis_is_sent_again(
     # Redis hangs from just before the pool slot frees until well after the pool
     # process's read of the lease gave up (its socket timeout is 2 s).
     time.sleep(free_at - 0.5 - time.monotonic())
-    lease.pause()
-    try:
-        wait_for(
-            lambda: "Redis unreachable while running now_leader" in w1.log(),
-            10,
-            what="now_leader failing on the paused Redis",
-        )
-    finally:
-        lease.resume()
-    resumed = time.time()
+    resumed = _paused_until_logged(lease, w1, "Redis unreachable while running now_leader")
     first = wait_for(lambda: records.of("now_leader"), 8, what="now_leader sent again")[0]
     assert first.started >= resumed - 0.5
     wait_for(lambda: records.of("timer"), 5, what="the term's timers")
     # The same mid-term: a timer that cannot reach Redis armed no next one.
-    lease.pause()
-    try:
-        wait_for(
-            lambda: "Redis unreachable while running timer" in w1.log(),
-            10,
-            what="a timer failing on the paused Redis",
-        )
-    finally:
-        lease.resume()
-    resumed = time.time()
+    resumed = _paused_until_logged(lease, w1, "Redis unreachable while running timer")
     wait_for(
         lambda: [r for r in records.of("timer") if r.started >= resumed - 0.5],
         5,
