@@ -92,7 +92,7 @@ def redis_client(
     connection), so a worker's connections do not grow with its Stokers.
     """
     options = dict(transport_options or {})
-    if options.get("cluster"):
+    if is_cluster(options):
         return cluster_client(
             url,
             socket_timeout=socket_timeout,
