@@ -45,10 +45,6 @@ class Scope:
     app: str
     prefixes: frozenset[str]
 
-    def covers(self, app: str, prefix: str | None) -> bool:
-        """True when this worker runs ``app``'s Stokers under ``prefix`` (any shared, if None)."""
-        return self.app == app and (prefix is None or prefix in self.prefixes)
-
     @classmethod
     def of_event_fields(cls, raw: Any) -> Scope | None:
         """The scope a worker announced (None: it announced none, or not in our form)."""
