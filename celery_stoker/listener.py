@@ -100,6 +100,9 @@ class LeaseListener:
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
         self._changed = False  # a Stoker registered: subscribe to its shard channel
+        #: On a Redis Cluster: the Stoker each shard channel asked for belongs to, so a
+        #: subscription confirmation wakes its waiters without a pass over every Stoker.
+        self._shard_names: dict[str, str] = {}
 
     def start(self, wait_subscribed: float = 1.0) -> None:
         """Start listening; wait up to ``wait_subscribed`` for the subscription to be live."""
@@ -161,13 +164,11 @@ class LeaseListener:
         if isinstance(shard_channel, bytes):
             shard_channel = shard_channel.decode(errors="replace")
         with self._lock:
-            waiters = [
-                w
-                for name, group in self._waiters.items()
-                if shard_channel is None
-                or (self.shard_channel is not None and self.shard_channel(name) == shard_channel)
-                for w in group
-            ]
+            if shard_channel is None:
+                waiters = [w for group in self._waiters.values() for w in group]
+            else:
+                name = self._shard_names.get(shard_channel)
+                waiters = list(self._waiters.get(name, ())) if name is not None else []
         for waiter in waiters:
             waiter.notify("reconnected", 0)
 
@@ -249,7 +250,11 @@ class LeaseListener:
         assert self.shard_channel is not None
         with self._lock:
             self._changed = False
-            wanted = {self.shard_channel(name) for name, group in self._waiters.items() if group}
+            channels = {
+                self.shard_channel(name): name for name, group in self._waiters.items() if group
+            }
+            self._shard_names.update(channels)
+        wanted = set(channels)
         new = sorted(wanted - subscribed)
         if new:
             pubsub.ssubscribe(*new)
