@@ -26,6 +26,7 @@ import time
 import redis
 
 from . import scripts
+from .connection import is_cluster_client
 from .keys import CLUSTER_HINT, channel_for
 
 logger = logging.getLogger("celery_stoker.activator")
@@ -131,7 +132,7 @@ class AccessCheck:
         self.client = client
         self.prefix = prefix
         self.masked_url = masked_url
-        self.cluster = isinstance(client, redis.RedisCluster)
+        self.cluster = is_cluster_client(client)
         self._lock = threading.Lock()
         self._ok = False
         self._refused: tuple[str, ...] = ()

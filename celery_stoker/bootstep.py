@@ -143,10 +143,12 @@ class StokerStep(bootsteps.StartStopStep):
         for name, spec in self.registry.items():
             settings = self.settings[name]
             client = self._client(settings.url, settings.socket_timeout, settings)
-            access = self.access_checks.setdefault(
-                (settings.url, settings.key_prefix),
-                AccessCheck(client, settings.key_prefix, masked_url=settings.masked_url),
-            )
+            key = (settings.url, settings.key_prefix)
+            if key not in self.access_checks:
+                self.access_checks[key] = AccessCheck(
+                    client, settings.key_prefix, masked_url=settings.masked_url
+                )
+            access = self.access_checks[key]
             activator = Activator(
                 self.app,
                 spec,

@@ -133,6 +133,11 @@ def is_cluster(transport_options: Mapping[str, Any] | None) -> bool:
     return bool((transport_options or {}).get("cluster"))
 
 
+def is_cluster_client(client: Any) -> bool:
+    """True for a client of a Redis Cluster (keys must share a slot; pub/sub is sharded)."""
+    return isinstance(client, redis.RedisCluster)
+
+
 def cluster_client(
     url: str,
     *,

@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 from celery.worker.control import inspect_command
 
-from .connection import mask_url, redis_client
+from .connection import is_cluster_client, mask_url, redis_client
 from .keys import (
     CLUSTER_HINT,
     POKE,
@@ -442,7 +442,7 @@ def announce(client: redis.Redis, prefix: str, name: str, kind: str) -> None:
     The prefix's channel on a single Redis; on a Redis Cluster the Stoker's own
     shard channel (``SPUBLISH``, routed to the shard that holds its slot).
     """
-    sharded = isinstance(client, redis.RedisCluster)
+    sharded = is_cluster_client(client)
     channel, _ = channel_for(prefix, name, sharded=sharded)
     if sharded:
         client.spublish(channel, message(kind, name))

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import redis
 
 from .access import AccessCheck
+from .connection import is_cluster_client
 from .lease import Holder, RedisLease, Term
 from .metrics import NO_METRICS, MetricsHooks
 from .settings import StokerSettings
@@ -442,7 +443,7 @@ class Election:
             # wait the whole TTL.
             uptime = (
                 0.0
-                if isinstance(self.client, redis.RedisCluster)
+                if is_cluster_client(self.client)
                 else float(self.client.info("server").get("uptime_in_seconds", 0))
             )
         except (redis.RedisError, OSError, ValueError):

@@ -44,6 +44,7 @@ from typing import Protocol
 import redis
 
 from . import scripts
+from .connection import is_cluster_client
 from .keys import (
     ACQUIRED,
     POKE,
@@ -242,7 +243,7 @@ class RedisLease:
         self.waiters_key = waiters_key(key_prefix, name)
         #: On a Redis Cluster the Stoker's own shard channel (SPUBLISH), else the prefix's.
         self.channel, self.publish_command = channel_for(
-            key_prefix, name, sharded=isinstance(client, redis.RedisCluster)
+            key_prefix, name, sharded=is_cluster_client(client)
         )
         #: Set by :meth:`renew` when the holder was asked to step down instead:
         #: ("drain", None) or ("handoff", worker or None).

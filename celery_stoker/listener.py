@@ -262,11 +262,10 @@ class LeaseListener:
         elif not wanted:
             self._subscribed.set()  # nothing to listen to yet: nothing is missed
 
-    @staticmethod
-    def _sharded_message(pubsub: Any, subscribed: set[str]) -> dict[str, Any] | None:
+    def _sharded_message(self, pubsub: Any, subscribed: set[str]) -> dict[str, Any] | None:
         """The next message of any node's connection; waits 0.25 s in all when none has one."""
         if not subscribed:
-            time.sleep(0.25)
+            self._stopping.wait(0.25)  # a stop is not kept waiting
             return None
         nodes = max(1, len(getattr(pubsub, "node_pubsub_mapping", {}) or {}))
         message: dict[str, Any] | None = pubsub.get_sharded_message(timeout=0.25 / nodes)
