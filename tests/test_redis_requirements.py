@@ -214,6 +214,31 @@ def test_a_command_taken_away_while_leading_steps_down_and_both_recover(
     check_terms(records.events())
 
 
+@pytest.mark.workers
+def test_reports_refused_while_leading_are_said_once(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
+) -> None:
+    """LPUSH taken away: every event's report is refused; said once per end, not per event."""
+    url = create_user(redis_server, readme_acl_line())
+    fleet = fleets("solo", STOKER_TEST_URL=url, STOKER_TEST_TIMER="0.25")
+    w1 = fleet.start("w1@%h")
+    wait_for(lambda: len(records.of("timer")) >= 2, 30, what="w1 leads")
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "stoker", "-lpush")
+    revoked = records.events()[-1].at
+    wait_for(
+        lambda: len([r for r in records.of("timer") if r.at > revoked]) >= 5,
+        30,
+        what="five timers without their reports",
+    )
+    log = w1.log()
+    assert log.count("could not report the end of timer") == 1, log
+    assert log.count("its report never arrived") == 1, log
+    admin.execute_command("ACL", "SETUSER", "stoker", "+lpush")
+    wait_for(lambda: "report their end again" in w1.log(), 20, what="reports again")
+    check_terms(records.events())
+
+
 # ------------------------------------------------------ election errors shown
 
 
