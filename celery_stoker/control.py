@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 from celery.worker.control import inspect_command
 
-from .connection import mask_url, redis_client
+from .connection import mask_url, redis_client, tls_timeout_hint
 from .keys import (
     CLUSTER_HINT,
     POKE,
@@ -60,6 +60,7 @@ class StokerRedisError(redis.RedisError):
         cause = _scrub(f"{type(exc).__name__}: {exc}", settings.url)
         if isinstance(exc, redis.TimeoutError):
             cause += f" (no answer within {_socket_timeout(settings):g} s)"
+            cause += tls_timeout_hint(settings.url, exc)
         elif isinstance(exc, redis.exceptions.MovedError):
             cause += f" ({CLUSTER_HINT})"
         super().__init__(f"cannot use the Stoker Redis at {settings.masked_url}: {cause}")

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import redis
 
 from .access import AccessCheck
+from .connection import tls_timeout_hint
 from .lease import Holder, RedisLease, Term
 from .metrics import NO_METRICS, MetricsHooks
 from .settings import StokerSettings
@@ -680,11 +681,12 @@ class Election:
         if self._redis_down_since is None:
             self._redis_down_since = time.monotonic()
             logger.warning(
-                "Stoker %s: Redis at %s unreachable (%s: %s); retrying with backoff",
+                "Stoker %s: Redis at %s unreachable (%s: %s%s); retrying with backoff",
                 self.name,
                 self.settings.masked_url,
                 exc.__class__.__name__,
                 exc,
+                tls_timeout_hint(self.settings.url, exc),
             )
 
     def _redis_back(self) -> None:
