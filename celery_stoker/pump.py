@@ -599,11 +599,11 @@ class EventPump:
                     # Every event of the outage ends so (an ACL without LPUSH, OOM):
                     # say it once, not per event.
                     with self._cond:
-                        lane = self._lanes.get(name)
-                        if lane is not None:
-                            if lane.report_missing:
+                        missing_lane = self._lanes.get(name)
+                        if missing_lane is not None:
+                            if missing_lane.report_missing:
                                 log = logger.debug
-                            lane.report_missing = True
+                            missing_lane.report_missing = True
                 log(
                     "Stoker %s: the %s event %s; carrying on",
                     name,
