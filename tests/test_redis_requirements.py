@@ -239,6 +239,37 @@ def test_reports_refused_while_leading_are_said_once(
     check_terms(records.events())
 
 
+@pytest.mark.workers
+def test_a_lease_channel_refused_by_the_acl_is_said_once_without_reconnecting(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
+) -> None:
+    """The channel pattern taken away: Redis drops the listener, and its SUBSCRIBE is refused.
+
+    The listener said "lost Redis (ConnectionError ...)", then reconnected (a new
+    connection, AUTH and a refused SUBSCRIBE) every 0.5 s and at every lease
+    command, forever, without a word of NOPERM.
+    """
+    url = create_user(redis_server, readme_acl_line())
+    fleet = fleets("solo", STOKER_TEST_URL=url, STOKER_TEST_TIMER="0.25")
+    w1 = fleet.start("w1@%h")
+    wait_for(lambda: len(records.of("timer")) >= 2, 30, what="w1 leads")
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "stoker", "resetchannels")
+
+    def said() -> list[str]:
+        return [ln for ln in w1.log().splitlines() if "may not subscribe" in ln]
+
+    line = wait_for(said, 20, what="the listener's NOPERM said")[0]
+    assert "ERROR" in line and "&<prefix>:*" in line, line
+    before = int(admin.info("stats")["total_connections_received"])
+    seen = len(records.of("timer"))
+    wait_for(lambda: len(records.of("timer")) >= seen + 8, 20, what="the leader carries on")
+    after = int(admin.info("stats")["total_connections_received"])
+    assert after - before <= 1, f"{after - before} new connections while refused"
+    assert len(said()) == 1
+    check_terms(records.events())
+
+
 # ------------------------------------------------------ election errors shown
 
 
