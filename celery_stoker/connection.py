@@ -65,6 +65,20 @@ def mask_url(url: str | None) -> str:
     return ";".join(_mask_one(part) for part in _NEXT_URL.split(url))
 
 
+def tls_timeout_hint(url: str, exc: BaseException) -> str:
+    """A note for a timeout on a ``rediss://`` URL ('' otherwise): TLS may be why.
+
+    A plain Redis waits for a command and never answers a TLS handshake, so a
+    ``rediss://`` URL naming a port without TLS shows only as a timeout.
+    """
+    if not isinstance(exc, redis.TimeoutError) or url_scheme(url) != "rediss":
+        return ""
+    return (
+        "; a rediss:// URL naming a port that does not speak TLS times out like this: "
+        "check the port, or use redis://"
+    )
+
+
 def url_scheme(url: str) -> str:
     """The scheme of ``url`` in lower case (``''`` when it has none)."""
     return url.split("://", 1)[0].lower() if "://" in url else ""

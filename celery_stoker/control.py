@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 from celery.worker.control import inspect_command
 
-from .connection import is_cluster_client, mask_url, redis_client
+from .connection import is_cluster_client, mask_url, redis_client, tls_timeout_hint
 from .keys import (
     CLUSTER_HINT,
     POKE,
@@ -60,6 +60,7 @@ class StokerRedisError(redis.RedisError):
         cause = _scrub(f"{type(exc).__name__}: {exc}", settings.url)
         if isinstance(exc, redis.TimeoutError):
             cause += f" (no answer within {_socket_timeout(settings):g} s)"
+            cause += tls_timeout_hint(settings.url, exc)
         elif isinstance(exc, redis.exceptions.MovedError):
             cause += f" ({CLUSTER_HINT})"
         super().__init__(f"cannot use the Stoker Redis at {settings.masked_url}: {cause}")
@@ -383,14 +384,18 @@ def drain(app: Celery, nodes: list[str], *, timeout: float = 10.0) -> dict[str, 
     """
     if not nodes:
         raise StokerOperationError("name at least one worker to drain")
+    marked: list[tuple[str, StokerSettings]] = []
     for prefix, settings in _prefixes(app).items():
         with talking_to(settings):
             client = client_for(settings)
-            mark_draining(client, prefix, _stoker_names(app, client, prefix), nodes, draining=True)
+            names = _stoker_names(app, client, prefix)
+            mark_draining(client, prefix, names, nodes, draining=True)
+        # Move what was marked: an operator's bare app registers no Stokers, and its
+        # drain found them in Redis (it poked none and said nothing moved).
+        marked += [(name, settings_for(app, name)) for name in names]
     moved: dict[str, Any] = {}
     deadline = time.monotonic() + timeout
-    for name in registry_of(app):
-        settings = settings_for(app, name)
+    for name, settings in marked:
         with talking_to(settings):
             move = _move_off(client_for(settings), settings, name, nodes, deadline)
         if move is not None:

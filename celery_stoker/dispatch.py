@@ -51,6 +51,8 @@ EVENT_MESSAGE_EXPIRES = 3600
 REPORTS_KEY_TTL_MS = 3_600_000
 #: Tries to push a report before leaving it to the pump to notice the finished task.
 REPORT_ATTEMPTS = 3
+#: The Stokers whose last report this process could not push (logged once per outage).
+_REPORT_REFUSED: set[str] = set()
 
 
 #: What became of an event: ``ok`` (ran, no error), ``error`` (a callback raised,
@@ -547,11 +549,16 @@ def register_dispatch_task(app: Celery) -> None:
             for attempt in range(REPORT_ATTEMPTS):
                 try:
                     report(resources.client(settings), key, outcome)
+                    _REPORT_REFUSED.discard(name)
                     break
                 except redis.RedisError as exc:
                     if attempt + 1 == REPORT_ATTEMPTS:
-                        logger.warning(
-                            "Stoker %s: could not report the end of %s: Redis refused (%s)",
+                        # Once per outage in this process: every event of it fails so.
+                        log = logger.debug if name in _REPORT_REFUSED else logger.warning
+                        _REPORT_REFUSED.add(name)
+                        log(
+                            "Stoker %s: could not report the end of %s: Redis refused (%s); "
+                            "said once until a report goes through",
                             name,
                             event,
                             exc,

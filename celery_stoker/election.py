@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import redis
 
 from .access import AccessCheck
-from .connection import is_cluster_client
+from .connection import is_cluster_client, tls_timeout_hint
 from .lease import Holder, RedisLease, Term
 from .metrics import NO_METRICS, MetricsHooks
 from .settings import StokerSettings
@@ -219,12 +219,6 @@ class Election:
                 else:
                     self._hold()
                 backoff = BACKOFF_START
-                self._last_error_text = None
-                if self.error is not None:
-                    logger.warning("Stoker %s: election working again", self.name)
-                    self.error = self.error_since = None
-                if self._redis_ok_at > (self._redis_down_since or float("inf")):
-                    self._redis_back()
             except REDIS_DOWN as exc:
                 self._redis_down(exc)
                 self._note_election_error(exc)
@@ -266,6 +260,22 @@ class Election:
         self._stop.wait(max(BACKOFF_MAX, self.access.retry_in()))
         return False
 
+    def _answered(self) -> None:
+        """A lease command was answered: the election works, so clear its fault now.
+
+        Cleared here, not at the end of a loop turn: a follower's turn lasts as long
+        as the leader keeps renewing (its wait moves with each renewal), so a fault
+        that ended would show in ``health`` until the leader changed; and a turn
+        that only stepped down (no command answered) is no sign of recovery.
+        """
+        self._redis_ok_at = time.monotonic()
+        self._last_error_text = None
+        if self.error is not None:
+            logger.warning("Stoker %s: election working again", self.name)
+            self.error = self.error_since = None
+        if self._redis_down_since is not None:
+            self._redis_back()
+
     def _note_election_error(self, exc: BaseException) -> None:
         self.error = f"{exc.__class__.__name__}: {exc}"
         if self.error_since is None:
@@ -293,7 +303,7 @@ class Election:
             self._stop.wait(1.0)  # the worker is stopping: never take the lease again
             return
         result = self.lease.acquire(min_token=self.highest_token)
-        self._redis_ok_at = time.monotonic()
+        self._answered()
         if result.term is not None:
             if self._stopping:
                 self._give_back(result.term)
@@ -540,7 +550,7 @@ class Election:
             return
         sent_at = time.monotonic()
         renewed = self.lease.renew(term)
-        self._redis_ok_at = time.monotonic()
+        self._answered()
         self.metrics.lease_renewed(self.name, self._redis_ok_at - sent_at)
         self._renew_at = self._redis_ok_at + self.settings.renew_interval
         if not renewed:
@@ -671,11 +681,12 @@ class Election:
         if self._redis_down_since is None:
             self._redis_down_since = time.monotonic()
             logger.warning(
-                "Stoker %s: Redis at %s unreachable (%s: %s); retrying with backoff",
+                "Stoker %s: Redis at %s unreachable (%s: %s%s); retrying with backoff",
                 self.name,
                 self.settings.masked_url,
                 exc.__class__.__name__,
                 exc,
+                tls_timeout_hint(self.settings.url, exc),
             )
 
     def _redis_back(self) -> None:

@@ -54,6 +54,9 @@ logger = logging.getLogger("celery_stoker.lease")
 #: (as the election's: every moment the listener is down, a release goes unheard).
 RECONNECT_START = 0.05
 RECONNECT_MAX = 0.5
+#: After the Redis user was refused the channel (an ACL without ``&<prefix>:*``), how
+#: long the listener waits before it tries again: no reconnect twice a second.
+PERMISSION_RETRY = 30.0
 
 
 class LeaseWaiter(Protocol):
@@ -174,7 +177,7 @@ class LeaseListener:
 
     def _run(self) -> None:
         backoff = RECONNECT_START
-        logged_down = False
+        logged_down: bool | str = False  # "noperm": refused by the ACL, said as such
         while not self._stopping.is_set():
             client = pubsub = None
             # A nudge before this attempt is answered by it; one during it (Redis answered
@@ -223,6 +226,23 @@ class LeaseListener:
                         self._dispatch(message["data"])
             except Exception as exc:  # Redis gone, or anything else: never a dead thread
                 self._subscribed.clear()
+                if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in str(exc):
+                    # Refused by the ACL, not lost: say so once, and do not reconnect
+                    # at every lease command meanwhile.
+                    if logged_down != "noperm":
+                        logger.error(
+                            "lease listener: the Redis user may not subscribe to %s (%s: %s); "
+                            "waiters fall back to lease expiry (handovers take up to one TTL) "
+                            "until it may: grant the channel pattern &<prefix>:* (README, "
+                            "Redis requirements); asked again every %.0f s",
+                            self.channel,
+                            exc.__class__.__name__,
+                            exc,
+                            PERMISSION_RETRY,
+                        )
+                        logged_down = "noperm"
+                    self._stopping.wait(PERMISSION_RETRY)
+                    continue
                 if not logged_down:
                     logger.warning(
                         "lease listener lost Redis (%s: %s); waiters fall back to lease "

@@ -81,6 +81,11 @@ LIMIT_GRACE = 1.0
 REDELIVERED = ("now_leader", "cluster_change")
 #: Backoff of a pump or report loop that hit an unexpected error.
 LOOP_BACKOFF_MAX = 5.0
+#: Why the watchdog ended an event that finished without a report.
+REPORT_MISSING = (
+    "finished, but its report never arrived (Redis refused or lost it; said once "
+    "until a report arrives again)"
+)
 
 _pumps: dict[str, EventPump] = {}
 _pumps_lock = threading.Lock()
@@ -162,6 +167,9 @@ class Lane:
     redis_retry: float = REDIS_RETRY_START
     idle: threading.Event = field(default_factory=threading.Event)
     send_error: str | None = None
+    #: An event ended without its report (Redis refused the pool's LPUSH): said once,
+    #: then quiet until a report arrives again.
+    report_missing: bool = False
 
 
 class EventPump:
@@ -285,6 +293,13 @@ class EventPump:
 
     def reported(self, outcome: Outcome) -> None:
         """A report arrived from the pool (any thread)."""
+        with self._cond:
+            lane = self._lanes.get(outcome.name)
+            was_missing = lane is not None and lane.report_missing
+            if lane is not None:
+                lane.report_missing = False
+        if was_missing:
+            logger.warning("Stoker %s: events report their end again", outcome.name)
         self._finish(outcome.name, outcome.token, outcome.seq, outcome)
 
     def celery_saw(
@@ -579,7 +594,17 @@ class EventPump:
                     overdue.append((name, inflight, outcome))
         for name, inflight, outcome in overdue:
             if outcome.kind == "error":  # (lost ones are logged by _finish)
-                logger.warning(
+                log = logger.warning
+                if outcome.error == REPORT_MISSING:
+                    # Every event of the outage ends so (an ACL without LPUSH, OOM):
+                    # say it once, not per event.
+                    with self._cond:
+                        missing_lane = self._lanes.get(name)
+                        if missing_lane is not None:
+                            if missing_lane.report_missing:
+                                log = logger.debug
+                            missing_lane.report_missing = True
+                log(
                     "Stoker %s: the %s event %s; carrying on",
                     name,
                     inflight.item.event,
@@ -656,7 +681,7 @@ class EventPump:
             # The timer keeps its last interval.
             return ended(
                 "error",
-                "finished, but its report never arrived (Redis refused or lost it)",
+                REPORT_MISSING,
                 timer_error=True,
             )
         if now - inflight.sent_at >= UNSEEN_TIMEOUT:

@@ -177,10 +177,21 @@ def resolve_url(conf: Any) -> tuple[str, dict[str, Any]]:
 
 
 def check_cluster(conf: Any, url: str, options: Mapping[str, Any]) -> None:
-    """``{"cluster": True}`` needs a URL naming one cluster node (redis:// or rediss://, db 0)."""
+    """``{"cluster": True}`` needs a URL naming one cluster node (redis:// or rediss://, db 0).
+
+    ``cluster`` must be a bool: a string read from the environment such as
+    ``"false"`` or ``"0"`` is truthy, and would silently turn cluster mode on.
+    """
+    options_name = setting_name(conf, "stoker_transport_options")
+    value = options.get("cluster")
+    if value is not None and not isinstance(value, bool):
+        raise StokerConfigurationError(
+            f"{options_name} has cluster={value!r}: it must be True (stoker_url names a node "
+            "of a Redis Cluster) or False; convert a value read from the environment to a "
+            "bool first"
+        )
     if not is_cluster(options):
         return
-    options_name = setting_name(conf, "stoker_transport_options")
     url_name = setting_name(conf, "stoker_url")
     scheme = url_scheme(url)
     if scheme == "sentinel":

@@ -136,3 +136,12 @@ def test_with_the_broker_down_the_table_says_the_workers_were_not_asked(
     assert out.returncode == 0, out.stderr
     (view,) = json.loads(out.stdout)
     assert view["workers"] == {} and "Connection refused" in view["workers_error"]
+
+
+def test_a_rediss_url_to_a_plain_port_is_bounded_and_says_tls(redis_server: RedisServer) -> None:
+    """A TLS handshake to a plain Redis gets no answer: say TLS may be why, not only 'timeout'."""
+    url = f"rediss://:{SECRET}@127.0.0.1:{redis_server.port}/0?ssl_cert_reqs=none"
+    out, took = stoker_cli("status", broker=redis_server.url, url=url)
+    line = assert_one_line_error(out, url, "TimeoutError")
+    assert "does not speak TLS" in line and "redis://" in line, line
+    assert took < DEADLINE, took

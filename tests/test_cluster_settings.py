@@ -31,6 +31,16 @@ def test_cluster_with_a_sentinel_url_is_refused_saying_why() -> None:
     assert SECRET not in text
 
 
+@pytest.mark.parametrize("value", ["false", "0", "no", "yes", 1])
+def test_cluster_must_be_a_bool(value: object) -> None:
+    """``{"cluster": "false"}`` (a string from the environment) turned cluster mode on."""
+    app = Celery("cluster-settings", broker="amqp://localhost//", set_as_current=False)
+    app.conf.update(stoker_url="redis://h:7000", stoker_transport_options={"cluster": value})
+    with pytest.raises(StokerConfigurationError) as info:
+        load_settings(app.conf)
+    assert f"cluster={value!r}" in str(info.value) and "True" in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("url", "expected"),
     [("unix:///tmp/redis.sock", "redis:// or rediss://"), ("redis://h:7000/2", "database 0")],

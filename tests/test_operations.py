@@ -14,7 +14,7 @@ from celery import Celery
 from support.redis_server import RedisServer
 from support.workers import ROOT, Fleet, Records, check_terms, wait_for
 
-from celery_stoker import StokerOperationError, handoff
+from celery_stoker import StokerOperationError, drain, handoff
 
 pytestmark = pytest.mark.workers
 
@@ -129,6 +129,26 @@ def test_drain_moves_leadership_once_and_never_back(fleets: Any, records: Record
 
     out = cli(fleet, "undrain", w1.node, w2.node)
     assert out.returncode == 0 and "draining: (none)" in out.stdout
+
+
+def test_drain_from_an_operators_bare_app_moves_and_says_so(
+    fleets: Any, records: Records, redis_server: RedisServer
+) -> None:
+    """An app that registers no Stokers finds them in Redis to mark; it moves them too.
+
+    It marked every Stoker it found by its token key but poked and waited only for
+    the app's own (none): it said ``moved: {}`` while the leader moved at its next
+    renewal.
+    """
+    fleet = fleets(ttl=TTL, STOKER_TEST_TIMER="0.3")
+    w1 = fleet.start("w1@%h")
+    wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
+    w2 = fleet.start("w2@%h")
+    wait_followers(fleet, w2.node)
+    result = drain(client_app(redis_server), [w1.node])
+    assert result["moved"] == {"recorder": {"from": w1.node, "to": w2.node}}, result
+    wait_for(lambda: records.of("now_leader")[-1].host == w2.node, 10, what="w2 leads")
+    check_terms(records.events())
 
 
 def test_worker_started_draining_never_leads_until_undrained(fleets: Any, records: Records) -> None:

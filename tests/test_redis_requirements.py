@@ -173,6 +173,103 @@ def test_a_user_without_a_command_is_told_at_start_and_recovers(
     )
 
 
+@pytest.mark.workers
+def test_a_command_taken_away_while_leading_steps_down_and_both_recover(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
+) -> None:
+    """EVALSHA revoked under a leader and a follower, then given back: no overlap, and
+    both say ``ok`` again at once (the follower, whose wait moves with each of the new
+    leader's renewals, kept showing the NOPERM error for as long as that leader led)."""
+    url = create_user(redis_server, readme_acl_line())
+    fleet = fleets(
+        "solo", STOKER_TEST_URL=url, STOKER_TEST_ACL_RECHECK="1", STOKER_TEST_TIMER="0.25"
+    )
+    w1 = fleet.start("w1@%h")
+    wait_for(lambda: len(records.of("timer")) >= 2, 30, what="w1 leads")
+    w2 = fleet.start("w2@%h").wait_ready()
+    workers = (w1, w2)
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "stoker", "-evalsha")
+
+    def healths() -> dict[str, str]:
+        view = status_json(fleet.env)
+        return {
+            w.node: view["workers"].get(w.node, {}).get("health", {}).get("status", "")
+            for w in workers
+        }
+
+    wait_for(lambda: set(healths().values()) == {"error"}, 20, what="both say error")
+    wait_for(lambda: records.of("shutdown"), 10, what="w1's shutdown")
+    for worker in workers:  # nothing answered yet: nothing is "working again"
+        assert "election working again" not in worker.log(), worker.node
+    admin.execute_command("ACL", "SETUSER", "stoker", "+evalsha")
+    restored = records.events()[-1].at
+    wait_for(lambda: [r for r in records.of("timer") if r.at > restored], 20, what="a leader again")
+    wait_for(lambda: set(healths().values()) == {"ok"}, 10, what="both say ok again")
+    for worker in workers:
+        acl_errors = [
+            line for line in worker.log().splitlines() if "ERROR" in line and "ACL" in line
+        ]
+        assert len(acl_errors) == 1, (worker.node, acl_errors)
+    check_terms(records.events())
+
+
+@pytest.mark.workers
+def test_reports_refused_while_leading_are_said_once(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
+) -> None:
+    """LPUSH taken away: every event's report is refused; said once per end, not per event."""
+    url = create_user(redis_server, readme_acl_line())
+    fleet = fleets("solo", STOKER_TEST_URL=url, STOKER_TEST_TIMER="0.25")
+    w1 = fleet.start("w1@%h")
+    wait_for(lambda: len(records.of("timer")) >= 2, 30, what="w1 leads")
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "stoker", "-lpush")
+    revoked = records.events()[-1].at
+    wait_for(
+        lambda: len([r for r in records.of("timer") if r.at > revoked]) >= 5,
+        30,
+        what="five timers without their reports",
+    )
+    log = w1.log()
+    assert log.count("could not report the end of timer") == 1, log
+    assert log.count("its report never arrived") == 1, log
+    admin.execute_command("ACL", "SETUSER", "stoker", "+lpush")
+    wait_for(lambda: "report their end again" in w1.log(), 20, what="reports again")
+    check_terms(records.events())
+
+
+@pytest.mark.workers
+def test_a_lease_channel_refused_by_the_acl_is_said_once_without_reconnecting(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
+) -> None:
+    """The channel pattern taken away: Redis drops the listener, and its SUBSCRIBE is refused.
+
+    The listener said "lost Redis (ConnectionError ...)", then reconnected (a new
+    connection, AUTH and a refused SUBSCRIBE) every 0.5 s and at every lease
+    command, forever, without a word of NOPERM.
+    """
+    url = create_user(redis_server, readme_acl_line())
+    fleet = fleets("solo", STOKER_TEST_URL=url, STOKER_TEST_TIMER="0.25")
+    w1 = fleet.start("w1@%h")
+    wait_for(lambda: len(records.of("timer")) >= 2, 30, what="w1 leads")
+    admin = redis_server.client()
+    admin.execute_command("ACL", "SETUSER", "stoker", "resetchannels")
+
+    def said() -> list[str]:
+        return [ln for ln in w1.log().splitlines() if "may not subscribe" in ln]
+
+    line = wait_for(said, 20, what="the listener's NOPERM said")[0]
+    assert "ERROR" in line and "&<prefix>:*" in line, line
+    before = int(admin.info("stats")["total_connections_received"])
+    seen = len(records.of("timer"))
+    wait_for(lambda: len(records.of("timer")) >= seen + 8, 20, what="the leader carries on")
+    after = int(admin.info("stats")["total_connections_received"])
+    assert after - before <= 1, f"{after - before} new connections while refused"
+    assert len(said()) == 1
+    check_terms(records.events())
+
+
 # ------------------------------------------------------ election errors shown
 
 

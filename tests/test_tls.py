@@ -262,3 +262,19 @@ def test_a_bogus_ssl_cert_reqs_in_stoker_url_stops_the_worker_at_start(
     assert "ssl_cert_reqs='bogus' in the URL is not valid: use CERT_NONE" in log
     assert SECRET not in log
     assert " ready." not in log
+
+
+@pytest.mark.workers
+def test_a_worker_with_a_rediss_url_to_a_plain_port_says_tls_may_be_why(
+    fleets: Callable[..., Fleet], redis_server: RedisServer
+) -> None:
+    """The handshake gets no answer from a plain Redis: the log names TLS, not only a timeout."""
+    url = f"rediss://127.0.0.1:{redis_server.port}/0?ssl_cert_reqs=none"
+    fleet = fleets("solo", STOKER_TEST_URL=url)
+    worker = fleet.start("w1@%h").wait_ready()
+    line = wait_for(
+        lambda: [ln for ln in worker.log().splitlines() if "unreachable" in ln],
+        30,
+        what="the unreachable warning",
+    )[0]
+    assert "TimeoutError" in line and "does not speak TLS" in line, line
