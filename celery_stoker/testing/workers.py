@@ -234,6 +234,22 @@ class WorkerProcess(ManagedProcess):
     the command that runs Celery (``python -m celery`` of this interpreter by default).
     """
 
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        """Wait for an exit already asked for; raises ``subprocess.TimeoutExpired``.
+
+        A worker that does not exit in time is asked for the stack of every thread
+        (Celery's SIGUSR1 handler logs them), so its log says where it hangs.
+        """
+        try:
+            return super().wait_exit(timeout)
+        except subprocess.TimeoutExpired:
+            assert self.proc is not None
+            with contextlib.suppress(OSError):
+                os.kill(self.proc.pid, signal.SIGUSR1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(1.0)  # time for the handler to write the stacks
+            raise
+
     def __init__(
         self,
         name: str,
