@@ -118,6 +118,15 @@ class _ProcessResources:
         self._clients: dict[str, redis.Redis] = {}
         self._instances: dict[tuple[int, str], Stoker] = {}
         self._settings: dict[tuple[int, str], StokerSettings] = {}
+        # A pool process is forked while the main process's threads run (the pump
+        # warms this very object up): a lock held at that moment would be held for
+        # ever in the child, whose worker_process_init then never returns and whose
+        # exit the worker's warm shutdown waits for.  The child starts afresh.
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        self._lock = threading.Lock()
+        self._check_fork()
 
     def _check_fork(self) -> None:
         if os.getpid() != self._pid:
