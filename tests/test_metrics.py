@@ -268,7 +268,10 @@ def test_workers_serve_metrics_through_a_handoff_and_a_failover(
     # A failover: SIGTERM the leader; the follower takes over; the stopped worker's
     # endpoint is gone with it (the server thread is stopped on shutdown).
     w2.sigterm()
-    w2.wait_exit(30)
+    # Up to 30 s more when the last event's result was still on its way to the main
+    # process: billiard's pool process waits for it to be read before it exits
+    # (_ensure_messages_consumed), after the lease is long released.
+    w2.wait_exit(30 + 30)
 
     def w1_leads_again() -> Samples | None:
         s = scrape(p1)
