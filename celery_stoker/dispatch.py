@@ -310,9 +310,13 @@ def run_callbacks(
     version: int | None = None
     have_state = from_init = False
     try:
-        if call.prefer_cached and cached_state is not None:
-            state, have_state = from_portable(cached_state, store.serializer), True
-            version = cached_version
+        if call.prefer_cached:
+            # A lost term: ask Redis nothing (it may be the thing that is gone).  With no
+            # copy (the term's first report never came back) the Stoker starts from
+            # init(); the commit is fenced like any other.
+            if cached_state is not None:
+                state, have_state = from_portable(cached_state, store.serializer), True
+                version = cached_version
         else:
             stored = store.load()
             version = stored.version
