@@ -23,7 +23,8 @@ lease it saw would expire; a renewal moves its wake-up to the new expiry
 without it sending anything, so a follower sends no command at all while the
 leader keeps renewing.  A release or an expiry wakes only the longest-waiting
 follower at once; the others try only if it does not announce a new term
-within :data:`HERD_DELAY` (see :class:`RedisLease`).  The Lua scripts are in
+within :data:`HERD_DELAY` (see :class:`RedisLease`).  A message wakes a waiter's
+thread only when it must act sooner than it planned (see :meth:`RedisLease.notify`).  The Lua scripts are in
 ``scripts.py``, the key names in ``keys.py``.
 
 What it does not promise (as client-go says of itself): a process paused longer
@@ -78,6 +79,11 @@ MAX_LEASE_VALUE = 4096
 #: waiter, and when the first waiter is late (a paused or overloaded process) the
 #: others try one after another rather than all at once.
 HERD_DELAY = 0.05
+#: A release that names another waiter wakes only the waiters this close to the
+#: front: the rest could not try within ``NUDGE_RANKS * HERD_DELAY`` anyway, so they
+#: sleep on to the deadline they had and read what was announced then.  Waking
+#: every waiter's thread at every release is what made a large fleet slow to elect.
+NUDGE_RANKS = 8
 
 
 @dataclass(frozen=True)
@@ -422,20 +428,25 @@ class RedisLease:
         """Called by the listener's thread with each message about this lease."""
         now = time.monotonic()
         if kind == RENEWED:
+            # Only moves the deadline later: read when the waiter wakes, no wake-up now.
             self._renewed_until = now + ttl_ms / 1000.0
-        elif kind == ACQUIRED:
+            return
+        if kind == ACQUIRED:
             # A new term: a waiter giving another its head start waits for the term's
             # expiry instead; everyone behind its winner moves up.
             self._acquired_until = now + ttl_ms / 1000.0
             winner_rank = extra.rpartition(" ")[2]
             if self.rank is not None and winner_rank.isdigit() and self.rank > int(winner_rank):
                 self.rank -= 1
-        elif kind == POKE:
+            return  # only moves a deadline later (or ends a head start): read at the next wake
+        if kind == POKE:
             self._operator_poke = True  # an operator asked: the holder renews now
             self._poked.set()
         elif kind == RELEASED and extra and extra != self.hostname:
             self._released_to_other_at = now  # another waiter tries first
             self._acquired_until = None  # any earlier new-term message is about the old term
+            if self.rank is not None and self.rank > NUDGE_RANKS:
+                return  # too far back to try soon: it reads this at its deadline
         else:  # released to us (or to anyone), reconnected, wake
             self._woken.set()
         self._nudged.set()

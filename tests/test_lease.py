@@ -837,10 +837,18 @@ def _evalsha_calls(client: redis.Redis) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-def _run_followers(leases: Leases, count: int, ttl: float) -> tuple[list[str], list[RedisLease]]:
-    """``count`` followers that each loop acquire / wait like an activator; returns winners."""
+def _run_followers(
+    leases: Leases, count: int, ttl: float, prepare: Callable[[RedisLease], None] | None = None
+) -> tuple[list[str], list[RedisLease]]:
+    """``count`` followers that each loop acquire / wait like an activator; returns winners.
+
+    ``prepare`` sees each follower before its thread starts.
+    """
     listener = leases.listener()
     followers = [leases.lease(f"f{i}", ttl, listener=listener) for i in range(count)]
+    for lease in followers:
+        if prepare is not None:
+            prepare(lease)
     winners: list[str] = []
     stop = threading.Event()
 
@@ -943,3 +951,85 @@ def test_a_release_skips_waiters_the_holder_sees_dead(leases: Leases) -> None:
     time.sleep(0.3)
     assert winners == ["f0"] and _evalsha_calls(admin) - before == 2
     assert admin.zscore(holder.waiters_key, ghost.hostname) is None, "the dead waiter is dropped"
+
+
+class _CountingEvent(threading.Event):
+    """An Event that counts how often it was set: how often a waiter's thread was woken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = 0
+
+    def set(self) -> None:
+        self.sets += 1
+        super().set()
+
+
+def test_renewals_wake_no_waiter_and_a_release_wakes_only_the_front_of_the_queue(
+    leases: Leases,
+) -> None:
+    """A fleet of followers costs its workers nothing per renewal and a few wake-ups per
+    release: waking every waiter's thread at every message is what made 2,000 activators
+    take 100 ms to elect (bench/scale.py)."""
+    count = lease_module.NUDGE_RANKS + 4
+    holder = leases.lease("holder", 10.0)
+    term = must_acquire(holder)
+    wakes: dict[str, _CountingEvent] = {}
+
+    def count_wakes(follower: RedisLease) -> None:
+        follower._nudged = wakes[follower.holder_id] = _CountingEvent()
+
+    winners, followers = _run_followers(leases, count, 10.0, prepare=count_wakes)
+    wait_for(lambda: all(f.rank is not None for f in followers), 5, what="every follower queued")
+    assert [f.rank for f in followers] == list(range(count))
+
+    for _ in range(3):
+        assert holder.renew(term)
+    wait_for(lambda: all(f._renewed_until for f in followers), 5, what="renewals heard")
+    assert sum(event.sets for event in wakes.values()) == 0, "a renewal woke a waiter"
+
+    assert holder.release(term)
+    wait_for(lambda: winners, 5, what="a new holder")
+    near = followers[1 : lease_module.NUDGE_RANKS + 1]  # ranks 1 .. NUDGE_RANKS
+    far = followers[lease_module.NUDGE_RANKS + 1 :]
+    # The new term is announced after the release: once the far ones heard it, every
+    # waiter heard the release.
+    wait_for(lambda: all(f._acquired_until for f in far), 5, what="the new term heard")
+    assert winners == ["f0"]
+    assert all(wakes[f.holder_id].sets == 1 for f in near), {
+        f.holder_id: wakes[f.holder_id].sets for f in near
+    }
+    assert all(wakes[f.holder_id].sets == 0 for f in far), {
+        f.holder_id: wakes[f.holder_id].sets for f in far
+    }
+
+
+def test_a_waiter_too_far_back_to_be_woken_still_takes_over_when_those_ahead_are_gone(
+    leases: Leases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nobody ahead ever tries: the waiter the release did not wake tries at the deadline
+    it already had (the released lease's expiry), so the Stoker is back within one TTL."""
+    monkeypatch.setattr(lease_module, "NUDGE_RANKS", 0)
+    ttl = 1.0
+    holder = leases.lease("holder", ttl)
+    term = must_acquire(holder)
+    ghost = leases.lease("ghost", ttl)
+    assert ghost.acquire().term is None  # first in line, named by the release, never tries
+    listener = leases.listener()
+    far = leases.lease("far", ttl, listener=listener)
+    far._nudged = wakes = _CountingEvent()
+    result = far.acquire()
+    assert result.term is None and far.rank == 1
+    woke = threading.Event()
+
+    def follow() -> None:
+        woke.set() if far.wait(far.wait_timeout(result.holder)) else None
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    released_at = time.monotonic()
+    assert holder.release(term)
+    assert woke.wait(5 * ttl), "the waiter behind the silent first one never took its turn"
+    assert wakes.sets == 0, "the release woke a waiter too far back"
+    assert time.monotonic() - released_at <= ttl + 1.0
+    assert must_acquire(far).token > term.token
