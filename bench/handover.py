@@ -18,7 +18,7 @@ its ``shutdown`` (it runs in that worker's main process), the ``released``
 message on the lease channel (a subscriber of the bench), the new leader's
 ``ACQUIRE`` arriving at Redis (MONITOR's timestamp of the first script call
 naming the new leader's node), the ``acquired`` message (new code only), its
-``leader_started`` hook, ``before_task_publish`` of ``now_leader`` in its
+``leader_started`` hook, ``now_leader`` handed over by the pump in its
 main process (sent), ``task_received`` there (received), and the callback's
 start in the pool.
 
@@ -86,7 +86,8 @@ PHASES = [
     ("acquire_cmd", "follower woken: its ACQUIRE at Redis (MONITOR)"),
     ("acquired", "lease won: acquired (lease channel)"),
     ("started_hook", "new leader's leader_started hook"),
-    ("sent", "now_leader sent (before_task_publish)"),
+    ("sent", "now_leader sent (handed to the consumer)"),
+    ("loop", "taken by the consumer's event loop"),
     ("received", "received (task_received, main process)"),
     ("callback", "callback starts (pool)"),
 ]
@@ -299,6 +300,9 @@ def _phases(
         recv = next((r for r in fleet.records("recv") if r["id"] == pub["id"]), None)
         if recv is not None:
             out["received"] = recv["at"] - t0
+        loop = next((r for r in fleet.records("loop") if r["id"] == pub["id"]), None)
+        if loop is not None:
+            out["loop"] = loop["at"] - t0
     out["callback"] = new["at"] - t0
     return out
 
@@ -583,7 +587,7 @@ def tables(data: dict[str, Any]) -> list[Table]:
         )
     d.notes.append(
         "now_leader: the 'handover' Stoker's, one per round; timer events: the 'ticker' "
-        "Stoker's (every 0.2 s) over the same run; sent: before_task_publish in the "
+        "Stoker's (every 0.2 s) over the same run; sent: handed over by the pump in the "
         "leader's main process"
     )
     out = [t, p, d]

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from .access import AccessCheck
-from .dispatch import DISPATCH_TASK, EVENT_MESSAGE_EXPIRES, EventCall, Outcome, run_event
+from .delivery import EventDelivery
+from .dispatch import EventCall, Outcome, run_event
 from .election import REDIS_DOWN, Election
 from .lease import RedisLease, Term
 from .listener import LeaseListener
@@ -52,7 +53,7 @@ class Activator:
         settings: StokerSettings,
         *,
         hostname: str,
-        queue_name: str,
+        delivery: EventDelivery,
         listener: LeaseListener | None,
         members: Callable[[], frozenset[str]],
         holder_id: str,
@@ -69,7 +70,7 @@ class Activator:
         self.name = spec.name
         self.settings = settings
         self.hostname = hostname
-        self.queue_name = queue_name
+        self.delivery = delivery
         self._members = members
         self.pump = pump
         self.client = client or _client(settings, settings.socket_timeout)
@@ -229,6 +230,9 @@ class Activator:
     def events_idle(self, timeout: float) -> bool:
         return self.pump.wait_idle(self.name, timeout)
 
+    def event_started(self, timeout: float) -> bool:
+        return self.pump.wait_started(self.name, timeout)
+
     def stop_acting(self, term: Term, reason: str, *, lost: bool, stale: bool = False) -> None:
         if self._started_token == term.token:
             self._call_local(term, "leader_stopping", reason)
@@ -310,12 +314,12 @@ class Activator:
         return term.token
 
     def send_event(self, item: PendingEvent, task_id: str) -> None:
-        """Send ``item`` to this worker's own queue as the dispatch task."""
+        """Send ``item`` to this worker's pool as the dispatch task (``delivery.py``)."""
         self.last_event, self.last_event_at = item.event, time.time()
         self._sent_token = item.token
-        self.app.send_task(
-            DISPATCH_TASK,
-            args=[
+        self.delivery.send(
+            task_id,
+            [
                 self.name,
                 item.token,
                 item.seq,
@@ -324,10 +328,6 @@ class Activator:
                 sorted(self._members()),
                 self.hostname,
             ],
-            task_id=task_id,
-            queue=self.queue_name,
-            expires=EVENT_MESSAGE_EXPIRES,
-            ignore_result=True,
             soft_time_limit=self.settings.soft_time_limit,
             time_limit=self.settings.time_limit,
         )

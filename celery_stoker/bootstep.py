@@ -35,6 +35,7 @@ from celery import bootsteps, signals
 from .access import AccessCheck
 from .activator import Activator
 from .connection import is_cluster, redis_client
+from .delivery import EventDelivery
 from .dispatch import register_dispatch_task, warm_process
 from .keys import draining_key, lease_channel, reports_key, stoker_channel
 from .listener import LeaseListener
@@ -105,6 +106,7 @@ class StokerStep(bootsteps.StartStopStep):
             except StokerConfigurationError as exc:
                 raise StokerConfigurationError(f"Stoker {name!r}: {exc}") from None
         self.queue_name = event_queue_name(self.app.conf, self.hostname)
+        self.delivery = EventDelivery(self.app, worker, self.queue_name)
         # Members are the workers of this app under the same key prefix (membership.py).
         prefixes = {settings.key_prefix for settings in self.settings.values()}
         self.membership = Membership(self.hostname, app_name(self.app), prefixes)
@@ -154,7 +156,7 @@ class StokerStep(bootsteps.StartStopStep):
                 spec,
                 settings,
                 hostname=self.hostname,
-                queue_name=self.queue_name,
+                delivery=self.delivery,
                 listener=self._listener(settings),
                 members=partial(self.membership.members, settings.key_prefix),
                 holder_id=f"{holder_prefix}/{name}",
@@ -180,6 +182,15 @@ class StokerStep(bootsteps.StartStopStep):
             self.hostname,
             ", ".join(sorted(self.activators)),
         )
+        if self.delivery.local:
+            logger.info("celery-stoker: events go straight to this worker's consumer")
+        else:
+            logger.info(
+                "celery-stoker: events go through the broker to queue %s (the %s pool has "
+                "no event loop to hand them to)",
+                self.queue_name,
+                pool_name(worker),
+            )
 
     def _client(self, url: str, socket_timeout: float, settings: StokerSettings) -> redis.Redis:
         """One client per URL and timeout, shared by every activator, its pool capped."""

@@ -48,6 +48,10 @@ RENEW_ATTEMPT = 2
 #: After a ``too_many_failures`` step-down this worker leaves the Stoker to others
 #: for one lease TTL, doubling on each repeat up to this (or one TTL, if longer).
 FAILURE_COOLDOWN_MAX = 300.0
+#: A new leader's bookkeeping (its record, the log line, the state copy) waits this
+#: long at most for ``now_leader`` to start in the pool, so that it does not compete
+#: with it for the interpreter: the failover ends when the callback starts.
+FIRST_EVENT_WAIT = 0.05
 
 
 class TermHandler(Protocol):
@@ -64,6 +68,9 @@ class TermHandler(Protocol):
 
     def events_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` until no event is in the pool; True if none is."""
+
+    def event_started(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until the event sent last has started; True if it has."""
 
     def stop_acting(self, term: Term, reason: str, *, lost: bool, stale: bool = False) -> None:
         """End the term's work: ``leader_stopping``, then ``shutdown`` (``lost``: from a copy).
@@ -413,6 +420,8 @@ class Election:
         # Act first (now_leader is on its way), then the bookkeeping: a failover is
         # not slowed by the record, the log line or the state copy.
         self._check_acting(term)
+        if self.accepting:
+            self.handler.event_started(FIRST_EVENT_WAIT)
         logger.warning(
             "Stoker %s: %s became leader (token %d)", self.name, self.hostname, term.token
         )

@@ -24,8 +24,8 @@ without it sending anything, so a follower sends no command at all while the
 leader keeps renewing.  A release or an expiry wakes only the longest-waiting
 follower at once; the others try only if it does not announce a new term
 within :data:`HERD_DELAY` (see :class:`RedisLease`).  A message wakes a waiter's
-thread only when it must act sooner than it planned (see :meth:`RedisLease.notify`).  The Lua scripts are in
-``scripts.py``, the key names in ``keys.py``.
+thread only when it must act sooner than it planned (see :meth:`RedisLease.notify`).
+The Lua scripts are in ``scripts.py``, the key names in ``keys.py``.
 
 What it does not promise (as client-go says of itself): a process paused longer
 than its remaining validity (a GC or VM stall) may act after its lease ended;

@@ -166,6 +166,9 @@ class Lane:
     init_retry: float = INIT_RETRY_START
     redis_retry: float = REDIS_RETRY_START
     idle: threading.Event = field(default_factory=threading.Event)
+    #: Clear from sending an event until the pool starts it (or it ends): see
+    #: :meth:`EventPump.wait_started`.
+    started: threading.Event = field(default_factory=threading.Event)
     send_error: str | None = None
     #: An event ended without its report (Redis refused the pool's LPUSH): said once,
     #: then quiet until a report arrives again.
@@ -200,6 +203,7 @@ class EventPump:
         """Serve ``owner``'s Stoker (before :meth:`start`)."""
         lane = Lane(owner)
         lane.idle.set()
+        lane.started.set()
         self._lanes[owner.name] = lane
 
     def add_reports(self, client_factory: Callable[[], redis.Redis], keys: Iterable[str]) -> None:
@@ -242,7 +246,12 @@ class EventPump:
         return next(self._seq)
 
     def begin_term(self, name: str, token: int) -> None:
-        """A term starts acting: ``now_leader`` is its first event, before anything else."""
+        """A term starts acting: ``now_leader`` is its first event, before anything else.
+
+        It is sent at once on the caller's thread (the election's) when the lane is
+        free: handing it to the pump's thread would cost a thread switch, made late by
+        whatever the calling thread does next.
+        """
         with self._cond:
             lane = self._lanes[name]
             lane.token = token
@@ -251,8 +260,12 @@ class EventPump:
             lane.timer_due = lane.not_before = None
             lane.init_retry = INIT_RETRY_START
             lane.redis_retry = REDIS_RETRY_START
-            self._ready.add(name)
-            self._cond.notify_all()
+            taken = self._take(lane, time.monotonic())
+            if taken is None:
+                self._ready.add(name)  # an event of the last term still runs: after it
+                self._cond.notify_all()
+        if taken is not None:
+            self._send(lane, *taken)
 
     def end_term(self, name: str) -> None:
         """The term stops acting: nothing more is sent (an event in flight runs to its end)."""
@@ -276,6 +289,15 @@ class EventPump:
     def wait_idle(self, name: str, timeout: float) -> bool:
         """Wait until no event of ``name`` is in flight; True if none is."""
         return self._lanes[name].idle.wait(max(0.0, timeout))
+
+    def wait_started(self, name: str, timeout: float) -> bool:
+        """Wait until the event of ``name`` in flight has started in the pool (or ended).
+
+        True if it has, or none is in flight.  The election waits here for a new
+        term's ``now_leader`` before its own bookkeeping, which would otherwise
+        compete with it for this process's interpreter.
+        """
+        return self._lanes[name].started.wait(max(0.0, timeout))
 
     def running(self, name: str) -> dict[str, Any] | None:
         """The event of ``name`` in flight: what, since when (for status), or None."""
@@ -318,12 +340,13 @@ class EventPump:
         with self._cond:
             lane = self._lanes.get(name)
             inflight = lane.inflight if lane is not None else None
-            if inflight is None or inflight.task_id != task_id:
+            if lane is None or inflight is None or inflight.task_id != task_id:
                 return
             if what == "accepted":
                 inflight.seen = True
                 inflight.started_at = time.time()
                 inflight.pid = pid if pid and pid != os.getpid() else None
+                lane.started.set()
                 return
             pid = pid or inflight.pid
             if pid and pid != os.getpid() and _process_exists(pid):
@@ -360,6 +383,7 @@ class EventPump:
                 outcome = inflight.killed_outcome
             lane.inflight = None
             lane.idle.set()
+            lane.started.set()
             self._note_busy()
             item = inflight.item
         if outcome.kind in ("lost", "timeout"):
@@ -539,22 +563,29 @@ class EventPump:
         for name in list(self._ready):
             lane = self._lanes[name]
             self._ready.discard(name)
-            if lane.inflight is not None:
-                continue  # it is ready again when the event in flight ends
-            if lane.not_before is not None and lane.not_before > now:
-                continue  # the heap wakes it
-            while lane.pending:
-                item = lane.pending.popleft()
-                if item.token != lane.token or lane.owner.acting_token() != item.token:
-                    continue  # that term is over
-                task_id = str(uuid.uuid4())
-                lane.inflight = InFlight(item, task_id, now)
-                lane.idle.clear()
-                self._busy.set()
-                lane.timer_due = None  # re-armed from the event's own answer
-                out.append((lane, item, task_id))
-                break
+            taken = self._take(lane, now)
+            if taken is not None:
+                out.append((lane, *taken))
         return out
+
+    def _take(self, lane: Lane, now: float) -> tuple[PendingEvent, str] | None:
+        """``lane``'s next event if it may be sent now, marked in flight (lock held)."""
+        if lane.inflight is not None:
+            return None  # it is ready again when the event in flight ends
+        if lane.not_before is not None and lane.not_before > now:
+            return None  # the heap wakes it
+        while lane.pending:
+            item = lane.pending.popleft()
+            if item.token != lane.token or lane.owner.acting_token() != item.token:
+                continue  # that term is over
+            task_id = str(uuid.uuid4())
+            lane.inflight = InFlight(item, task_id, now)
+            lane.idle.clear()
+            lane.started.clear()
+            self._busy.set()
+            lane.timer_due = None  # re-armed from the event's own answer
+            return item, task_id
+        return None
 
     def _send(self, lane: Lane, item: PendingEvent, task_id: str) -> None:
         name = lane.owner.name
@@ -571,6 +602,7 @@ class EventPump:
                 if lane.inflight is not None and lane.inflight.task_id == task_id:
                     lane.inflight = None
                     lane.idle.set()
+                    lane.started.set()
                     self._note_busy()
                     if lane.token == item.token:
                         lane.pending.appendleft(item)

@@ -17,6 +17,7 @@ from support.workers import wait_for
 
 from celery_stoker import Stoker
 from celery_stoker.activator import Activator
+from celery_stoker.delivery import EventDelivery
 from celery_stoker.keys import lease_channel
 from celery_stoker.pump import EventPump
 from celery_stoker.registry import StokerSpec
@@ -42,7 +43,7 @@ def test_one_slow_renewal_is_retried_not_a_lost_lease(
         StokerSpec("slow", Quiet),
         settings,
         hostname="a@h",
-        queue_name="stoker.a@h",
+        delivery=EventDelivery(app, None, "stoker.a@h"),
         listener=None,
         members=lambda: frozenset({"a@h"}),
         holder_id="a",

@@ -26,6 +26,7 @@ from support.workers import ROOT, Fleet, wait_for
 
 from celery_stoker import Stoker
 from celery_stoker.activator import Activator
+from celery_stoker.delivery import EventDelivery
 from celery_stoker.lease import Holder
 from celery_stoker.membership import Membership, Scope
 from celery_stoker.pump import EventPump
@@ -125,12 +126,13 @@ def test_the_warning_is_said_once_however_often_the_follower_looks(
     settings = StokerSettings(url=redis_server.url, lease_ttl=0.4, renew_interval=0.1)
     made = []
     for main, node in (("tenant_a", "a1@h"), ("tenant_b", "b1@h")):
+        app = Celery(main, broker=redis_server.url, set_as_current=False)
         activator = Activator(
-            Celery(main, broker=redis_server.url, set_as_current=False),
+            app,
             StokerSpec("shared", Quiet),
             settings,
             hostname=node,
-            queue_name=f"stoker.{node}",
+            delivery=EventDelivery(app, None, f"stoker.{node}"),
             listener=None,
             members=lambda node=node: frozenset({node}),
             holder_id=node,

@@ -1,13 +1,12 @@
 """Dispatch latency: a Stoker on a short timer that records when each event starts.
 
-The leader's activator raises each event by publishing the task
-``celery_stoker.dispatch`` to its own queue.  A ``before_task_publish``
-handler in the worker's main process notes that moment for every dispatch
-message (keyed by the event's sequence number, the task's third argument) and
-``after_task_publish`` appends it to ``disp:pub`` -- after the publish, so
-recording never delays the message.  The callback notes its own start time
-with the same sequence number (from the running task's arguments) in
-``disp:start``.  The dispatch latency of an event is start - publish.
+The leader's pump raises each event by handing the task
+``celery_stoker.dispatch`` to the worker's own consumer (``EventDelivery.send``).
+A wrapper of that call in the worker's main process notes the moment for every
+event (keyed by its sequence number, the task's third argument) and appends it
+to ``disp:pub`` after the hand-over, so recording never delays the event.
+The callback notes its own start time with the same sequence number (from the
+running task's arguments) in ``disp:start``.  The dispatch latency of an event is start - publish.
 
 It also records when ``next_timer_in`` returned (``end``), so the bench can
 show the whole loop: end of event n -> report -> timer -> publish of n+1.
@@ -23,15 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from typing import Any
 
 import redis
 from celery import Celery, current_task
-from celery.signals import after_task_publish, before_task_publish
 
 from celery_stoker import Stoker, StokerStep, stoker
+from celery_stoker.delivery import EventDelivery
 
 BROKER = os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/0")
 RECORD_URL = os.environ.get("BENCH_RECORD_URL") or BROKER
@@ -50,7 +48,6 @@ app.conf.update(
 app.steps["worker"].add(StokerStep)
 
 _clients: dict[int, redis.Redis] = {}
-_published = threading.local()
 
 
 def _client() -> redis.Redis:
@@ -61,26 +58,19 @@ def _client() -> redis.Redis:
     return client
 
 
-def _seq_of(body: Any) -> int | None:
-    try:
-        args = body[0] if isinstance(body, (list, tuple)) else body["args"]
-        return int(args[2])
-    except (LookupError, TypeError, ValueError):
-        return None
+def _record_sends() -> None:
+    """Note when the pump hands each event over (``EventDelivery.send``), written after."""
+    original = EventDelivery.send
+
+    def send(self: EventDelivery, task_id: str, args: list[Any], **kw: Any) -> None:
+        at = time.time()
+        original(self, task_id, args, **kw)
+        _client().rpush("disp:pub", json.dumps({"seq": int(args[2]), "at": at}))
+
+    EventDelivery.send = send  # type: ignore[method-assign]
 
 
-@before_task_publish.connect
-def _note_publish(sender: Any = None, body: Any = None, **kwargs: Any) -> None:
-    if sender == DISPATCH_TASK:
-        _published.item = (_seq_of(body), time.time())
-
-
-@after_task_publish.connect
-def _record_publish(sender: Any = None, **kwargs: Any) -> None:
-    item = getattr(_published, "item", None)
-    if sender == DISPATCH_TASK and item is not None and item[0] is not None:
-        _published.item = None
-        _client().rpush("disp:pub", json.dumps({"seq": item[0], "at": item[1]}))
+_record_sends()
 
 
 def _current_seq() -> int | None:

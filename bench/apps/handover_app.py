@@ -12,8 +12,8 @@ What it records (lists in ``BENCH_RECORD_URL``, one JSON object per line):
   (main process, on the Stoker's election thread);
 * ``ho:shutdown``: ``shutdown`` starting and ending (main process: the
   stepping-down leader delivers it itself, before it releases the lease);
-* ``ho:pub``: ``before_task_publish`` of every dispatch message in the main
-  process (the event is *sent*), keyed by task id, with its event and token;
+* ``ho:pub``: every event as the pump hands it over (``EventDelivery.send``,
+  main process: the event is *sent*), keyed by task id, with its event and token;
 * ``ho:recv``: Celery's ``task_received`` in the main process (the worker got
   the message and hands it to the pool);
 * ``ho:start``: the callback starting in the pool, keyed by task id.
@@ -39,9 +39,10 @@ from typing import Any
 
 import redis
 from celery import Celery, current_task
-from celery.signals import before_task_publish, task_received
+from celery.signals import task_received
 
 from celery_stoker import Stoker, StokerStep, stoker
+from celery_stoker.delivery import EventDelivery
 
 BROKER = os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/0")
 RECORD_URL = os.environ.get("BENCH_RECORD_URL") or BROKER
@@ -108,26 +109,28 @@ def note(kind: str, **fields: Any) -> None:
     _outbox.put((f"ho:{kind}", fields))
 
 
-def _args_of(body: Any) -> list[Any] | None:
-    try:
-        args = body[0] if isinstance(body, (list, tuple)) else body["args"]
-        return list(args)
-    except (LookupError, TypeError):
-        return None
+def _record_sends() -> None:
+    """Note every event as the pump hands it to the worker's pool (``EventDelivery.send``)."""
+    original = EventDelivery.send
+
+    def send(self: EventDelivery, task_id: str, args: list[Any], **kw: Any) -> None:
+        note(
+            "pub", at=time.time(), id=task_id, stoker=args[0], token=args[1], event=args[3],
+            node=args[6],
+        )  # fmt: skip
+        original(self, task_id, args, **kw)
+
+    EventDelivery.send = send  # type: ignore[method-assign]
+    on_loop = EventDelivery._on_loop
+
+    def _on_loop(self: EventDelivery, message: Any, task_id: str, *a: Any) -> None:
+        note("loop", at=time.time(), id=task_id)
+        on_loop(self, message, task_id, *a)
+
+    EventDelivery._on_loop = _on_loop  # type: ignore[method-assign]
 
 
-@before_task_publish.connect
-def _on_publish(sender: Any = None, body: Any = None, headers: Any = None, **kw: Any) -> None:
-    if sender != DISPATCH_TASK:
-        return
-    at = time.time()
-    args = _args_of(body) or []
-    task_id = (headers or {}).get("id")
-    note(
-        "pub", at=at, id=task_id, stoker=args[0] if args else None,
-        token=args[1] if len(args) > 1 else None,
-        event=args[3] if len(args) > 3 else None, node=args[6] if len(args) > 6 else None,
-    )  # fmt: skip
+_record_sends()
 
 
 @task_received.connect

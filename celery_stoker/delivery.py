@@ -1,0 +1,175 @@
+"""How an event reaches the pool: handed to this worker's own consumer, or through the broker.
+
+An event is a Celery task that only this worker may run.  Sending it through
+the broker to the worker's own queue costs a publish, the broker's round trip
+and the consumer's read, a third of a clean failover on a busy machine, and it
+cannot run at all while the broker is away.  The worker's consumer runs an
+event loop (kombu's ``Hub``) on the worker's main thread, and ``Hub.call_soon``
+may be called from any thread and wakes that loop.  So :class:`EventDelivery`
+builds the very task message ``send_task`` would publish and hands it to the
+consumer's own task handler on that loop: Celery makes the same request of it
+(time limits, ``task_received``, ``inspect active``, ``WorkerLostError``) and
+sends it to the pool as it would a message from the broker.  Nothing is taken
+from a broker, so acknowledging it is a no-op.
+
+A worker with no event loop (the gevent and eventlet pools) sends its events
+through the broker to its own queue, as before; so does an event handed over
+while the consumer has no handler for the dispatch task (it always has one once
+started).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+from celery.worker import state as worker_state
+from kombu.message import Message
+from kombu.serialization import dumps, prepare_accept_content
+
+from .dispatch import DISPATCH_TASK, EVENT_MESSAGE_EXPIRES
+
+logger = logging.getLogger(__name__)
+
+
+class _NoBroker:
+    """The channel of a message no broker delivered: acks and rejects go nowhere."""
+
+    no_ack_consumers = None
+
+    def basic_ack(self, delivery_tag: Any, multiple: bool = False) -> None:
+        """Nothing to acknowledge: the message was never taken from a queue."""
+
+    def basic_reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        """Nothing to give back (a rejected event is sent again by the pump, if at all)."""
+
+
+_NO_BROKER = _NoBroker()
+
+
+class EventDelivery:
+    """Sends dispatch tasks to this worker's pool: straight to its consumer when it can."""
+
+    def __init__(self, app: Celery, worker: Any | None, queue_name: str) -> None:
+        self.app = app
+        self.queue_name = queue_name
+        self._worker = worker
+        self._handler: Any = None
+        self._said_fallback = False
+
+    @property
+    def local(self) -> bool:
+        """True when events go straight to the consumer's event loop."""
+        return self._hub() is not None
+
+    def send(
+        self,
+        task_id: str,
+        args: list[Any],
+        *,
+        soft_time_limit: float | None,
+        time_limit: float | None,
+    ) -> None:
+        """Hand the dispatch task for ``args`` to this worker's pool (any thread)."""
+        hub = self._hub()
+        if hub is None:
+            self._publish(task_id, args, soft_time_limit, time_limit)
+            return
+        message = self._message(task_id, args, soft_time_limit, time_limit)
+        hub.call_soon(self._on_loop, message, task_id, args, soft_time_limit, time_limit)
+
+    # ------------------------------------------------------------------ internals
+
+    def _hub(self) -> Any:
+        return getattr(self._worker, "hub", None) if self._worker is not None else None
+
+    def _publish(
+        self,
+        task_id: str,
+        args: list[Any],
+        soft_time_limit: float | None,
+        time_limit: float | None,
+    ) -> None:
+        self.app.send_task(
+            DISPATCH_TASK,
+            args=args,
+            task_id=task_id,
+            queue=self.queue_name,
+            expires=EVENT_MESSAGE_EXPIRES,
+            ignore_result=True,
+            soft_time_limit=soft_time_limit,
+            time_limit=time_limit,
+        )
+
+    def _message(
+        self,
+        task_id: str,
+        args: list[Any],
+        soft_time_limit: float | None,
+        time_limit: float | None,
+    ) -> Message:
+        """The message ``send_task`` would publish, as the consumer would receive it."""
+        app = self.app
+        task_message = app.amqp.create_task_message(
+            task_id,
+            DISPATCH_TASK,
+            args,
+            {},
+            expires=EVENT_MESSAGE_EXPIRES,
+            time_limit=time_limit,
+            soft_time_limit=soft_time_limit,
+            ignore_result=True,
+        )
+        content_type, content_encoding, body = dumps(
+            task_message.body, serializer=app.conf.task_serializer
+        )
+        return Message(
+            body=body,
+            delivery_tag=task_id,
+            content_type=content_type,
+            content_encoding=content_encoding,
+            delivery_info={"exchange": "", "routing_key": self.queue_name},
+            properties=dict(task_message.properties),
+            headers=task_message.headers,
+            accept=prepare_accept_content(app.conf.accept_content),
+            channel=_NO_BROKER,
+        )
+
+    def _on_loop(
+        self,
+        message: Message,
+        task_id: str,
+        args: list[Any],
+        soft_time_limit: float | None,
+        time_limit: float | None,
+    ) -> None:
+        """On the consumer's event loop: receive the message as if the broker brought it."""
+        consumer: Any = getattr(self._worker, "consumer", None)
+        strategies = getattr(consumer, "strategies", None) or {}
+        if DISPATCH_TASK not in strategies:
+            if not self._said_fallback:
+                logger.warning(
+                    "celery-stoker: the worker's consumer has no handler for %s yet; "
+                    "sending events through the broker instead",
+                    DISPATCH_TASK,
+                )
+                self._said_fallback = True
+            self._publish(task_id, args, soft_time_limit, time_limit)
+            return
+        try:
+            if self._handler is None:
+                self._handler = consumer.create_task_handler()
+            self._handler(message)
+        except Exception:
+            # Never let an event break the consumer's loop.  If Celery kept no request of
+            # it, nothing of it can run: send it the long way.  If it did, it runs (or the
+            # pump's watchdog sees it end), and a second copy must not.
+            kept = task_id in worker_state.requests
+            logger.exception(
+                "celery-stoker: could not hand event %s to this worker's consumer%s",
+                task_id,
+                "" if kept else "; sending it through the broker",
+            )
+            if not kept:
+                self._publish(task_id, args, soft_time_limit, time_limit)
