@@ -376,6 +376,7 @@ def rolling(ttl: float, rounds: int, settle: float, *, deploy: bool = True) -> d
         recvs = {r["id"]: r for r in fleet.records("recv")}
         first_tokens = {r["new_token"] for r in out}
         first, steady, first_rs, steady_rs = [], [], [], []
+        first_rp, steady_rp = [], []
         for s in fleet.records("start"):
             p = pubs.get(s["id"])
             if p is None:
@@ -389,10 +390,14 @@ def rolling(ttl: float, rounds: int, settle: float, *, deploy: bool = True) -> d
                 first.append(s["at"] - p["at"])
                 if rv:
                     first_rs.append(s["at"] - rv["at"])
+                    if s.get("prerun"):
+                        first_rp.append(s["prerun"] - rv["at"])
             elif s["event"] == "timer":
                 steady.append(s["at"] - p["at"])
                 if rv:
                     steady_rs.append(s["at"] - rv["at"])
+                    if s.get("prerun"):
+                        steady_rp.append(s["prerun"] - rv["at"])
     finally:
         fleet.close()
         channel.stop()
@@ -416,6 +421,8 @@ def rolling(ttl: float, rounds: int, settle: float, *, deploy: bool = True) -> d
             "steady_sent_to_start": summarize(steady),
             "first_received_to_start": summarize(first_rs),
             "steady_received_to_start": summarize(steady_rs),
+            "first_received_to_prerun": summarize(first_rp),
+            "steady_received_to_prerun": summarize(steady_rp),
         },
     }
 
@@ -570,6 +577,7 @@ def tables(data: dict[str, Any]) -> list[Table]:
             "timer p95",
             "timer events",
             "received -> start: now_leader / timer p50",
+            "of which received -> task_prerun",
         ],
     )
     for run in runs:
@@ -584,11 +592,14 @@ def tables(data: dict[str, Any]) -> list[Table]:
             s["n"],
             f"{_ms(disp['first_received_to_start']['median'])} / "
             f"{_ms(disp['steady_received_to_start']['median'])}",
+            f"{_ms(disp.get('first_received_to_prerun', {}).get('median'))} / "
+            f"{_ms(disp.get('steady_received_to_prerun', {}).get('median'))}",
         )
     d.notes.append(
         "now_leader: the 'handover' Stoker's, one per round; timer events: the 'ticker' "
         "Stoker's (every 0.2 s) over the same run; sent: handed over by the pump in the "
-        "leader's main process"
+        "leader's main process; task_prerun: Celery about to run the task in the pool "
+        "process, before any code of the package"
     )
     out = [t, p, d]
 

@@ -3,7 +3,7 @@
 Every Stoker this worker leads has a *lane*: the events waiting to be sent,
 the one in flight, and its next timer.  One thread (``stoker-pump``) serves
 every lane: it sends a lane's next event as the dispatch task to the worker's
-own queue only once the previous event of that lane is over, keeps every
+pool (``delivery.py``) only once the previous event of that lane is over, keeps every
 lane's timer in one heap, and learns that an event is over in one of three
 ways:
 

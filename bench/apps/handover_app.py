@@ -16,7 +16,8 @@ What it records (lists in ``BENCH_RECORD_URL``, one JSON object per line):
   main process: the event is *sent*), keyed by task id, with its event and token;
 * ``ho:recv``: Celery's ``task_received`` in the main process (the worker got
   the message and hands it to the pool);
-* ``ho:start``: the callback starting in the pool, keyed by task id.
+* ``ho:start``: the callback starting in the pool, keyed by task id, with the
+  moment Celery's ``task_prerun`` ran there (before any code of the package).
 
 The main process never writes to Redis on the measured path: its records go
 to a queue that a thread of this app flushes (a pool process writes its own
@@ -39,7 +40,7 @@ from typing import Any
 
 import redis
 from celery import Celery, current_task
-from celery.signals import task_received
+from celery.signals import task_prerun, task_received
 
 from celery_stoker import Stoker, StokerStep, stoker
 from celery_stoker.delivery import EventDelivery
@@ -140,6 +141,17 @@ def _on_received(sender: Any = None, request: Any = None, **kw: Any) -> None:
     note("recv", at=time.time(), id=getattr(request, "id", None))
 
 
+_prerun_at: dict[str, float] = {}
+
+
+@task_prerun.connect
+def _on_prerun(task_id: str | None = None, sender: Any = None, **kw: Any) -> None:
+    """In the pool process: Celery is about to run the task (before any code of ours)."""
+    if getattr(sender, "name", None) == DISPATCH_TASK and task_id:
+        _prerun_at.clear()
+        _prerun_at[task_id] = time.time()
+
+
 class Handover(Stoker):
     """Records its callbacks' starts, its shutdown and its hooks; no timer."""
 
@@ -162,6 +174,7 @@ class Handover(Stoker):
                 {
                     "id": getattr(request, "id", None),
                     "at": started,
+                    "prerun": _prerun_at.get(getattr(request, "id", None) or ""),
                     "event": event,
                     "stoker": ctx.name,
                     "token": ctx.token,
