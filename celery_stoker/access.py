@@ -54,7 +54,6 @@ COMMANDS = (
     "hset",
     "publish",
     # sent by the worker and the CLI themselves
-    "mget",
     "hgetall",
     "lpush",
     "ltrim",

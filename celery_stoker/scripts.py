@@ -208,7 +208,6 @@ end
 local k = KEYS[1]
 try('SET', k, '1', 'PX', 1000)
 try('GET', k)
-try('MGET', k)
 try('INCR', k)
 try('PTTL', k)
 try('PEXPIRE', k, 1000)

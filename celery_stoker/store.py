@@ -176,12 +176,14 @@ class StokerStore:
         scheduling (the keys share one cluster slot).
         """
         pipe = self.client.pipeline(transaction=False)
-        pipe.mget([self.lease_key, self.closing_key])
+        # Single-key commands: a Redis Cluster pipeline refuses MGET (same slot or not).
+        pipe.get(self.lease_key)
+        pipe.get(self.closing_key)
         pipe.hgetall(self.state_key)
-        answer, state = pipe.execute(raise_on_error=False)
-        if isinstance(answer, Exception):
-            raise answer  # (NOPERM, a cluster's MOVED): as if the MGET alone had raised
-        lease, closing = answer
+        lease, closing, state = pipe.execute(raise_on_error=False)
+        for answer in (lease, closing):
+            if isinstance(answer, Exception):
+                raise answer  # (NOPERM): as if the command alone had raised
         self._prefetched = state
         if lease is None:
             return False
