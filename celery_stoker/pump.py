@@ -263,7 +263,8 @@ class EventPump:
             taken = self._take(lane, time.monotonic())
             if taken is None:
                 self._ready.add(name)  # an event of the last term still runs: after it
-                self._cond.notify_all()
+            # Either way the pump's thread must look: to send it, or to watch it in flight.
+            self._cond.notify_all()
         if taken is not None:
             self._send(lane, *taken)
 

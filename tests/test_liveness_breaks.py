@@ -15,6 +15,7 @@ from support.redis_server import RedisServer
 from support.workers import Fleet, Records, WorkerProcess, wait_for
 
 from celery_stoker.keys import token_key
+from celery_stoker.lease import RedisLease
 
 pytestmark = pytest.mark.workers
 
@@ -157,7 +158,13 @@ def test_a_now_leader_that_cannot_reach_redis_is_sent_again(
         STOKER_TEST_URL=lease.url_for(0),
         STOKER_TEST_TIMER="0.5",
     )
+    # The test holds the lease until the pool is busy: a worker's events skip the broker,
+    # so a term that started at boot would run now_leader before the sleep task arrived.
+    gate = RedisLease(lease.client(), "recorder", holder_id="gate", hostname="gate@test", ttl=30.0)
+    gate_term = gate.acquire().term
+    assert gate_term is not None
     w1 = fleet.start("w1@%h", concurrency=1)
+    wait_for(lambda: "following gate@test" in w1.log(), 30, what="w1 waits for the lease")
     busy = 6.0
     # Occupy the only pool process across the moment the term starts.
     Celery("client", broker=broker.url_for(0)).send_task(
@@ -165,6 +172,7 @@ def test_a_now_leader_that_cannot_reach_redis_is_sent_again(
     )
     wait_for(lambda: "Task recorder.sleep[" in w1.log(), 30, what="the sleep task received")
     slept_from = time.monotonic()
+    assert gate.release(gate_term)  # w1, the only waiter, takes it at once
     wait_for(lambda: "Task celery_stoker.dispatch[" in w1.log(), 30, what="now_leader reserved")
     assert not records.of("now_leader"), "now_leader must still wait behind the busy pool"
     free_at = slept_from + busy
