@@ -193,6 +193,14 @@ def test_a_hanging_shutdown_cannot_hold_the_worker_hostage(
     wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
     w2 = fleet.start("w2@%h")
     wait_for(lambda: "following" in w2.log(), 30, what="w2 follows")
+    # w2's arrival sends w1 a cluster_change: let it run first.  An event still queued
+    # at the signal is waited for (up to half the stop budget, the lease renewed
+    # meanwhile), which is not what this test measures.
+    wait_for(
+        lambda: [r for r in records.of("cluster_change") if r.reason["node"] == w2.node],
+        30,
+        what="w1 hears w2 join",
+    )
     stopped_at = time.time()
     w1.sigterm()
     taken = wait_for(
