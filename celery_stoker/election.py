@@ -605,11 +605,11 @@ class Election:
         if release:
             self._finish_running_event(term)
             with contextlib.suppress(redis.RedisError):
-                # From here no event of this term may start in the pool (one already
-                # running was waited for above): shutdown is the term's last event.
-                # (After a loss there is no time for this: the term ends in Redis soon.)
-                ttl_ms = max(1, round(self.settings.lease_ttl * 1000))
-                self.store.mark_closing(term.token, ttl_ms)
+                # A whole TTL for shutdown and the release, and from here no event of this
+                # term may start in the pool (one already running was waited for above):
+                # shutdown is the term's last event.  One round trip.  (After a loss
+                # there is no time for this: the term ends in Redis soon.)
+                self.lease.close_term(term)
         self.term = None
         self.state = "follower"
         self.active_from = None
@@ -659,8 +659,6 @@ class Election:
             with contextlib.suppress(redis.RedisError):
                 if not self.lease.renew(term):
                     return
-        with contextlib.suppress(redis.RedisError):
-            self.lease.renew(term)  # a full TTL for shutdown and the release
 
     def _live_nodes(self) -> frozenset[str]:
         """The workers a release may name as next: empty (trust all) when gossip sees no one."""

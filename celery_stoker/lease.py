@@ -52,6 +52,7 @@ from .keys import (
     RELEASED,
     RENEWED,
     channel_for,
+    closing_key,
     handoff_key,
     lease_key,
     stoker_draining_key,
@@ -247,6 +248,7 @@ class RedisLease:
         self.draining_key = stoker_draining_key(key_prefix, name)
         self.handoff_key = handoff_key(key_prefix, name)
         self.waiters_key = waiters_key(key_prefix, name)
+        self.closing_key = closing_key(key_prefix, name)
         #: On a Redis Cluster the Stoker's own shard channel (SPUBLISH), else the prefix's.
         self.channel, self.publish_command = channel_for(
             key_prefix, name, sharded=is_cluster_client(client)
@@ -272,6 +274,7 @@ class RedisLease:
         self._acquire = client.register_script(scripts.ACQUIRE)
         self._renew = client.register_script(scripts.RENEW)
         self._release = client.register_script(scripts.RELEASE)
+        self._close = client.register_script(scripts.CLOSE)
         self._observe = client.register_script(scripts.OBSERVE)
 
     def _redis_answered(self) -> None:
@@ -375,6 +378,36 @@ class RedisLease:
         if code == 3:
             to = detail.decode() if isinstance(detail, bytes) else str(detail)
             self.step_down_request = ("handoff", to or None)
+            return True
+        self.vanished = detail in (b"gone", "gone")
+        return False
+
+    def close_term(self, term: Term) -> bool:
+        """Stepping down: extend ``term`` a whole TTL and mark it closing; False if not ours.
+
+        One round trip for what ``shutdown`` and the release need: the time, and
+        the mark that keeps any queued event of the term from starting.
+        """
+        started = time.monotonic()
+        try:
+            code, detail = self._close(
+                keys=[self.lease_key, self.closing_key],
+                args=[
+                    term.value,
+                    self._ttl_ms,
+                    str(term.token),
+                    self.channel,
+                    self.name,
+                    self.publish_command,
+                ],
+            )
+        except redis.ResponseError as exc:
+            if not _is_foreign_data_error(exc):
+                raise
+            return False
+        self._redis_answered()
+        if int(code) == 1:
+            term.valid_until = started + validity(self.ttl)
             return True
         self.vanished = detail in (b"gone", "gone")
         return False

@@ -110,6 +110,27 @@ redis.pcall(ARGV[7], ARGV[3], 'renewed ' .. ARGV[2] .. ' ' .. ARGV[4])
 return {1, ''}
 """
 
+#: A stepping-down holder's last extension: a whole TTL for ``shutdown`` and the
+#: release, and the term marked closing (no event of it may start any more), in
+#: one round trip.
+#:
+#: KEYS[1] lease, KEYS[2] the term's closing mark.
+#: ARGV[1] the exact lease value the holder wrote, ARGV[2] TTL in ms, ARGV[3] token,
+#: ARGV[4] channel, ARGV[5] Stoker name, ARGV[6] the publish command.
+#: Reply: ``{1, ''}`` extended and marked (announced as ``renewed <ttl> <name>``);
+#: ``{0, ''}`` not ours any more, nothing written (``{0, 'gone'}``: no lease at all).
+CLOSE = """
+local current = redis.call('GET', KEYS[1])
+if current ~= ARGV[1] then
+  if not current then return {0, 'gone'} end
+  return {0, ''}
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+redis.pcall(ARGV[6], ARGV[4], 'renewed ' .. ARGV[2] .. ' ' .. ARGV[5])
+return {1, ''}
+"""
+
 #: Give the lease up (or keep it for one worker: a handoff) and name who tries first.
 #:
 #: KEYS[1] lease, KEYS[2] waiters.

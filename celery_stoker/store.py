@@ -164,10 +164,6 @@ class StokerStore:
         code = int(self._commit(keys=[self.lease_key, self.state_key, self.info_key], args=args))
         return Commit(code)
 
-    def mark_closing(self, token: int, ttl_ms: int) -> None:
-        """Say that term ``token`` is ending: an event that has not started yet must not."""
-        self.client.set(self.closing_key, str(token), px=ttl_ms)
-
     def term_accepts_events(self, token: int) -> bool:
         """True while ``token`` is the lease's and its leader is not stepping down.
 

@@ -1044,3 +1044,32 @@ def test_a_waiter_too_far_back_to_be_woken_still_takes_over_when_those_ahead_are
     assert wakes.sets == 0, "the release woke a waiter too far back"
     assert time.monotonic() - released_at <= ttl + 1.0
     assert must_acquire(far).token > term.token
+
+
+def test_closing_a_term_gives_it_a_whole_ttl_and_lets_no_event_of_it_start(
+    leases: Leases,
+) -> None:
+    """A stepping-down holder's one round trip: time for shutdown and the release, and
+    the mark that keeps a queued event of its term from starting."""
+    from celery_stoker.store import StokerStore
+
+    ttl = 2.0
+    lease = leases.lease("h", ttl)
+    term = must_acquire(lease)
+    admin = leases.client()
+    store = StokerStore(leases.client(), "job", key_prefix=PREFIX)
+    assert store.term_accepts_events(term.token)
+    admin.pexpire(lease.lease_key, 100)  # nearly over in Redis
+    before = time.monotonic()
+    assert lease.close_term(term)
+    assert admin.pttl(lease.lease_key) > 1500, "closing gives the term a whole TTL"
+    assert term.valid_until >= before + lease_module.validity(ttl)
+    assert not store.term_accepts_events(term.token), "no event of a closing term starts"
+
+    assert lease.release(term)
+    other = leases.lease("o", ttl)
+    newer = must_acquire(other)
+    assert not lease.close_term(term), "a term that is not ours any more is not closed"
+    assert store.term_accepts_events(newer.token), "the newer term was left alone"
+    admin.delete(lease.lease_key)
+    assert not other.close_term(newer) and other.vanished
