@@ -233,6 +233,13 @@ class Activator:
     def event_started(self, timeout: float) -> bool:
         return self.pump.wait_started(self.name, timeout)
 
+    def withdraw_unreceived(self) -> bool:
+        return self.pump.withdraw_unreceived(self.name)
+
+    def withdraw(self, task_id: str) -> bool:
+        """Take back a sent event Celery has not received yet (``delivery.py``)."""
+        return self.delivery.withdraw(task_id)
+
     def stop_acting(self, term: Term, reason: str, *, lost: bool, stale: bool = False) -> None:
         if self._started_token == term.token:
             self._call_local(term, "leader_stopping", reason)

@@ -21,6 +21,7 @@ started).
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from celery import Celery
@@ -57,6 +58,9 @@ class EventDelivery:
         self._worker = worker
         self._handler: Any = None
         self._said_fallback = False
+        #: Events handed to the loop that it has not taken yet (see :meth:`withdraw`).
+        self._waiting: set[str] = set()
+        self._lock = threading.Lock()
 
     @property
     def local(self) -> bool:
@@ -77,7 +81,23 @@ class EventDelivery:
             self._publish(task_id, args, soft_time_limit, time_limit)
             return
         message = self._message(task_id, args, soft_time_limit, time_limit)
+        with self._lock:
+            self._waiting.add(task_id)
         hub.call_soon(self._on_loop, message, task_id, args, soft_time_limit, time_limit)
+
+    def withdraw(self, task_id: str) -> bool:
+        """Take back an event the consumer's loop has not taken yet; True if it was.
+
+        A stopping worker's loop may never run again (Celery stops it first), and
+        an event it never takes would hold the stepping-down leader for its whole
+        grace.  A withdrawn event never reaches Celery.  An event sent through the
+        broker cannot be taken back (False).
+        """
+        with self._lock:
+            if task_id not in self._waiting:
+                return False
+            self._waiting.discard(task_id)
+            return True
 
     # ------------------------------------------------------------------ internals
 
@@ -145,6 +165,10 @@ class EventDelivery:
         time_limit: float | None,
     ) -> None:
         """On the consumer's event loop: receive the message as if the broker brought it."""
+        with self._lock:
+            if task_id not in self._waiting:
+                return  # withdrawn: its term is ending
+            self._waiting.discard(task_id)
         consumer: Any = getattr(self._worker, "consumer", None)
         strategies = getattr(consumer, "strategies", None) or {}
         if DISPATCH_TASK not in strategies:

@@ -72,6 +72,9 @@ class TermHandler(Protocol):
     def event_started(self, timeout: float) -> bool:
         """Wait up to ``timeout`` until the event sent last has started; True if it has."""
 
+    def withdraw_unreceived(self) -> bool:
+        """Take back the event in flight if the worker has not received it; True if so."""
+
     def stop_acting(self, term: Term, reason: str, *, lost: bool, stale: bool = False) -> None:
         """End the term's work: ``leader_stopping``, then ``shutdown`` (``lost``: from a copy).
 
@@ -650,6 +653,8 @@ class Election:
         At most :attr:`_event_grace`; the lease is renewed meanwhile, so a long
         TTL is not needed for this.
         """
+        # One the worker has not even received will not start: no waiting for it.
+        self.handler.withdraw_unreceived()
         deadline = time.monotonic() + self._event_grace
         while not self.handler.events_idle(0):
             margin = term.time_left() - RENEW_ATTEMPT * self.settings.socket_timeout

@@ -146,6 +146,9 @@ class LaneOwner(Protocol):
     def send_event(self, item: PendingEvent, task_id: str) -> None:
         """Send ``item`` as the dispatch task with ``task_id``; raise if the broker refuses."""
 
+    def withdraw(self, task_id: str) -> bool:
+        """Take back a sent event that Celery has not received; True if it never will."""
+
     def event_done(self, item: PendingEvent, outcome: Outcome) -> None:
         """Bookkeeping after an event is over (last error, failures, the state copy)."""
 
@@ -290,6 +293,25 @@ class EventPump:
     def wait_idle(self, name: str, timeout: float) -> bool:
         """Wait until no event of ``name`` is in flight; True if none is."""
         return self._lanes[name].idle.wait(max(0.0, timeout))
+
+    def withdraw_unreceived(self, name: str) -> bool:
+        """End the event of ``name`` in flight if Celery has not received it yet.
+
+        Called when the term ends (its lane is closed): an event the worker has
+        not even received would only be skipped when it ran, and a stopping
+        worker may never receive it.  True if one was withdrawn (it never runs).
+        """
+        with self._cond:
+            lane = self._lanes[name]
+            inflight = lane.inflight
+            if inflight is None or inflight.seen:
+                return False
+            if not lane.owner.withdraw(inflight.task_id):
+                return False
+            item = inflight.item
+        outcome = Outcome(seq=item.seq, token=item.token, ran=False, name=name)
+        self._finish(name, item.token, item.seq, outcome, task_id=inflight.task_id)
+        return True
 
     def wait_started(self, name: str, timeout: float) -> bool:
         """Wait until the event of ``name`` in flight has started in the pool (or ended).

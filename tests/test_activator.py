@@ -81,3 +81,52 @@ def test_one_slow_renewal_is_retried_not_a_lost_lease(
     finally:
         activator.stop(5)
         pubsub.close()
+
+
+def test_an_event_the_worker_never_took_does_not_hold_the_step_down(
+    redis_server: RedisServer,
+) -> None:
+    """A stopping worker's consumer loop stops before its Stokers step down: an event
+    handed to it meanwhile is never taken.  The stepping-down leader takes it back
+    instead of waiting half the stop budget for it, and it never reaches Celery.
+
+    The loop here is a real kombu ``Hub`` that nobody runs.
+    """
+    from types import SimpleNamespace
+
+    from kombu.asynchronous import Hub
+
+    settings = StokerSettings(
+        url=redis_server.url_for(0), lease_ttl=3.0, renew_interval=1.0, stop_timeout=30.0
+    )
+    app = Celery("bare", broker=redis_server.url_for(0))
+    hub = Hub()
+    worker = SimpleNamespace(hub=hub, consumer=None)
+    pump = EventPump("a@h")
+    activator = Activator(
+        app,
+        StokerSpec("never", Quiet),
+        settings,
+        hostname="a@h",
+        delivery=EventDelivery(app, worker, "stoker.a@h"),
+        listener=None,
+        members=lambda: frozenset({"a@h"}),
+        holder_id="a",
+        pump=pump,
+    )
+    activator.start()
+    pump.start()
+    try:
+        wait_for(lambda: activator.election.state == "leader", 10, what="leader")
+        wait_for(lambda: pump.running("never"), 5, what="now_leader handed to the loop")
+        # Half the stop budget is 15 s: a step-down that waited for the event would not
+        # be done within 5.
+        assert activator.stop(5), "the step-down waited for an event the worker never took"
+        assert activator.lease.holder() is None, "the lease was released"
+        assert pump.running("never") is None
+        for callback in hub._pop_ready():  # the loop runs at last: nothing is handed over
+            callback()
+        assert redis_server.client().llen("stoker.a@h") == 0, "the withdrawn event was sent"
+    finally:
+        activator.stop(1)
+        pump.stop()
