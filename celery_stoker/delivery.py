@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from celery import Celery
@@ -47,6 +49,16 @@ class _NoBroker:
 
 
 _NO_BROKER = _NoBroker()
+
+
+@dataclass(frozen=True)
+class _Event:
+    """One dispatch task to send: what ``send_task`` would be given."""
+
+    task_id: str
+    args: list[Any]
+    soft_time_limit: float | None
+    time_limit: float | None
 
 
 class EventDelivery:
@@ -76,14 +88,15 @@ class EventDelivery:
         time_limit: float | None,
     ) -> None:
         """Hand the dispatch task for ``args`` to this worker's pool (any thread)."""
+        event = _Event(task_id, args, soft_time_limit, time_limit)
         hub = self._hub()
         if hub is None:
-            self._publish(task_id, args, soft_time_limit, time_limit)
+            self._publish(event)
             return
-        message = self._message(task_id, args, soft_time_limit, time_limit)
+        message = self._message(event)
         with self._lock:
             self._waiting.add(task_id)
-        hub.call_soon(self._on_loop, message, task_id, args, soft_time_limit, time_limit)
+        hub.call_soon(self._on_loop, message, event)
 
     def withdraw(self, task_id: str) -> bool:
         """Take back an event the consumer's loop has not taken yet; True if it was.
@@ -104,41 +117,34 @@ class EventDelivery:
     def _hub(self) -> Any:
         return getattr(self._worker, "hub", None) if self._worker is not None else None
 
-    def _publish(
-        self,
-        task_id: str,
-        args: list[Any],
-        soft_time_limit: float | None,
-        time_limit: float | None,
-    ) -> None:
+    @cached_property
+    def _accept(self) -> set[str]:
+        """The content types the worker accepts (its configuration is final once it runs)."""
+        return set(prepare_accept_content(self.app.conf.accept_content))
+
+    def _publish(self, event: _Event) -> None:
         self.app.send_task(
             DISPATCH_TASK,
-            args=args,
-            task_id=task_id,
+            args=event.args,
+            task_id=event.task_id,
             queue=self.queue_name,
             expires=EVENT_MESSAGE_EXPIRES,
             ignore_result=True,
-            soft_time_limit=soft_time_limit,
-            time_limit=time_limit,
+            soft_time_limit=event.soft_time_limit,
+            time_limit=event.time_limit,
         )
 
-    def _message(
-        self,
-        task_id: str,
-        args: list[Any],
-        soft_time_limit: float | None,
-        time_limit: float | None,
-    ) -> Message:
+    def _message(self, event: _Event) -> Message:
         """The message ``send_task`` would publish, as the consumer would receive it."""
         app = self.app
         task_message = app.amqp.create_task_message(
-            task_id,
+            event.task_id,
             DISPATCH_TASK,
-            args,
+            event.args,
             {},
             expires=EVENT_MESSAGE_EXPIRES,
-            time_limit=time_limit,
-            soft_time_limit=soft_time_limit,
+            time_limit=event.time_limit,
+            soft_time_limit=event.soft_time_limit,
             ignore_result=True,
         )
         content_type, content_encoding, body = dumps(
@@ -146,29 +152,22 @@ class EventDelivery:
         )
         return Message(
             body=body,
-            delivery_tag=task_id,
+            delivery_tag=event.task_id,
             content_type=content_type,
             content_encoding=content_encoding,
             delivery_info={"exchange": "", "routing_key": self.queue_name},
             properties=dict(task_message.properties),
             headers=task_message.headers,
-            accept=prepare_accept_content(app.conf.accept_content),
+            accept=self._accept,
             channel=_NO_BROKER,
         )
 
-    def _on_loop(
-        self,
-        message: Message,
-        task_id: str,
-        args: list[Any],
-        soft_time_limit: float | None,
-        time_limit: float | None,
-    ) -> None:
+    def _on_loop(self, message: Message, event: _Event) -> None:
         """On the consumer's event loop: receive the message as if the broker brought it."""
         with self._lock:
-            if task_id not in self._waiting:
+            if event.task_id not in self._waiting:
                 return  # withdrawn: its term is ending
-            self._waiting.discard(task_id)
+            self._waiting.discard(event.task_id)
         consumer: Any = getattr(self._worker, "consumer", None)
         strategies = getattr(consumer, "strategies", None) or {}
         if DISPATCH_TASK not in strategies:
@@ -179,7 +178,7 @@ class EventDelivery:
                     DISPATCH_TASK,
                 )
                 self._said_fallback = True
-            self._publish(task_id, args, soft_time_limit, time_limit)
+            self._publish(event)
             return
         try:
             if self._handler is None:
@@ -189,11 +188,11 @@ class EventDelivery:
             # Never let an event break the consumer's loop.  If Celery kept no request of
             # it, nothing of it can run: send it the long way.  If it did, it runs (or the
             # pump's watchdog sees it end), and a second copy must not.
-            kept = task_id in worker_state.requests
+            kept = event.task_id in worker_state.requests
             logger.exception(
                 "celery-stoker: could not hand event %s to this worker's consumer%s",
-                task_id,
+                event.task_id,
                 "" if kept else "; sending it through the broker",
             )
             if not kept:
-                self._publish(task_id, args, soft_time_limit, time_limit)
+                self._publish(event)

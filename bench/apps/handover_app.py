@@ -124,9 +124,9 @@ def _record_sends() -> None:
     EventDelivery.send = send  # type: ignore[method-assign]
     on_loop = EventDelivery._on_loop
 
-    def _on_loop(self: EventDelivery, message: Any, task_id: str, *a: Any) -> None:
-        note("loop", at=time.time(), id=task_id)
-        on_loop(self, message, task_id, *a)
+    def _on_loop(self: EventDelivery, message: Any, event: Any) -> None:
+        note("loop", at=time.time(), id=event.task_id)
+        on_loop(self, message, event)
 
     EventDelivery._on_loop = _on_loop  # type: ignore[method-assign]
 
