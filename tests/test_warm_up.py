@@ -1,0 +1,65 @@
+"""What a process pays before its first event (``dispatch.warm_process``).
+
+A pool process is forked when the worker starts and, on a follower, runs
+nothing until a failover.  Its first event then paid for code no call had run
+yet, the term check and the state read, at the very moment of the failover.
+The warm-up runs them once per Redis when the process starts: reads only, for
+a token no term has.  Real Redis here; Redis's own command counters say what
+was sent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from celery_stoker import Stoker, stoker
+from celery_stoker.dispatch import warm_process
+from celery_stoker.keys import lease_key, state_key
+from celery_stoker.testing import RedisServer
+
+
+class _Kept(Stoker):
+    def init(self) -> dict[str, int]:
+        return {"n": 0}
+
+    def event(self, state: Any, event: str, reason: Any) -> Any:
+        return state
+
+
+def _calls(client: Any) -> dict[str, int]:
+    """Calls per command since the last CONFIG RESETSTAT, without the test's own."""
+    stats = client.info("commandstats")
+    ours = ("cmdstat_info", "cmdstat_config|resetstat", "cmdstat_hello", "cmdstat_client|setinfo")
+    return {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if name not in ours
+    }
+
+
+def test_the_warm_up_runs_the_term_check_once_per_redis_and_writes_nothing(
+    redis_server: RedisServer,
+) -> None:
+    app = Celery("warm", set_as_current=False)
+    app.conf.stoker_url = redis_server.url
+    for name in ("alpha", "beta", "gamma"):
+        stoker(app, name=name)(type(name.title(), (_Kept,), {}))
+    client = redis_server.client()
+    # A term and a state of one Stoker, which the warm-up must read and leave alone.
+    lease = lease_key("stoker", "alpha")
+    client.set(lease, b'{"v": 1, "host": "w1", "holder": "h", "token": 7, "since": 1}', px=60_000)
+    client.hset(
+        state_key("stoker", "alpha"),
+        mapping={"body": b'{"n": 3}', "content_type": "application/json", "version": 4},
+    )
+    before = {key: client.dump(key) for key in client.keys("*")}
+    client.config_resetstat()
+
+    warm_process(app)
+
+    # One Redis for three Stokers: the script once, one term check (two GETs and the
+    # state in one round trip), and no write.
+    assert _calls(client) == {"script|load": 1, "get": 2, "hgetall": 1}
+    assert {key: client.dump(key) for key in client.keys("*")} == before
