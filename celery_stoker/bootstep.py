@@ -248,17 +248,22 @@ class StokerStep(bootsteps.StartStopStep):
         warm_process(self.app)
 
     def _warm_main_process(self) -> None:
-        """On the pump's thread at start: what the first ``send_task`` of a term would pay.
+        """On the pump's thread at start: what the first event of a term would pay.
 
         A producer connection from the app's pool and the declaration of this
-        worker's event queue; and, for pools that run tasks in this process,
-        what a pool process pays in ``worker_process_init``.
+        worker's event queue (the broker path), one task message built and
+        thrown away (the local path), and, for pools that run tasks in this
+        process, what a pool process pays in ``worker_process_init``.
         """
         try:
             with self.app.producer_or_acquire() as producer:
                 producer.maybe_declare(self.app.amqp.queues[self.queue_name])
         except Exception as exc:
             logger.debug("celery-stoker: producer not warmed up (%s)", exc)
+        try:
+            self.delivery.warm_up()
+        except Exception as exc:
+            logger.debug("celery-stoker: event delivery not warmed up (%s)", exc)
         warm_process(self.app)
 
     def _consumed_queues(self) -> frozenset[str]:

@@ -849,9 +849,26 @@ class ReportReader:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def _connect_early(self) -> redis.Redis | None:
+        """Connect before any event: a new leader's main process has better things to do.
+
+        Otherwise the first event of the worker's first term makes this thread
+        connect (and greet Redis) while that event is on its way to the pool.
+        One connection per worker and Redis, idle until then: no command is
+        sent while nothing is in flight.
+        """
+        try:
+            client = self._client_factory()
+            pool = getattr(client, "connection_pool", None)  # (a cluster client has one per node)
+            if pool is not None:
+                pool.release(pool.get_connection())  # connected and greeted; BLPOP reuses it
+        except Exception:
+            return None  # Redis is not up yet: connected on the first event
+        return client
+
     def _run(self) -> None:
         backoff = 0.05
-        client: redis.Redis | None = None
+        client: redis.Redis | None = self._connect_early()
         while not self._stopping.is_set():
             if not self._busy.wait(self.BLOCK):
                 continue
