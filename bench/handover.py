@@ -639,9 +639,9 @@ def tables(data: dict[str, Any]) -> list[Table]:
                 f"{'met' if core <= 2 else 'MISSED'} without the polls"
             )
             c.notes.append(
-                "BLPOP: every worker's report reader (followers too) blocks one second at a "
-                "time, so each worker sends one about every second whether or not a failover "
-                "happens; the window is about 1.05 s"
+                "BLPOP: a worker's report reader blocks one second at a time while one of its "
+                "events is in flight (the new leader's, here); an idle follower sends none; "
+                "the window is about 1.05 s"
             )
         c.notes.append(
             "all clients: the stopping leader (step-down, shutdown, release), the followers, "
