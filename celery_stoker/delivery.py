@@ -101,11 +101,12 @@ class EventDelivery:
         hub.call_soon(self._on_loop, message, event)
 
     def warm_up(self) -> None:
-        """Build one event's message and throw it away: the first one costs ~1 ms more.
+        """Build one event's message and throw it away: the first one costs more.
 
         Celery builds what a task message needs (the protocol's header
-        layout, the serializer) on first use; a new leader should not pay for
-        that while its ``now_leader`` is on the way.
+        layout, the serializer) on first use: 1.5 ms in a bare process, about
+        0.3 ms in a running worker.  A new leader should not pay for that
+        while its ``now_leader`` is on the way.
         """
         self._message(_Event(WARM_UP_TASK_ID, [], None, None))
 
