@@ -186,15 +186,15 @@ def warm_process(app: Celery) -> None:
     busy 2-CPU machine, at the very moment of a failover.  Read-only; never
     raises: a Redis that is not up yet is simply connected to later.
     """
-    warmed: set[int] = set()
+    warmed: set[str] = set()
     for spec in list(registry_of(app).values()):
         try:
             settings = resources.settings(app, spec)
             resources.instance(app, spec)
-            client = resources.client(settings)
-            if id(client) in warmed:
+            if settings.url in warmed:
                 continue  # one Redis, one warm-up: the path is the same for every Stoker
-            warmed.add(id(client))
+            warmed.add(settings.url)
+            client = resources.client(settings)
             client.script_load(scripts.COMMIT)
             store = StokerStore(
                 client,

@@ -20,7 +20,8 @@ from celery import Celery
 from celery_stoker import Stoker, stoker
 from celery_stoker.delivery import WARM_UP_TASK_ID, EventDelivery
 from celery_stoker.dispatch import warm_process
-from celery_stoker.keys import lease_key, reports_key, state_key
+from celery_stoker.keys import reports_key, state_key
+from celery_stoker.lease import RedisLease
 from celery_stoker.pump import ReportReader
 from celery_stoker.testing import RedisServer, wait_for
 
@@ -53,8 +54,8 @@ def test_the_warm_up_runs_the_term_check_once_per_redis_and_writes_nothing(
         stoker(app, name=name)(type(name.title(), (_Kept,), {}))
     client = redis_server.client()
     # A term and a state of one Stoker, which the warm-up must read and leave alone.
-    lease = lease_key("stoker", "alpha")
-    client.set(lease, b'{"v": 1, "host": "w1", "holder": "h", "token": 7, "since": 1}', px=60_000)
+    term = RedisLease(client, "alpha", holder_id="h", hostname="w1", ttl=60.0).acquire().term
+    assert term is not None
     client.hset(
         state_key("stoker", "alpha"),
         mapping={"body": b'{"n": 3}', "content_type": "application/json", "version": 4},
