@@ -320,21 +320,25 @@ class Activator:
             return None
         return term.token
 
-    def send_event(self, item: PendingEvent, task_id: str) -> None:
+    def event_args(self, item: PendingEvent) -> list[Any]:
+        """The dispatch task's arguments for ``item``: what ``dispatch`` is called with."""
+        return [
+            self.name,
+            item.token,
+            item.seq,
+            item.event,
+            item.reason,
+            sorted(self._members()),
+            self.hostname,
+        ]
+
+    def send_event(self, item: PendingEvent, task_id: str, args: list[Any]) -> None:
         """Send ``item`` to this worker's pool as the dispatch task (``delivery.py``)."""
         self.last_event, self.last_event_at = item.event, time.time()
         self._sent_token = item.token
         self.delivery.send(
             task_id,
-            [
-                self.name,
-                item.token,
-                item.seq,
-                item.event,
-                item.reason,
-                sorted(self._members()),
-                self.hostname,
-            ],
+            args,
             soft_time_limit=self.settings.soft_time_limit,
             time_limit=self.settings.time_limit,
         )

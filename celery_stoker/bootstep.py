@@ -113,6 +113,7 @@ class StokerStep(bootsteps.StartStopStep):
         if self.registry:
             self.app.amqp.queues.select_add(self.queue_name)
         self.metrics = self._metrics()
+        self.pump.on_refused = self.metrics.event_refused
         worker.stoker = self
 
     def _metrics(self) -> MetricsHooks:

@@ -12,6 +12,14 @@ order: the activator sends the next event only when the last one reported.
 ``shutdown`` does not travel through the broker: a stepping-down leader runs
 it itself (:func:`run_event` in the worker's main process) before it releases
 the lease, because by then the pool may be draining or the broker unreachable.
+
+Anyone who can publish to the broker can send a ``celery_stoker.dispatch``
+message, with a term's real token (it is no secret: events and ``inspect``
+show it).  So the token is not what lets a callback run: the dispatch
+request (:class:`EventRequest`) asks the worker's pump, in the worker's main
+process and before the pool gets the request, whether this is the very
+message it has in flight (:meth:`EventPump.admit`), and the task in the pool
+runs only a request that was admitted so (:data:`PERMIT_FIELD`).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import threading
 import time
 import traceback
@@ -55,6 +64,13 @@ REPORTS_KEY_TTL_MS = 3_600_000
 REPORT_ATTEMPTS = 3
 #: The Stokers whose last report this process could not push (logged once per outage).
 _REPORT_REFUSED: set[str] = set()
+#: The request field the pump's gate sets on an admitted event, and its value: a
+#: secret of this worker's processes (pool processes are forked from the main one,
+#: and requests reach them over the pool's pipe), never sent through the broker.
+PERMIT_FIELD = "stoker_permit"
+PERMIT = secrets.token_hex(16)
+#: Said once per process: dispatch messages refused where no pump runs, or in the pool.
+_SAID: set[str] = set()
 
 
 #: What became of an event: ``ok`` (ran, no error), ``error`` (a callback raised,
@@ -477,13 +493,36 @@ def report(client: redis.Redis, key: str, outcome: Outcome) -> None:
 
 
 class EventRequest(Request):
-    """The dispatch task's request: tells the worker's pump what Celery saw of an event.
+    """The dispatch task's request: the gate before the pool, and what Celery saw of an event.
 
-    Celery calls these in the worker's main process (for every pool), so the
-    pump hears at once when the pool process running a callback was lost
-    (``WorkerLostError``: a crash, an OOM kill, ``os._exit``) or a hard time
-    limit ended it, instead of waiting for a report that will never come.
+    Before a request goes to the pool, Celery asks it :meth:`revoked`; that
+    is where this request asks the worker's pump whether it is the event the
+    pump has in flight (see the module docstring).  A refused request never
+    reaches the pool: it is acknowledged (so the broker does not deliver it
+    again), leaves Celery's tables, and the event in flight, if one runs
+    under the same id, keeps its place in them.
+
+    Celery calls the hooks below in the worker's main process (for every
+    pool), so the pump hears at once when the pool process running a
+    callback was lost (``WorkerLostError``: a crash, an OOM kill,
+    ``os._exit``) or a hard time limit ended it, instead of waiting for a
+    report that will never come.
     """
+
+    _stoker_refused = False
+
+    def revoked(self) -> bool:
+        """Celery's own check (revoked, expired), then the pump's: may this event run now?"""
+        if super().revoked():
+            return True
+        if self._stoker_refused:
+            return True
+        if _admitted(self):
+            self._request_dict[PERMIT_FIELD] = PERMIT
+            return False
+        self._stoker_refused = True
+        _forget(self)
+        return True
 
     def on_accepted(self, pid: int, time_accepted: float) -> None:
         super().on_accepted(pid, time_accepted)
@@ -504,6 +543,69 @@ class EventRequest(Request):
             exc = getattr(exc, "exc", exc)  # ExceptionWithTraceback
             what = "timeout" if isinstance(exc, TimeLimitExceeded) else "lost"
             _tell_pump(self, what, f"{exc.__class__.__name__}: {exc}")
+
+
+def _admitted(request: Request) -> bool:
+    """True if this worker's pump admits ``request`` as its event in flight; never raises."""
+    try:
+        from .pump import pump_of
+
+        source = _source(request)
+        pump = pump_of(request.hostname)
+        if pump is None:
+            _say_once(
+                "no-pump",
+                "celery-stoker: refused a dispatch message (task %s) that came %s: this "
+                "worker runs no Stoker pump (is StokerStep added to app.steps['worker']?), "
+                "so no event of it may run here",
+                request.id,
+                source,
+            )
+            return False
+        return pump.admit(request.id, request.args, request, source) is None
+    except Exception:  # a hook of Celery's must not fail the worker; refuse
+        logger.exception("celery-stoker: could not judge dispatch message %s", request.id)
+        return False
+
+
+def _source(request: Request) -> str:
+    """Where a dispatch message says it came from, for the refusal's log line.
+
+    Both values are what the message says of itself: information for a person,
+    never a reason to trust it.
+    """
+    info = request.delivery_info or {}
+    origin = request._request_dict.get("origin")
+    return (
+        f"through routing key {str(info.get('routing_key'))[:100]!r}, "
+        f"sent by {str(origin)[:100]!r} (as the message says)"
+    )
+
+
+def _forget(request: Request) -> None:
+    """Take a refused request out of Celery's tables and acknowledge its message.
+
+    A copy of the event in flight has its id: the request that runs the event
+    keeps the table's entry, which the pump's watchdog reads.
+    """
+    from celery.worker import state
+
+    if state.requests.get(request.id) is request:
+        del state.requests[request.id]
+        for other in (*state.active_requests, *state.reserved_requests):
+            if other is not request and other.id == request.id:
+                state.requests[request.id] = other
+                break
+    for table in (state.active_requests, state.reserved_requests, state.scheduled_requests):
+        table.discard(request)
+    request.acknowledge()
+
+
+def _say_once(key: str, message: str, *args: Any) -> None:
+    """Log ``message`` at WARNING the first time ``key`` is said in this process, then at DEBUG."""
+    log = logger.debug if key in _SAID else logger.warning
+    _SAID.add(key)
+    log(message, *args)
 
 
 def _tell_pump(request: Request, what: str, cause: str | None) -> None:
@@ -542,6 +644,19 @@ def register_dispatch_task(app: Celery) -> None:
         members: list[str],
         hostname: str,
     ) -> None:
+        if getattr(task.request, PERMIT_FIELD, None) != PERMIT:
+            # Not a request this worker's gate admitted: a direct call, or a pool process
+            # that was not forked from the worker's main process.  Nothing runs.
+            _say_once(
+                "no-permit",
+                "Stoker %s: refused to run %s (term %s) in the pool: it was not admitted "
+                "by this worker's event pump; a callback runs only for the event the "
+                "leader's pump has in flight",
+                name,
+                event,
+                token,
+            )
+            return
         spec = registry_of(task.app).get(name)
         if spec is None:
             logger.error(

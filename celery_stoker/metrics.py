@@ -71,6 +71,9 @@ class MetricsHooks:
     def event_done(self, name: str, event: str, outcome: Outcome) -> None:
         """An event of ``name`` ended (in the pool, or ``shutdown`` in this process)."""
 
+    def event_refused(self, name: str, why: str) -> None:
+        """A dispatch message for ``name`` ("" if it named none of ours) was refused."""
+
     def start(self) -> None:
         """Begin serving ``/metrics``."""
 
@@ -144,6 +147,14 @@ class PrometheusMetrics(MetricsHooks):
             ["stoker", "event", "outcome"],
             registry=self.registry,
         )
+        self.refused = prometheus_client.Counter(
+            "stoker_events_refused",
+            "Dispatch messages refused before their callback ran, by why (not_in_flight, "
+            "not_sent_here, copy, unknown_event, unknown_stoker, malformed); stoker is empty "
+            "when the message named no Stoker of this worker.",
+            ["stoker", "why"],
+            registry=self.registry,
+        )
         self.event_seconds = prometheus_client.Histogram(
             "stoker_event_duration_seconds",
             "Seconds an event's callbacks took, measured where they ran (the pool process).",
@@ -182,6 +193,9 @@ class PrometheusMetrics(MetricsHooks):
         self.events.labels(name, event, label).inc()
         if outcome.runtime is not None:
             self.event_seconds.labels(name, event).observe(outcome.runtime)
+
+    def event_refused(self, name: str, why: str) -> None:
+        self.refused.labels(name, why).inc()
 
     # ----------------------------------------------------------------- server
 

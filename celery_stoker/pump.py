@@ -37,6 +37,7 @@ import collections
 import contextlib
 import heapq
 import itertools
+import json
 import logging
 import os
 import signal
@@ -87,6 +88,18 @@ REPORT_MISSING = (
     "until a report arrives again)"
 )
 
+#: The events a pump sends to the pool (``shutdown`` runs in the main process).
+DISPATCHED_EVENTS = ("now_leader", "cluster_change", "timer")
+#: Why a dispatch message was refused (the ``why`` label of the refusal metric).
+REFUSALS = (
+    "malformed",
+    "unknown_event",
+    "unknown_stoker",
+    "not_in_flight",
+    "not_sent_here",
+    "copy",
+)
+
 _pumps: dict[str, EventPump] = {}
 _pumps_lock = threading.Lock()
 
@@ -95,6 +108,25 @@ def pump_of(hostname: str) -> EventPump | None:
     """The pump of the worker called ``hostname`` in this process, if it runs."""
     with _pumps_lock:
         return _pumps.get(hostname)
+
+
+def event_fingerprint(args: Any) -> str:
+    """The dispatch task's arguments in one canonical form, as sent and as received.
+
+    Compared by :meth:`EventPump.admit`: what the broker or the consumer decoded
+    (lists for tuples, and so on) must match what the pump sent.
+    """
+    return json.dumps(args, sort_keys=True, separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a dispatch message may not run its callback (see :meth:`EventPump.admit`)."""
+
+    #: One of :data:`REFUSALS`.
+    why: str
+    #: The same, in words, for the log.
+    text: str
 
 
 @dataclass
@@ -129,6 +161,11 @@ class InFlight:
     killing_pid: int | None = None
     killed_outcome: Outcome | None = None
     killing_since: float = 0.0
+    #: The dispatch task's arguments as sent, in canonical form (:func:`event_fingerprint`):
+    #: the one message that may run this event (see :meth:`EventPump.admit`).
+    fingerprint: str | None = None
+    #: The Celery request admitted to run it; any other request is refused.
+    admitted: Any = None
 
 
 class LaneOwner(Protocol):
@@ -143,8 +180,11 @@ class LaneOwner(Protocol):
     def acting_token(self) -> int | None:
         """The token of the term that may send events now, or None."""
 
-    def send_event(self, item: PendingEvent, task_id: str) -> None:
-        """Send ``item`` as the dispatch task with ``task_id``; raise if the broker refuses."""
+    def event_args(self, item: PendingEvent) -> list[Any]:
+        """The dispatch task's arguments for ``item`` (name, token, seq, event, reason, ...)."""
+
+    def send_event(self, item: PendingEvent, task_id: str, args: list[Any]) -> None:
+        """Send ``args`` as the dispatch task with ``task_id``; raise if the broker refuses."""
 
     def withdraw(self, task_id: str) -> bool:
         """Take back a sent event that Celery has not received; True if it never will."""
@@ -176,6 +216,8 @@ class Lane:
     #: An event ended without its report (Redis refused the pool's LPUSH): said once,
     #: then quiet until a report arrives again.
     report_missing: bool = False
+    #: A refused dispatch message was logged for this lane's term (said once a term).
+    refusal_said: bool = False
 
 
 class EventPump:
@@ -199,6 +241,11 @@ class EventPump:
         #: The pump's own fault, shown in status until it clears.
         self.error: str | None = None
         self.error_since: float | None = None
+        #: Called with (Stoker name or "", why) for every refused dispatch message.
+        self.on_refused: Callable[[str, str], None] | None = None
+        #: Refused dispatch messages, by Stoker name ("" when it named no Stoker of ours).
+        self.refused: collections.Counter[str] = collections.Counter()
+        self._refusal_said_unknown = False
 
     # ------------------------------------------------------------ wiring
 
@@ -258,6 +305,7 @@ class EventPump:
         with self._cond:
             lane = self._lanes[name]
             lane.token = token
+            lane.refusal_said = False
             lane.pending.clear()
             lane.pending.append(PendingEvent(self.next_seq(), token, "now_leader", None))
             lane.timer_due = lane.not_before = None
@@ -334,6 +382,83 @@ class EventPump:
                 "started_at": inflight.started_at,
             }
 
+    # ------------------------------------------- who may run the event in flight
+
+    def admit(self, task_id: str, args: Any, request: Any, source: str) -> Refusal | None:
+        """May the dispatch message ``task_id`` run its callback now?  None if it may.
+
+        Only the event this pump has in flight for a Stoker may run, only the
+        message it sent for it (same task id, same arguments) and only one
+        request of it: anyone who can publish to the broker can send a
+        ``celery_stoker.dispatch`` message with a term's real token, and
+        Celery would run it.  Called on the worker's main process by the
+        dispatch task's request, before the pool gets it, so the verdict is
+        made where the truth is kept, for every pool, at no cost in Redis.  A
+        refusal is logged once per term and Stoker (``source`` says where the
+        message came from) and counted (:attr:`refused`, :attr:`on_refused`).
+        """
+        refusal, name, lane = self._judge(task_id, args, request)
+        if refusal is None:
+            return None
+        with self._cond:
+            self.refused[name] += 1
+            if lane is not None:
+                say, lane.refusal_said = not lane.refusal_said, True
+            else:
+                say, self._refusal_said_unknown = not self._refusal_said_unknown, True
+        log = logger.warning if say else logger.debug
+        log(
+            "Stoker %s: refused a dispatch message (task %s, arguments %.200r): %s; it came %s "
+            "and its callback did not run (said once per term; every refusal is counted)",
+            name or "?",
+            task_id,
+            args,
+            refusal.text,
+            source,
+        )
+        if self.on_refused is not None:
+            try:
+                self.on_refused(name, refusal.why)
+            except Exception:
+                logger.debug("celery-stoker: counting a refusal failed", exc_info=True)
+        return refusal
+
+    def _judge(
+        self, task_id: str, args: Any, request: Any
+    ) -> tuple[Refusal | None, str, Lane | None]:
+        """The verdict of :meth:`admit`, the Stoker's name ("" if none of ours) and its lane."""
+        if not (isinstance(args, (list, tuple)) and len(args) == 7 and isinstance(args[0], str)):
+            return Refusal("malformed", "its arguments are not those of an event"), "", None
+        name, event = args[0], args[3]
+        with self._cond:
+            lane = self._lanes.get(name)
+            if lane is None:
+                return Refusal("unknown_stoker", "no Stoker of that name runs here"), "", None
+            if event not in DISPATCHED_EVENTS:
+                return (
+                    Refusal("unknown_event", f"{event!r} is not an event the pump sends"),
+                    name,
+                    lane,
+                )
+            inflight = lane.inflight
+            if inflight is None:
+                why = (
+                    "this worker has no event of it in flight (it follows, or that event "
+                    "is over): a replay, or a message from elsewhere"
+                )
+                return Refusal("not_in_flight", why), name, lane
+            if inflight.task_id != task_id or inflight.fingerprint != event_fingerprint(args):
+                why = (
+                    "it is not the event this worker's pump has in flight (a replay of an "
+                    "earlier event, another term's, or an altered copy)"
+                )
+                return Refusal("not_sent_here", why), name, lane
+            if inflight.admitted is not None and inflight.admitted is not request:
+                why = "a second copy of the event in flight, which another request runs"
+                return Refusal("copy", why), name, lane
+            inflight.admitted = request
+            return None, name, lane
+
     # --------------------------------------------- what Celery and Redis say
 
     def reported(self, outcome: Outcome) -> None:
@@ -368,7 +493,7 @@ class EventPump:
             if what == "accepted":
                 inflight.seen = True
                 inflight.started_at = time.time()
-                inflight.pid = pid if pid and pid != os.getpid() else None
+                inflight.pid = _pool_process(pid)
                 lane.started.set()
                 return
             pid = pid or inflight.pid
@@ -613,7 +738,12 @@ class EventPump:
     def _send(self, lane: Lane, item: PendingEvent, task_id: str) -> None:
         name = lane.owner.name
         try:
-            lane.owner.send_event(item, task_id)
+            args = lane.owner.event_args(item)
+            with self._cond:
+                # Before the message leaves: the consumer may receive it at once.
+                if lane.inflight is not None and lane.inflight.task_id == task_id:
+                    lane.inflight.fingerprint = event_fingerprint(args)
+            lane.owner.send_event(item, task_id, args)
         except Exception as exc:
             text = f"{exc.__class__.__name__}: {exc}"
             if text != lane.send_error:
@@ -780,6 +910,23 @@ class EventPump:
                 seq=seq, token=token, ran=False, name=name, kind="lost", error=f"message {why}"
             )
             self._finish(name, token, seq, outcome, task_id=request.id)
+
+
+#: No process id on Linux is above this (``PID_MAX_LIMIT``); a green pool's "pid" is.
+PID_MAX_LIMIT = 1 << 22
+
+
+def _pool_process(pid: int | None) -> int | None:
+    """``pid`` if it is a pool process other than this one, else None.
+
+    The gevent and eventlet pools report the id of a greenlet where prefork
+    reports a process: taken for a pid, it looks like a process that died the
+    moment the watchdog looks, and every callback longer than a watch interval
+    would be counted as lost.
+    """
+    if not pid or pid == os.getpid() or pid > PID_MAX_LIMIT or not _process_exists(pid):
+        return None
+    return pid
 
 
 def _process_exists(pid: int) -> bool:

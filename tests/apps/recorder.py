@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, current_task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_stoker import Stoker, StokerStep, consuming, stoker
@@ -134,6 +134,11 @@ class Recorder(Stoker):
     def event(self, state: dict[str, Any], event: str, reason: Any) -> dict[str, Any]:
         ctx = self.context
         started = time.time()
+        request = current_task.request if event != "shutdown" else None
+        task_id = getattr(request, "id", None)
+        if os.environ.get("STOKER_TEST_RECORD_REQUESTS") and request is not None:
+            # The dispatch message as it arrived, for tests that send copies of it.
+            record("request", id=task_id, args=request.args, event=event, host=ctx.hostname)
         if os.environ.get("STOKER_TEST_RECORD_STARTS") and event != "shutdown":
             record("started", event=event, host=ctx.hostname, token=ctx.token)
         if event == "shutdown" and os.environ.get("STOKER_TEST_SHUTDOWN_HANG") == ctx.hostname:
@@ -154,6 +159,7 @@ class Recorder(Stoker):
             events=state["events"],
             started=started,
             stale=getattr(ctx, "stale", None),
+            task_id=task_id,
         )
         if event == "timer" and os.environ.get("STOKER_TEST_RAISE_ON_TIMER") == ctx.hostname:
             raise RuntimeError("boom in timer")
