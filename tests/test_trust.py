@@ -120,10 +120,12 @@ def test_only_the_event_in_flight_runs_a_callback(
     forged = dict(running, args=[*running["args"][:3], "forged", *running["args"][4:]])
     send(forged, w1.node, task_id="forged-event")
     wait_for(
-        lambda: _refused(ports["w1"]).get("unknown_event", 0) >= 1
-        and _refused(ports["w1"]).get("not_in_flight", 0)
-        + _refused(ports["w1"]).get("not_sent_here", 0)
-        >= 1,
+        lambda: (
+            _refused(ports["w1"]).get("unknown_event", 0) >= 1
+            and _refused(ports["w1"]).get("not_in_flight", 0)
+            + _refused(ports["w1"]).get("not_sent_here", 0)
+            >= 1
+        ),
         20,
         what="w1 refuses the replay and the forged name",
     )

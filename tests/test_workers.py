@@ -288,9 +288,7 @@ def test_a_message_for_an_earlier_term_is_refused_with_one_log_line(
             args=["recorder", stale, seq, "timer", None, [w1.node], w1.node],
             queue=f"stoker.{w1.node}",
         )
-    wait_for(
-        lambda: "refused a dispatch message" in w1.log(), 20, what="the refusal's log line"
-    )
+    wait_for(lambda: "refused a dispatch message" in w1.log(), 20, what="the refusal's log line")
     assert not [r for r in records.events() if r.token == stale]
     assert w1.log().count("refused a dispatch message") == 1
 
