@@ -9,10 +9,14 @@ test_cli_watch.py, beside the other ``status`` views.
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from celery import Celery
+from support.redis_server import RedisServer
+from support.workers import Fleet, Records, wait_for
 
 from celery_stoker import Stoker, StokerRegistrationError, stoker
 from celery_stoker.registry import registry_of
@@ -60,3 +64,33 @@ def test_text_helpers() -> None:
     assert brief("event() raised KeyError: 'x'\nTraceback ...") == "event() raised KeyError: 'x'"
     long = brief("x" * 500)
     assert long is not None and len(long) == BRIEF_LIMIT and long.endswith("...")
+
+
+@pytest.mark.workers
+def test_inspect_broadcasts_the_type_and_first_line_of_an_error(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
+) -> None:
+    node = f"w1@{socket.gethostname()}"
+    message = "y" * 300 + "\nsecond line, only for the log"
+    fleet = fleets(
+        "solo",
+        STOKER_TEST_TIMER="0.3",
+        STOKER_TEST_RAISE_ON_TIMER=node,
+        STOKER_TEST_RAISE_MESSAGE=message,
+    )
+    worker = fleet.start("w1@%h")
+    wait_for(lambda: records.of("timer"), 30, what="a timer that raises")
+    operator = Celery("operator", broker=redis_server.url_for(0), set_as_current=False)
+
+    def activator() -> dict[str, Any] | None:
+        replies = operator.control.inspect(timeout=2)._request("stoker") or {}
+        found = ((replies.get(worker.node) or {}).get("activators") or {}).get("recorder")
+        return found if found and found.get("last_error") else None
+
+    error = wait_for(activator, 30, interval=0.2, what="inspect shows the error")["last_error"]
+    assert error.startswith("event() raised RuntimeError: yyy"), error
+    assert len(error) <= BRIEF_LIMIT and error.endswith("..."), error
+    assert "\n" not in error and "second line" not in error and "Traceback" not in error
+    # The whole error, traceback included, is in the worker's log.
+    log = worker.log()
+    assert "second line, only for the log" in log and "Traceback" in log

@@ -156,7 +156,8 @@ class Recorder(Stoker):
             stale=getattr(ctx, "stale", None),
         )
         if event == "timer" and os.environ.get("STOKER_TEST_RAISE_ON_TIMER") == ctx.hostname:
-            raise RuntimeError("boom in timer")
+            # STOKER_TEST_RAISE_MESSAGE: the error's text (long, several lines: inspect's brief)
+            raise RuntimeError(os.environ.get("STOKER_TEST_RAISE_MESSAGE", "boom in timer"))
         # STOKER_TEST_FAIL_FLAG: the test names the worker whose callbacks fail
         # (rec:fail-on), once it knows who leads.
         if (
