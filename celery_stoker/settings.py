@@ -46,6 +46,9 @@ DEFAULT_STOP_TIMEOUT = 10.0
 #: The per-Stoker overrides ``@stoker(app, ...)`` accepts.
 OVERRIDABLE = ("lease_ttl", "renew_interval", "key_prefix", "soft_time_limit", "time_limit")
 _KEY_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+#: The content type of kombu's pickle (and of any serializer registered like it):
+#: decoding it can run any code the writer chose.
+UNSAFE_CONTENT_TYPES = frozenset({"application/x-python-serialize"})
 
 
 class StokerConfigurationError(ImproperlyConfigured):
@@ -247,14 +250,7 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
         raise StokerConfigurationError(f"{name}: {exc}") from None
     check_cluster(conf, url, options)
     ttl, renew, prefix = check_timing(conf, overrides)
-    serializer = conf.get("stoker_state_serializer") or "json"
-    from kombu.serialization import registry
-
-    if serializer not in registry._encoders:
-        raise StokerConfigurationError(
-            f"{setting_name(conf, 'stoker_state_serializer')}={serializer!r} is not a registered "
-            f"kombu serializer: use one of {sorted(registry._encoders)}"
-        )
+    serializer = check_state_serializer(conf)
     soft, hard = check_limits(conf, overrides)
     stop_value = conf.get("stoker_stop_timeout")
     stop_name = setting_name(conf, "stoker_stop_timeout")
@@ -275,6 +271,43 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
         time_limit=hard,
         stop_timeout=stop_timeout,
     )
+
+
+def check_state_serializer(conf: Any) -> str:
+    """``stoker_state_serializer``: a registered kombu serializer, opted in if it can run code.
+
+    As Celery's ``accept_content`` does for messages: a state is read from Redis,
+    and decoding a pickle runs whatever its writer put in it, so anyone who can
+    write to the Stoker Redis could run code in every worker, as the worker's
+    user.  Such a serializer (content type ``application/x-python-serialize``:
+    pickle, or one registered like it) needs ``stoker_state_allow_unsafe_serializer
+    = True``.  kombu's yaml uses ``safe_load``; json and msgpack build plain data.
+    """
+    from kombu.serialization import registry
+
+    serializer = conf.get("stoker_state_serializer") or "json"
+    name = setting_name(conf, "stoker_state_serializer")
+    if serializer not in registry._encoders:
+        raise StokerConfigurationError(
+            f"{name}={serializer!r} is not a registered kombu serializer: use one of "
+            f"{sorted(registry._encoders)}"
+        )
+    allow_name = setting_name(conf, "stoker_state_allow_unsafe_serializer")
+    allow = conf.get("stoker_state_allow_unsafe_serializer")
+    if allow is not None and not isinstance(allow, bool):
+        raise StokerConfigurationError(
+            f"{allow_name}={allow!r} must be True or False; convert a value read from the "
+            "environment to a bool first (the string 'false' is truthy)"
+        )
+    content_type = registry._encoders[serializer][0]
+    if content_type in UNSAFE_CONTENT_TYPES and not allow:
+        raise StokerConfigurationError(
+            f"{name}={serializer!r} can run code when it decodes ({content_type}): anyone who "
+            "can write to the Stoker Redis could then run code in these workers, as their "
+            f"user. Use 'json' or 'msgpack', or set {allow_name} = True if you trust "
+            "everyone who can write to that Redis"
+        )
+    return str(serializer)
 
 
 def check_limits(

@@ -31,6 +31,10 @@ app.conf.update(
 )
 if os.environ.get("STOKER_TEST_STOP_TIMEOUT"):
     app.conf.stoker_stop_timeout = float(os.environ["STOKER_TEST_STOP_TIMEOUT"])
+if os.environ.get("STOKER_TEST_STATE_SERIALIZER"):  # e.g. pickle (tests/test_settings.py)
+    app.conf.stoker_state_serializer = os.environ["STOKER_TEST_STATE_SERIALIZER"]
+if os.environ.get("STOKER_TEST_ALLOW_UNSAFE_SERIALIZER"):
+    app.conf.stoker_state_allow_unsafe_serializer = True
 if os.environ.get("STOKER_TEST_METRICS_PORT"):  # serve /metrics (tests/test_metrics.py)
     app.conf.stoker_metrics_port = int(os.environ["STOKER_TEST_METRICS_PORT"])
 if os.environ.get("STOKER_TEST_MASTER_NAME"):  # stoker_url is a sentinel:// group
