@@ -22,6 +22,7 @@ the URLs in ours too.
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,8 @@ MIN_LEASE_TTL = 0.2
 MAX_LEASE_TTL = 3600.0
 DEFAULT_KEY_PREFIX = "stoker"
 DEFAULT_STOP_TIMEOUT = 10.0
+#: Where ``/metrics`` listens: every IPv4 interface, as Prometheus exporters do.
+DEFAULT_METRICS_ADDRESS = "0.0.0.0"
 #: The per-Stoker overrides ``@stoker(app, ...)`` accepts.
 OVERRIDABLE = ("lease_ttl", "renew_interval", "key_prefix", "soft_time_limit", "time_limit")
 _KEY_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
@@ -420,6 +423,40 @@ def check_metrics_port(conf: Any) -> int | None:
             f"{name}={value!r} is out of range: it must be a port from 1 to 65535 (leave it "
             "unset to serve no metrics)"
         )
+    return value
+
+
+def check_metrics_address(conf: Any) -> str:
+    """``stoker_metrics_address``: the address ``/metrics`` listens on (``0.0.0.0`` by default).
+
+    Read when ``stoker_metrics_port`` is set.  An IP address of this host
+    (``127.0.0.1`` to be scraped from this host only, a pod's IP, ``::1`` or ``::``
+    for IPv6) or a name that resolves to one; the name is resolved here, so a
+    typo stops the worker at start, named, instead of serving nothing.  An
+    address that resolves but is not this host's fails when the port is bound,
+    also at start.
+    """
+    value = conf.get("stoker_metrics_address")
+    if value is None:
+        return DEFAULT_METRICS_ADDRESS
+    name = setting_name(conf, "stoker_metrics_address")
+    if not isinstance(value, str) or not value.strip():
+        raise StokerConfigurationError(
+            f"{name} must be an address to serve metrics on, as a string (such as "
+            f"'127.0.0.1', '::1' or a host name), got {value!r} ({type(value).__name__}); "
+            f"leave it unset to listen on {DEFAULT_METRICS_ADDRESS} (every IPv4 interface)"
+        )
+    if value.startswith("["):
+        raise StokerConfigurationError(
+            f"{name}={value!r}: write an IPv6 address without brackets, e.g. '::1'"
+        )
+    try:
+        socket.getaddrinfo(value, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise StokerConfigurationError(
+            f"{name}={value!r} cannot be resolved to an address ({exc}): use an IP address "
+            "of this host, such as '127.0.0.1' or the pod's IP, or a name that resolves to one"
+        ) from None
     return value
 
 

@@ -37,6 +37,8 @@ if os.environ.get("STOKER_TEST_ALLOW_UNSAFE_SERIALIZER"):
     app.conf.stoker_state_allow_unsafe_serializer = True
 if os.environ.get("STOKER_TEST_METRICS_PORT"):  # serve /metrics (tests/test_metrics.py)
     app.conf.stoker_metrics_port = int(os.environ["STOKER_TEST_METRICS_PORT"])
+if os.environ.get("STOKER_TEST_METRICS_ADDRESS"):
+    app.conf.stoker_metrics_address = os.environ["STOKER_TEST_METRICS_ADDRESS"]
 if os.environ.get("STOKER_TEST_MASTER_NAME"):  # stoker_url is a sentinel:// group
     app.conf.stoker_transport_options = {"master_name": os.environ["STOKER_TEST_MASTER_NAME"]}
 if os.environ.get("STOKER_TEST_CLUSTER"):  # stoker_url names a node of a Redis Cluster
