@@ -46,6 +46,7 @@ from .registry import WorkerInfo, app_name, is_eligible, registry_of
 from .settings import (
     StokerConfigurationError,
     StokerSettings,
+    check_metrics_address,
     check_metrics_port,
     check_timing,
     load_settings,
@@ -117,8 +118,9 @@ class StokerStep(bootsteps.StartStopStep):
         worker.stoker = self
 
     def _metrics(self) -> MetricsHooks:
-        """Prometheus metrics when ``stoker_metrics_port`` is set; only then is
-        prometheus_client imported (a missing one stops the worker here, with the fix)."""
+        """Prometheus metrics when ``stoker_metrics_port`` is set (on ``stoker_metrics_address``);
+        only then is prometheus_client imported (a missing one stops the worker here, with
+        the fix)."""
         port = check_metrics_port(self.app.conf)
         if port is None:
             return NO_METRICS
@@ -129,6 +131,8 @@ class StokerStep(bootsteps.StartStopStep):
             port,
             members=self.membership.members,
             setting=setting_name(self.app.conf, "stoker_metrics_port"),
+            address=check_metrics_address(self.app.conf),
+            address_setting=setting_name(self.app.conf, "stoker_metrics_address"),
         )
 
     def start(self, worker: Any) -> None:

@@ -21,6 +21,7 @@ from .control import handoff as handoff_leader
 from .control import undrain as undrain_nodes
 from .registry import registry_of
 from .settings import StokerConfigurationError
+from .text import printable
 
 
 @contextmanager
@@ -29,12 +30,13 @@ def _one_line_errors() -> Iterator[None]:
 
     Redis refused, wrong password, no answer, a bad TLS option, a bad setting,
     a request that cannot be carried out: each says what and where (the URL's
-    password masked), never with a traceback.
+    password masked), never with a traceback.  A hostname read from Redis may be
+    in the message, so it is escaped (:func:`~celery_stoker.text.printable`).
     """
     try:
         yield
     except (StokerRedisError, StokerOperationError, StokerConfigurationError) as exc:
-        raise click.ClickException(" ".join(str(exc).split())) from None
+        raise click.ClickException(printable(" ".join(str(exc).split()))) from None
 
 
 def _ago(iso: str | None) -> str:
@@ -72,6 +74,10 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+def _draining_line(drained: list[str]) -> str:
+    return f"draining: {', '.join(map(printable, drained)) if drained else '(none)'}"
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
@@ -125,22 +131,25 @@ def status(ctx: click.Context, as_json: bool, timeout: float, watch: bool) -> No
     unasked = _workers_error(views)
     if unasked:
         click.echo(f"\n{unasked}: the table shows only what Redis holds")
-    click.echo(f"\ndraining: {', '.join(drained) if drained else '(none)'}")
+    click.echo(f"\n{_draining_line(drained)}")
     for v in views:
         transitions = v.get("transitions") or []
         if not transitions:
             continue
-        click.echo(f"\nrecent transitions of {v['name']} (newest first):")
+        click.echo(f"\nrecent transitions of {printable(v['name'])} (newest first):")
         for t in transitions:
             click.echo(f"  {_transition_line(t)}")
 
 
 def _workers_error(views: list[dict[str, Any]]) -> str | None:
     """Why the workers could not be asked (the broker), or None when they were."""
-    return next((v["workers_error"] for v in views if v.get("workers_error")), None)
+    error = next((v["workers_error"] for v in views if v.get("workers_error")), None)
+    return None if error is None else printable(error)
 
 
 def _rows(views: list[dict[str, Any]]) -> list[list[str]]:
+    """The table's cells, each escaped: names, hostnames and errors come from Redis,
+    where anyone with write access could put an escape sequence."""
     rows = []
     for v in views:
         last = v.get("last_event") or "-"
@@ -148,18 +157,17 @@ def _rows(views: list[dict[str, Any]]) -> list[list[str]]:
             last = f"{last} ({_ago(v['last_event_at'])})"
         workers = v.get("workers") or {}
         ineligible = sorted(n for n, a in workers.items() if not a.get("eligible", True))
-        rows.append(
-            [
-                v["name"],
-                v.get("leader") or "(none)",
-                str(v.get("token") or "-"),
-                _ago(v.get("active_from")),
-                ", ".join(v.get("followers") or []) or "-",
-                ", ".join(ineligible) or "-",
-                last,
-                health(v),
-            ]
-        )
+        cells = [
+            v["name"],
+            v.get("leader") or "(none)",
+            str(v.get("token") or "-"),
+            _ago(v.get("active_from")),
+            ", ".join(v.get("followers") or []) or "-",
+            ", ".join(ineligible) or "-",
+            last,
+            health(v),
+        ]
+        rows.append([printable(cell) for cell in cells])
     return rows
 
 
@@ -168,10 +176,10 @@ def _transition_line(t: dict[str, Any], name: str | None = None) -> str:
     if t.get("to"):
         detail = f"{detail} to {t['to']}"
     stoker = f"{name}  " if name else ""
-    return (
-        f"{_ago(_iso(t.get('at')))}  {stoker}{t.get('event', '?'):<13} {t.get('node', '?')}"
-        f"  token {t.get('token', '-')}  {detail}"
-    ).rstrip()
+    return printable(
+        f"{_ago(_iso(t.get('at')))}  {stoker}{t.get('event', '?')!s:<13} {t.get('node', '?')}"
+        f"  token {t.get('token', '-')}  {detail}".rstrip()
+    )
 
 
 def _watch(app: Any, names: list[str], timeout: float, interval: float = 1.0) -> None:
@@ -198,7 +206,7 @@ def _watch(app: Any, names: list[str], timeout: float, interval: float = 1.0) ->
             views = dump_all(app, names, timeout=timeout)
             drained = sorted(draining(app))
         except StokerRedisError as exc:  # keep watching: Redis may come back
-            return Group(title, Text(str(exc), style="red"))
+            return Group(title, Text(printable(exc), style="red"))
         table = Table(expand=True)
         for header in HEADERS:
             table.add_column(header, overflow="fold")
@@ -209,7 +217,7 @@ def _watch(app: Any, names: list[str], timeout: float, interval: float = 1.0) ->
             key=lambda item: item[0].get("at") or 0,
             reverse=True,
         )[:WATCH_TRANSITIONS]
-        lines = [Text(f"draining: {', '.join(drained) if drained else '(none)'}")]
+        lines = [Text(_draining_line(drained))]
         lines.append(Text("\nlast transitions (newest first):", style="bold"))
         lines += [Text(f"  {_transition_line(t, name)}") for t, name in latest] or [
             Text("  (none yet)")
@@ -248,8 +256,10 @@ def handoff(ctx: click.Context, name: str, to: str | None, timeout: float) -> No
     with _one_line_errors():
         result = handoff_leader(ctx.obj.app, name, to, timeout=timeout)
     click.echo(
-        f"{name}: {result['from']} -> {result['to']} (token {result['token']}) "
-        f"in {result['seconds'] * 1000:.0f} ms"
+        printable(
+            f"{name}: {result['from']} -> {result['to']} (token {result['token']}) "
+            f"in {result['seconds'] * 1000:.0f} ms"
+        )
     )
 
 
@@ -262,8 +272,9 @@ def drain(ctx: click.Context, nodes: tuple[str, ...], timeout: float) -> None:
     with _one_line_errors():
         result = drain_nodes(ctx.obj.app, list(nodes), timeout=timeout)
     for name, move in sorted(result["moved"].items()):
-        click.echo(f"{name}: {move['from']} -> {move['to'] or '(no eligible worker yet)'}")
-    click.echo(f"draining: {', '.join(result['draining'])}")
+        line = f"{name}: {move['from']} -> {move['to'] or '(no eligible worker yet)'}"
+        click.echo(printable(line))
+    click.echo(_draining_line(result["draining"]))
 
 
 @stoker_command.command()
@@ -273,4 +284,4 @@ def undrain(ctx: click.Context, nodes: tuple[str, ...]) -> None:
     """Let NODES lead again."""
     with _one_line_errors():
         result = undrain_nodes(ctx.obj.app, list(nodes))
-    click.echo(f"draining: {', '.join(result['draining']) or '(none)'}")
+    click.echo(_draining_line(result["draining"]))

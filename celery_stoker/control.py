@@ -36,6 +36,7 @@ from .lease import Holder
 from .registry import app_name, registry_of
 from .settings import StokerConfigurationError, StokerSettings, broker_url_of, load_settings
 from .store import StokerStore
+from .text import brief
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -104,11 +105,22 @@ def _socket_timeout(settings: StokerSettings) -> float:
 
 @inspect_command()
 def stoker(state: Any, **kwargs: Any) -> dict[str, Any]:
-    """The state of every Stoker activator on this worker."""
+    """The state of every Stoker activator on this worker.
+
+    Errors go out as :func:`~celery_stoker.text.brief` makes them (type and first
+    line, at most 200 characters): a broadcast reaches every client of the broker,
+    and a traceback (paths, values in the message) stays in the worker's log.
+    """
     step = getattr(state.consumer.controller, "stoker", None)
     if step is None:
         return {"error": "StokerStep is not installed in this worker"}
     snapshot: dict[str, Any] = step.snapshot()
+    for activator in (snapshot.get("activators") or {}).values():
+        for key in ("last_error", "election_error"):
+            activator[key] = brief(activator.get(key))
+        health = activator.get("health")
+        if isinstance(health, dict):
+            health["error"] = brief(health.get("error"))
     return snapshot
 
 

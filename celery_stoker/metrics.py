@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import errno
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from .settings import StokerConfigurationError
+from .settings import DEFAULT_METRICS_ADDRESS, StokerConfigurationError
 
 if TYPE_CHECKING:
     from .dispatch import Outcome
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("celery_stoker.metrics")
 
 INSTALL_HINT = "pip install 'celery-stoker[prometheus]'"
-#: Where the server listens: every interface, as Prometheus scrapes from elsewhere.
-LISTEN_ADDRESS = "0.0.0.0"
 #: Callbacks range from milliseconds to minutes (a time limit may allow that).
 EVENT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 #: A renewal is one Redis round trip: well under a millisecond on a LAN.
@@ -103,7 +102,7 @@ def outcome_label(outcome: Outcome) -> str | None:
 
 
 class PrometheusMetrics(MetricsHooks):
-    """The metrics of one worker, in a registry of its own, served on ``port``."""
+    """The metrics of one worker, in a registry of its own, served on ``address``:``port``."""
 
     def __init__(
         self,
@@ -112,6 +111,8 @@ class PrometheusMetrics(MetricsHooks):
         *,
         members: Callable[[], frozenset[str]],
         setting: str = "stoker_metrics_port",
+        address: str = DEFAULT_METRICS_ADDRESS,
+        address_setting: str = "stoker_metrics_address",
     ) -> None:
         try:
             import prometheus_client
@@ -123,6 +124,8 @@ class PrometheusMetrics(MetricsHooks):
         self.hostname = hostname
         self.port = port
         self.setting = setting
+        self.address = address
+        self.address_setting = address_setting
         self._members = members
         self._elections: dict[str, Election] = {}
         self._server: Any = None
@@ -212,10 +215,10 @@ class PrometheusMetrics(MetricsHooks):
 
         try:
             self._server = make_server(
-                LISTEN_ADDRESS,
+                self.address,
                 self.port,
                 make_wsgi_app(self.registry),
-                server_class=_ThreadingServer,
+                server_class=_server_class(self.address),
                 handler_class=_QuietHandler,
             )
         except OSError as exc:
@@ -226,8 +229,9 @@ class PrometheusMetrics(MetricsHooks):
                     f"worker on a host its own {self.setting}"
                 ) from None
             raise StokerConfigurationError(
-                f"{self.setting}={self.port}: cannot serve metrics on {LISTEN_ADDRESS}:"
-                f"{self.port} ({exc.strerror or exc})"
+                f"{self.address_setting}={self.address!r}, {self.setting}={self.port}: cannot "
+                f"serve metrics on {_host(self.address)}:{self.port} ({exc.strerror or exc}); "
+                f"{self.address_setting} must be an address of this host"
             ) from None
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -238,7 +242,7 @@ class PrometheusMetrics(MetricsHooks):
         self._thread.start()
         logger.info(
             "celery-stoker: Prometheus metrics on http://%s:%d/metrics",
-            LISTEN_ADDRESS,
+            _host(self.address),
             self.port,
         )
 
@@ -312,6 +316,23 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
     """One short thread per scrape, so a slow client never blocks the next one."""
 
     daemon_threads = True
+
+
+class _ThreadingServer6(_ThreadingServer):
+    """The same on IPv6 (``::1``, ``::``): ``WSGIServer`` is IPv4 only."""
+
+    address_family = socket.AF_INET6
+
+
+def _server_class(address: str) -> type[_ThreadingServer]:
+    """The IPv6 server for an address (or a name) that resolves to IPv6 first."""
+    family = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)[0][0]
+    return _ThreadingServer6 if family == socket.AF_INET6 else _ThreadingServer
+
+
+def _host(address: str) -> str:
+    """``address`` as a URL writes it (IPv6 in brackets)."""
+    return f"[{address}]" if ":" in address else address
 
 
 class _QuietHandler(WSGIRequestHandler):

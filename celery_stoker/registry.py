@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from celery.exceptions import ImproperlyConfigured
 
 from .stoker import Stoker
+from .text import control_character
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -194,6 +195,14 @@ def stoker(
                 "must implement event() and return the new state"
             )
         spec_name = name or _qualname(cls)
+        control = control_character(spec_name)
+        if control is not None:
+            position, char = control
+            raise StokerRegistrationError(
+                f"Stoker name {spec_name!r} has a control character, {char}, at position "
+                f"{position}: names are shown in terminals and logs, so they may hold only "
+                "printable characters"
+            )
         if any(ch.isspace() for ch in spec_name) or "{" in spec_name or "}" in spec_name:
             raise StokerRegistrationError(
                 f"Stoker name {spec_name!r} may not contain white space or braces"

@@ -12,12 +12,18 @@ An app configured with ``config_from_object(obj, namespace="CELERY")`` spells
 every setting ``CELERY_<NAME>`` (Celery reads ``CELERY_STOKER_LEASE_TTL`` for
 ``conf.get("stoker_lease_ttl")``); errors name the setting that way
 (:func:`setting_name`), so the user finds it in their own file.
+
+Celery's own views of the configuration (``inspect conf``, ``report``,
+``conf.table()``, ``conf.humanize()``) mask only the setting names Celery knows;
+:func:`install_conf_masking` (run when this module is imported) makes them mask
+the URLs in ours too.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +44,14 @@ MIN_LEASE_TTL = 0.2
 MAX_LEASE_TTL = 3600.0
 DEFAULT_KEY_PREFIX = "stoker"
 DEFAULT_STOP_TIMEOUT = 10.0
+#: Where ``/metrics`` listens: every IPv4 interface, as Prometheus exporters do.
+DEFAULT_METRICS_ADDRESS = "0.0.0.0"
 #: The per-Stoker overrides ``@stoker(app, ...)`` accepts.
 OVERRIDABLE = ("lease_ttl", "renew_interval", "key_prefix", "soft_time_limit", "time_limit")
 _KEY_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+#: The content type of kombu's pickle (and of any serializer registered like it):
+#: decoding it can run any code the writer chose.
+UNSAFE_CONTENT_TYPES = frozenset({"application/x-python-serialize"})
 
 
 class StokerConfigurationError(ImproperlyConfigured):
@@ -242,14 +253,7 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
         raise StokerConfigurationError(f"{name}: {exc}") from None
     check_cluster(conf, url, options)
     ttl, renew, prefix = check_timing(conf, overrides)
-    serializer = conf.get("stoker_state_serializer") or "json"
-    from kombu.serialization import registry
-
-    if serializer not in registry._encoders:
-        raise StokerConfigurationError(
-            f"{setting_name(conf, 'stoker_state_serializer')}={serializer!r} is not a registered "
-            f"kombu serializer: use one of {sorted(registry._encoders)}"
-        )
+    serializer = check_state_serializer(conf)
     soft, hard = check_limits(conf, overrides)
     stop_value = conf.get("stoker_stop_timeout")
     stop_name = setting_name(conf, "stoker_stop_timeout")
@@ -270,6 +274,43 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
         time_limit=hard,
         stop_timeout=stop_timeout,
     )
+
+
+def check_state_serializer(conf: Any) -> str:
+    """``stoker_state_serializer``: a registered kombu serializer, opted in if it can run code.
+
+    As Celery's ``accept_content`` does for messages: a state is read from Redis,
+    and decoding a pickle runs whatever its writer put in it, so anyone who can
+    write to the Stoker Redis could run code in every worker, as the worker's
+    user.  Such a serializer (content type ``application/x-python-serialize``:
+    pickle, or one registered like it) needs ``stoker_state_allow_unsafe_serializer
+    = True``.  kombu's yaml uses ``safe_load``; json and msgpack build plain data.
+    """
+    from kombu.serialization import registry
+
+    serializer = conf.get("stoker_state_serializer") or "json"
+    name = setting_name(conf, "stoker_state_serializer")
+    if serializer not in registry._encoders:
+        raise StokerConfigurationError(
+            f"{name}={serializer!r} is not a registered kombu serializer: use one of "
+            f"{sorted(registry._encoders)}"
+        )
+    allow_name = setting_name(conf, "stoker_state_allow_unsafe_serializer")
+    allow = conf.get("stoker_state_allow_unsafe_serializer")
+    if allow is not None and not isinstance(allow, bool):
+        raise StokerConfigurationError(
+            f"{allow_name}={allow!r} must be True or False; convert a value read from the "
+            "environment to a bool first (the string 'false' is truthy)"
+        )
+    content_type = registry._encoders[serializer][0]
+    if content_type in UNSAFE_CONTENT_TYPES and not allow:
+        raise StokerConfigurationError(
+            f"{name}={serializer!r} can run code when it decodes ({content_type}): anyone who "
+            "can write to the Stoker Redis could then run code in these workers, as their "
+            f"user. Use 'json' or 'msgpack', or set {allow_name} = True if you trust "
+            "everyone who can write to that Redis"
+        )
+    return str(serializer)
 
 
 def check_limits(
@@ -383,3 +424,87 @@ def check_metrics_port(conf: Any) -> int | None:
             "unset to serve no metrics)"
         )
     return value
+
+
+def check_metrics_address(conf: Any) -> str:
+    """``stoker_metrics_address``: the address ``/metrics`` listens on (``0.0.0.0`` by default).
+
+    Read when ``stoker_metrics_port`` is set.  An IP address of this host
+    (``127.0.0.1`` to be scraped from this host only, a pod's IP, ``::1`` or ``::``
+    for IPv6) or a name that resolves to one; the name is resolved here, so a
+    typo stops the worker at start, named, instead of serving nothing.  An
+    address that resolves but is not this host's fails when the port is bound,
+    also at start.
+    """
+    value = conf.get("stoker_metrics_address")
+    if value is None:
+        return DEFAULT_METRICS_ADDRESS
+    name = setting_name(conf, "stoker_metrics_address")
+    if not isinstance(value, str) or not value.strip():
+        raise StokerConfigurationError(
+            f"{name} must be an address to serve metrics on, as a string (such as "
+            f"'127.0.0.1', '::1' or a host name), got {value!r} ({type(value).__name__}); "
+            f"leave it unset to listen on {DEFAULT_METRICS_ADDRESS} (every IPv4 interface)"
+        )
+    if value.startswith("["):
+        raise StokerConfigurationError(
+            f"{name}={value!r}: write an IPv6 address without brackets, e.g. '::1'"
+        )
+    try:
+        socket.getaddrinfo(value, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (OSError, UnicodeError) as exc:
+        raise StokerConfigurationError(
+            f"{name}={value!r} cannot be resolved to an address ({exc}): use an IP address "
+            "of this host, such as '127.0.0.1' or the pod's IP, or a name that resolves to one"
+        ) from None
+    return value
+
+
+def _mask_value(value: Any) -> Any:
+    """``value`` with every URL's password masked, inside mappings and lists too."""
+    if isinstance(value, str):
+        return mask_url(value) if "://" in value else value
+    if isinstance(value, Mapping):
+        return {key: _mask_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_mask_value(item) for item in value)
+    return value
+
+
+def install_conf_masking() -> None:
+    """Make Celery's views of the configuration mask the passwords of ``stoker_*`` settings.
+
+    Celery masks what its ``HIDDEN_SETTINGS`` pattern names (``*PASS*``, ``*KEY*``, ...)
+    and the broker and backend URLs, and nothing else: ``stoker_url`` would show
+    its password in ``celery inspect conf`` and ``celery report`` beside a masked
+    ``broker_url``.  So ``celery.app.utils.filter_hidden_settings``, which
+    ``Settings.table()`` and ``humanize()`` (and so both commands) look up at each
+    call, is wrapped: Celery's own rules run first, unchanged, then every setting
+    whose name holds ``stoker_`` (``CELERY_STOKER_URL`` under a namespace too) has
+    the URLs in its value masked with :func:`~celery_stoker.connection.mask_url`.
+    Passwords under a key of ``stoker_transport_options`` (``password``,
+    ``sentinel_kwargs={"password": ...}``) are already masked by Celery's rules.
+    Process-wide and idempotent: a second call changes nothing.
+    """
+    from celery.app import utils
+
+    original: Callable[[Any], Any] = utils.filter_hidden_settings
+    if getattr(original, "stoker_masks", False):
+        return
+
+    def filter_hidden_settings(conf: Any) -> Any:
+        filtered = original(conf)
+        return {
+            key: _mask_value(value) if isinstance(key, str) and "stoker_" in key.lower() else value
+            for key, value in filtered.items()
+        }
+
+    filter_hidden_settings.stoker_masks = True  # type: ignore[attr-defined]
+    filter_hidden_settings.__wrapped__ = original  # type: ignore[attr-defined]
+    filter_hidden_settings.__doc__ = original.__doc__
+    utils.filter_hidden_settings = filter_hidden_settings
+
+
+# Any app that uses the package imports this module (``import celery_stoker`` does,
+# and no part of the package can be imported without that): masked from the start.
+install_conf_masking()

@@ -127,6 +127,7 @@ def test_timer_none_and_zero_are_fine() -> None:
 @pytest.mark.parametrize("serializer", ["json", "pickle"])
 def test_unserializable_state_keeps_the_previous_one(fx: Fixture, serializer: str) -> None:
     fx.app.conf.stoker_state_serializer = serializer
+    fx.app.conf.stoker_state_allow_unsafe_serializer = serializer == "pickle"
 
     @stoker(fx.app, name=f"unserializable-{serializer}")
     class Unserializable(Stoker):

@@ -53,6 +53,7 @@ def test_values_are_read_under_the_namespace() -> None:
         CELERY_STOKER_RENEW_INTERVAL=1,
         CELERY_STOKER_KEY_PREFIX="acme",
         CELERY_STOKER_STATE_SERIALIZER="pickle",
+        CELERY_STOKER_STATE_ALLOW_UNSAFE_SERIALIZER=True,
         CELERY_STOKER_SOFT_TIME_LIMIT=5,
         CELERY_STOKER_TIME_LIMIT=9,
         CELERY_STOKER_STOP_TIMEOUT=3,
@@ -78,6 +79,10 @@ def test_the_broker_under_the_namespace_is_the_default_stoker_url() -> None:
         ({"CELERY_STOKER_RENEW_INTERVAL": 9}, "CELERY_STOKER_RENEW_INTERVAL=9 is out of range"),
         ({"CELERY_STOKER_KEY_PREFIX": "a b"}, "CELERY_STOKER_KEY_PREFIX='a b' is not a valid"),
         ({"CELERY_STOKER_STATE_SERIALIZER": "nope"}, "CELERY_STOKER_STATE_SERIALIZER='nope'"),
+        (
+            {"CELERY_STOKER_STATE_SERIALIZER": "pickle"},
+            "set CELERY_STOKER_STATE_ALLOW_UNSAFE_SERIALIZER = True",
+        ),
         ({"CELERY_STOKER_STOP_TIMEOUT": -1}, "CELERY_STOKER_STOP_TIMEOUT=-1 is out of range"),
         ({"CELERY_STOKER_TIME_LIMIT": 0}, "CELERY_STOKER_TIME_LIMIT=0 is out of range"),
         (

@@ -2,11 +2,15 @@
 
 ``--watch`` runs in a pseudo-terminal (:mod:`pty`), as it would in an operator's
 shell: it must redraw, show the last transitions, and end cleanly on Ctrl-C.
+Both views escape what they print from Redis: a crafted record (anyone with
+write access to Redis can make one) must not reach the terminal as control
+sequences.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
 import re
@@ -22,6 +26,8 @@ from collections.abc import Callable
 import pytest
 from support.redis_server import RedisServer
 from support.workers import ROOT, Fleet, Records, wait_for
+
+from celery_stoker.keys import draining_key, info_key, lease_key, transitions_key
 
 APP = "tests.apps.recorder"
 STAMP = re.compile(r"updated (\d\d:\d\d:\d\d)")
@@ -166,3 +172,62 @@ def test_handoff_of_an_unknown_name_lists_the_known_ones(redis_server: RedisServ
     )
     assert out.returncode != 0
     assert "no Stoker named nope; known: idle-0, idle-1, recorder" in out.stderr
+
+
+#: Retitles the terminal (OSC 0, ended by BEL), then clears the screen (CSI 2J).
+EVIL = "\x1b]0;pwned\x07\x1b[2J"
+EVIL_SHOWN = "\\x1b]0;pwned\\x07\\x1b[2J"
+
+
+def craft_record(server: RedisServer) -> None:
+    """A lease, a record, a transition and a draining mark whose names carry :data:`EVIL`."""
+    client = server.client()
+    lease = {
+        "v": 1,
+        "host": f"leader{EVIL}@h",
+        "holder": "x",
+        "token": 7,
+        "since": int(time.time() * 1000),
+        "app": "recorder",
+    }
+    client.set(lease_key("stoker", "recorder"), json.dumps(lease), px=120_000)
+    client.hset(
+        info_key("stoker", "recorder"),
+        mapping={
+            "token": "7",
+            "followers": json.dumps([f"follower{EVIL}@h"]),
+            "last_event": f"timer{EVIL}",
+        },
+    )
+    transition = {"event": "elected", "node": f"node{EVIL}@h", "token": 7, "at": time.time()}
+    client.lpush(transitions_key("stoker", "recorder"), json.dumps(transition))
+    client.sadd(draining_key("stoker"), f"drained{EVIL}@h")
+
+
+def test_status_escapes_what_it_reads_from_redis(redis_server: RedisServer) -> None:
+    craft_record(redis_server)
+    out = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", APP, "stoker", "status", "--timeout", "0.5"],
+        cwd=ROOT,
+        env=_env({"STOKER_TEST_BROKER": redis_server.url_for(0)}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\x07" not in out.stdout
+    for name in ("leader", "follower", "timer", "node", "drained"):
+        assert f"{name}{EVIL_SHOWN}" in out.stdout, (name, out.stdout)
+
+
+def test_watch_escapes_what_it_reads_from_redis(redis_server: RedisServer) -> None:
+    craft_record(redis_server)
+    argv = [sys.executable, "-m", "celery", "-A", APP, "stoker", "status", "--watch"]
+    argv += ["--timeout", "0.5"]
+    env = _env({"STOKER_TEST_BROKER": redis_server.url_for(0)})
+    out, code, _ = run_in_terminal(argv, env, lambda out: "drained" in out and "node" in out)
+    assert code == 0
+    # rich draws with control sequences of its own; none of the crafted ones get through.
+    assert "]0;pwned" not in out.replace("\\x1b]0;pwned", "")
+    for name in ("leader", "follower", "node", "drained"):
+        assert f"{name}{EVIL_SHOWN}" in out, (name, out[-3000:])

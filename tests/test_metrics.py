@@ -25,7 +25,11 @@ from support.workers import ROOT, Fleet, Records, check_terms, wait_for
 from celery_stoker import handoff
 from celery_stoker.dispatch import Outcome
 from celery_stoker.metrics import INSTALL_HINT, outcome_label
-from celery_stoker.settings import StokerConfigurationError, check_metrics_port
+from celery_stoker.settings import (
+    StokerConfigurationError,
+    check_metrics_address,
+    check_metrics_port,
+)
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
@@ -42,9 +46,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def scrape(port: int) -> Samples:
+def scrape(port: int, host: str = "127.0.0.1") -> Samples:
     """Every sample of ``/metrics`` on ``port``, keyed by (sample name, labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
         text = response.read().decode()
     samples: Samples = {}
     for family in text_string_to_metric_families(text):
@@ -107,6 +111,44 @@ def test_a_namespaced_port_is_read_and_named_as_written() -> None:
     app.config_from_object(Config, namespace="CELERY")
     with pytest.raises(StokerConfigurationError, match=r"^CELERY_STOKER_METRICS_PORT=0 is out"):
         check_metrics_port(app.conf)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "0.0.0.0", "::1", "::", "localhost"])
+def test_an_address_of_this_host_is_accepted(address: str) -> None:
+    assert check_metrics_address({"stoker_metrics_address": address}) == address
+
+
+def test_the_address_defaults_to_every_ipv4_interface() -> None:
+    assert check_metrics_address({}) == "0.0.0.0"
+    assert check_metrics_address({"stoker_metrics_address": None}) == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    ("address", "shown"),
+    [
+        ("", "must be an address to serve metrics on, as a string"),
+        ("  ", "must be an address to serve metrics on, as a string"),
+        (127, "got 127 (int)"),
+        (b"127.0.0.1", "(bytes)"),
+        ("[::1]", "without brackets"),
+        ("no-such-host.invalid", "'no-such-host.invalid' cannot be resolved"),
+    ],
+)
+def test_a_bad_address_is_refused_with_the_setting_name(address: object, shown: str) -> None:
+    with pytest.raises(StokerConfigurationError) as info:
+        check_metrics_address({"stoker_metrics_address": address})
+    assert str(info.value).startswith("stoker_metrics_address")
+    assert shown in str(info.value)
+
+
+def test_a_namespaced_address_is_named_as_written() -> None:
+    class Config:
+        CELERY_STOKER_METRICS_ADDRESS = ""
+
+    app = Celery("metrics-ns", set_as_current=False)
+    app.config_from_object(Config, namespace="CELERY")
+    with pytest.raises(StokerConfigurationError, match=r"^CELERY_STOKER_METRICS_ADDRESS must be"):
+        check_metrics_address(app.conf)
 
 
 # --- optional dependency -------------------------------------------------------------------
@@ -299,4 +341,71 @@ def test_a_port_in_use_stops_the_worker_at_start_naming_setting_and_port(
     assert code != 0
     log = worker.log()
     assert f"stoker_metrics_port={port}: port {port} is already in use" in log
+    assert not records.of("now_leader")  # it stopped before any election
+
+
+def listening(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on ``port`` (from /proc/net/tcp*)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            next(lines)
+            for line in lines:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    raw = bytes.fromhex(address)
+                    # The kernel prints each 32-bit word in host byte order.
+                    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                    family = socket.AF_INET if len(raw) == 4 else socket.AF_INET6
+                    found.add(socket.inet_ntop(family, words))
+    return found
+
+
+def other_local_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback, or None (no route out)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.254", 9))  # no packet is sent: this only picks a route
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if address.startswith("127.") else address
+
+
+@pytest.mark.workers
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1"])
+def test_metrics_listen_only_on_the_address_given(
+    fleets: Callable[..., Fleet], records: Records, address: str
+) -> None:
+    port = free_port()
+    fleet = fleets("solo", STOKER_TEST_METRICS_PORT=str(port), STOKER_TEST_METRICS_ADDRESS=address)
+    worker = fleet.start("w1@%h")
+    wait_for(lambda: records.of("now_leader"), 60, what="w1 leads")
+    host = f"[{address}]" if ":" in address else address
+    samples = wait_for(lambda: scrape(port, host), 15, what="/metrics answers")
+    assert value(samples, "stoker_is_leader", stoker="recorder", worker=worker.node) == 1
+    assert listening(port) == {address}
+    other = other_local_address()
+    if address == "127.0.0.1" and other is not None:
+        with pytest.raises(OSError):
+            socket.create_connection((other, port), timeout=2).close()
+    assert f"Prometheus metrics on http://{host}:{port}/metrics" in worker.log()
+
+
+@pytest.mark.workers
+@pytest.mark.parametrize(
+    ("address", "shown"),
+    [
+        ("no-such-host.invalid", "stoker_metrics_address='no-such-host.invalid' cannot be"),
+        ("203.0.113.7", "stoker_metrics_address='203.0.113.7', stoker_metrics_port="),
+    ],
+)
+def test_a_bad_address_stops_the_worker_at_start(
+    fleets: Callable[..., Fleet], records: Records, address: str, shown: str
+) -> None:
+    fleet = fleets("solo", STOKER_TEST_METRICS_PORT=str(free_port()))
+    worker = fleet.start("w1@%h", env={"STOKER_TEST_METRICS_ADDRESS": address})
+    assert worker.wait_exit(60) != 0
+    assert shown in worker.log()
     assert not records.of("now_leader")  # it stopped before any election

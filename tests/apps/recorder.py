@@ -31,8 +31,14 @@ app.conf.update(
 )
 if os.environ.get("STOKER_TEST_STOP_TIMEOUT"):
     app.conf.stoker_stop_timeout = float(os.environ["STOKER_TEST_STOP_TIMEOUT"])
+if os.environ.get("STOKER_TEST_STATE_SERIALIZER"):  # e.g. pickle (tests/test_settings.py)
+    app.conf.stoker_state_serializer = os.environ["STOKER_TEST_STATE_SERIALIZER"]
+if os.environ.get("STOKER_TEST_ALLOW_UNSAFE_SERIALIZER"):
+    app.conf.stoker_state_allow_unsafe_serializer = True
 if os.environ.get("STOKER_TEST_METRICS_PORT"):  # serve /metrics (tests/test_metrics.py)
     app.conf.stoker_metrics_port = int(os.environ["STOKER_TEST_METRICS_PORT"])
+if os.environ.get("STOKER_TEST_METRICS_ADDRESS"):
+    app.conf.stoker_metrics_address = os.environ["STOKER_TEST_METRICS_ADDRESS"]
 if os.environ.get("STOKER_TEST_MASTER_NAME"):  # stoker_url is a sentinel:// group
     app.conf.stoker_transport_options = {"master_name": os.environ["STOKER_TEST_MASTER_NAME"]}
 if os.environ.get("STOKER_TEST_CLUSTER"):  # stoker_url names a node of a Redis Cluster
@@ -162,7 +168,8 @@ class Recorder(Stoker):
             task_id=task_id,
         )
         if event == "timer" and os.environ.get("STOKER_TEST_RAISE_ON_TIMER") == ctx.hostname:
-            raise RuntimeError("boom in timer")
+            # STOKER_TEST_RAISE_MESSAGE: the error's text (long, several lines: inspect's brief)
+            raise RuntimeError(os.environ.get("STOKER_TEST_RAISE_MESSAGE", "boom in timer"))
         # STOKER_TEST_FAIL_FLAG: the test names the worker whose callbacks fail
         # (rec:fail-on), once it knows who leads.
         if (
