@@ -1,0 +1,104 @@
+"""Dispatch messages the gate of tests/test_trust.py must also stop, found by breaking it.
+
+Each test runs real workers on a real Redis and sends copies of a real event's
+message (its task id and arguments, recorded by the callback as it arrived)
+the way someone who can publish to the broker could.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from celery import Celery
+from support.redis_server import RedisServer
+from support.workers import Fleet, Record, Records, WorkerProcess, check_terms, wait_for
+
+from celery_stoker.dispatch import DISPATCH_TASK
+
+pytestmark = pytest.mark.workers
+
+#: A callback long enough to send a copy of its message while it runs.
+EVENT_SECONDS = 1.0
+
+
+def _running_request(records: Records, after: int = 0) -> dict[str, Any]:
+    """A timer event's message whose callback has started and not yet ended."""
+
+    def find() -> dict[str, Any] | None:
+        ended = {r["task_id"] for r in records.raw("event")}
+        for request in records.raw("request")[after:]:
+            if request["event"] == "timer" and request["id"] not in ended:
+                return request
+        return None
+
+    found = wait_for(find, 20, 0.01, what="a timer event that is running")
+    assert found is not None
+    return found
+
+
+def _no_overlap(events: list[Record]) -> None:
+    """No two callbacks of the Stoker ran at the same time (one event at a time)."""
+    ordered = sorted(events, key=lambda r: r.started)
+    for before, after in itertools.pairwise(ordered):
+        assert after.started >= before.at, (
+            f"{after.event} (term {after.token}) started at {after.started:.3f} while "
+            f"{before.event} (term {before.token}) ran until {before.at:.3f}"
+        )
+
+
+def _intruder(redis_server: RedisServer) -> Callable[..., None]:
+    client = Celery("intruder", broker=redis_server.url_for(0))
+
+    def send(request: dict[str, Any], to: WorkerProcess, **kw: Any) -> None:
+        client.send_task(
+            DISPATCH_TASK,
+            args=kw.pop("args", request["args"]),
+            task_id=kw.pop("task_id", request["id"]),
+            queue=f"stoker.{to.node}",
+            **kw,
+        )
+
+    return send
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_an_expired_copy_of_the_running_event_does_not_end_it(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records, pool: str
+) -> None:
+    """Celery discards an expired message itself, before the gate: by its id.
+
+    Its bookkeeping (``task_ready``) drops the entry of that id from the
+    worker's table of requests, which is the running original's.  The pump's
+    watchdog must not take the running event for finished (and send the next
+    one beside it).
+    """
+    fleet = fleets(
+        pool,
+        ttl=3.0,
+        STOKER_TEST_TIMER="0.2",
+        STOKER_TEST_EVENT_SLEEP=str(EVENT_SECONDS),
+        STOKER_TEST_RECORD_REQUESTS="1",
+    )
+    w1 = fleet.start("w1@%h")
+    wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
+    send = _intruder(redis_server)
+    running = _running_request(records)
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    send(running, w1, expires=past)
+    wait_for(
+        lambda: "refused a dispatch message" in w1.log() or "Discarding revoked" in w1.log(),
+        20,
+        what="w1 discards the copy",
+    )
+    seen = len(records.raw("event"))
+    wait_for(lambda: len(records.raw("event")) >= seen + 3, 20, what="three more events")
+    events = records.events()
+    _no_overlap(events)
+    check_terms(events)
+    ran = [r["task_id"] for r in records.raw("event")]
+    assert len(ran) == len(set(ran)), "a dispatch message ran twice"
+    assert "its report never arrived" not in w1.log(), w1.log()
