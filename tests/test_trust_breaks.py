@@ -102,3 +102,53 @@ def test_an_expired_copy_of_the_running_event_does_not_end_it(
     ran = [r["task_id"] for r in records.raw("event")]
     assert len(ran) == len(set(ran)), "a dispatch message ran twice"
     assert "its report never arrived" not in w1.log(), w1.log()
+
+
+#: Pools, serializers and worker options under which no event of the leader may be
+#: refused: a legit event refused stalls its Stoker.
+LEGIT_RUNS = {
+    "solo": ("solo", {}, ()),
+    "threads": ("threads", {}, ()),
+    "eventlet": ("eventlet", {}, ()),
+    "prefork-pickle": ("prefork", {"STOKER_TEST_SERIALIZER": "pickle", "C_FORCE_ROOT": "1"}, ()),
+    "gevent-yaml": ("gevent", {"STOKER_TEST_SERIALIZER": "yaml"}, ()),
+    "prefork-msgpack": ("prefork", {"STOKER_TEST_SERIALIZER": "msgpack"}, ()),
+    "prefork-one-task-per-child": ("prefork", {}, ("--max-tasks-per-child", "1")),
+    "threads-unicode-name": ("threads", {"STOKER_TEST_STOKER_NAME": "chaudière-☃"}, ()),
+}
+
+
+@pytest.mark.parametrize("run", list(LEGIT_RUNS))
+def test_the_leaders_own_events_are_never_refused(
+    fleets: Callable[..., Fleet], records: Records, run: str
+) -> None:
+    """Elect, hear a worker join (a dict reason), run timers, hand over: nothing refused."""
+    pool, env, extra = LEGIT_RUNS[run]
+    if env.get("STOKER_TEST_SERIALIZER") == "msgpack":
+        pytest.importorskip("msgpack")
+    fleet = fleets(pool, STOKER_TEST_TIMER="0.2", **env)
+    w1 = fleet.start("w1@%h", extra_args=extra)
+    wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
+    w2 = fleet.start("w2@%h", extra_args=extra)
+    wait_for(
+        lambda: [
+            r
+            for r in records.of("cluster_change")
+            if r.reason == {"node": w2.node, "change": "joined"}
+        ],
+        30,
+        what="w1 hears w2 join",
+    )
+    wait_for(lambda: len(records.of("timer")) >= 5, 20, what="timer events")
+    w1.stop()
+    wait_for(
+        lambda: len([r for r in records.of("timer") if r.host == w2.node]) >= 5,
+        30,
+        what="w2 leads and runs timers",
+    )
+    for worker in (w1, w2):
+        log = worker.log()
+        assert "refused a dispatch message" not in log, log
+        assert "not admitted by this worker's event pump" not in log, log
+        assert "did not finish" not in log, log
+    check_terms(records.events())
