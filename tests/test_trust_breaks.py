@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import socket
+import urllib.request
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +22,8 @@ from support.workers import Fleet, Record, Records, WorkerProcess, check_terms, 
 from celery_stoker.dispatch import DISPATCH_TASK
 
 pytestmark = pytest.mark.workers
+prometheus_client = pytest.importorskip("prometheus_client")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 #: A callback long enough to send a copy of its message while it runs.
 EVENT_SECONDS = 1.0
@@ -152,3 +156,83 @@ def test_the_leaders_own_events_are_never_refused(
         assert "not admitted by this worker's event pump" not in log, log
         assert "did not finish" not in log, log
     check_terms(records.events())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _refused(port: int) -> dict[str, float]:
+    """``stoker_events_refused_total`` of the worker serving ``port``, by ``why``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "stoker_events_refused_total":
+                out[sample.labels["why"]] = sample.value
+    return out
+
+
+def _reserved_event(client: Celery, node: str, ran: set[str]) -> dict[str, Any] | None:
+    """The dispatch request ``node`` holds for a busy pool, as ``inspect reserved`` shows it."""
+    replies = client.control.inspect([node], timeout=2).reserved() or {}
+    for request in replies.get(node) or []:
+        if request.get("name") == DISPATCH_TASK and request["id"] not in ran:
+            return request
+    return None
+
+
+@pytest.mark.parametrize("pool", ["prefork", "gevent"])
+def test_copies_of_an_event_waiting_for_a_busy_pool_do_not_displace_it(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records, pool: str
+) -> None:
+    """The pool's one slot is busy; the event waits; copies of it arrive meanwhile.
+
+    An identical copy, an altered one (same task id, another reason), one with a
+    countdown and one already expired.  The waiting event still runs, once, as
+    sent; the pump neither resends it nor takes it for dropped; every copy is
+    refused.
+    """
+    port = _free_port()
+    fleet = fleets(pool, ttl=3.0, STOKER_TEST_TIMER="0.2", STOKER_TEST_RECORD_REQUESTS="1")
+    w1 = fleet.start("w1@%h", concurrency=1, env={"STOKER_TEST_METRICS_PORT": str(port)})
+    wait_for(lambda: len(records.of("timer")) >= 2, 30, what="w1 leads and runs timers")
+    client = Celery("intruder", broker=redis_server.url_for(0))
+    client.send_task("recorder.block", args=["unblock", 60], queue=f"stoker.{w1.node}")
+    wait_for(lambda: records.raw("blocking"), 20, what="the pool's slot is taken")
+    ran = {r["task_id"] for r in records.raw("event")}
+    waiting = wait_for(
+        lambda: _reserved_event(client, w1.node, ran), 20, what="an event waits for the pool"
+    )
+    send = _intruder(redis_server)
+    args = list(waiting["args"])
+    assert len(args) == 7, waiting
+    send(waiting, w1, args=args)
+    send(waiting, w1, args=[*args[:4], {"forged": True}, *args[5:]])
+    send(waiting, w1, args=args, countdown=2)
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    send(waiting, w1, args=args, expires=past)
+    wait_for(lambda: sum(_refused(port).values()) >= 3, 20, what="w1 refuses the copies")
+    records.client.rpush("unblock", 1)
+    wait_for(
+        lambda: waiting["id"] in {r["task_id"] for r in records.raw("event")},
+        20,
+        what="the waiting event runs",
+    )
+    seen = len(records.raw("event"))
+    wait_for(lambda: len(records.raw("event")) >= seen + 3, 20, what="three more events")
+    wait_for(lambda: sum(_refused(port).values()) >= 4, 20, what="the countdown copy refused")
+    runs = [r for r in records.raw("event") if r["task_id"] == waiting["id"]]
+    assert len(runs) == 1, runs
+    assert runs[0]["reason"] is None
+    ran_ids = [r["task_id"] for r in records.raw("event")]
+    assert len(ran_ids) == len(set(ran_ids)), "a dispatch message ran twice"
+    log = w1.log()
+    assert "did not finish" not in log, log
+    assert "report never arrived" not in log, log
+    events = records.events()
+    _no_overlap(events)
+    check_terms(events)
