@@ -62,7 +62,7 @@ def _intruder(redis_server: RedisServer) -> Callable[..., None]:
             DISPATCH_TASK,
             args=kw.pop("args", request["args"]),
             task_id=kw.pop("task_id", request["id"]),
-            queue=f"stoker.{to.node}",
+            queue=kw.pop("queue", f"stoker.{to.node}"),
             **kw,
         )
 
@@ -233,6 +233,66 @@ def test_copies_of_an_event_waiting_for_a_busy_pool_do_not_displace_it(
     log = w1.log()
     assert "did not finish" not in log, log
     assert "report never arrived" not in log, log
+    events = records.events()
+    _no_overlap(events)
+    check_terms(events)
+
+
+def test_copies_queued_across_a_change_of_term_run_nothing(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
+) -> None:
+    """Copies of the leader's running event, held back by a countdown past a handover.
+
+    Sent to the leader (which stops: its unacknowledged copy goes back to its queue
+    and comes again when it restarts, a follower now), to the follower (the leader
+    by the time the copy's countdown ends) and to a worker of the app that runs no
+    StokerStep.  None runs a callback; each worker with a pump says so once.
+    """
+    ports = {"w1": _free_port(), "w2": _free_port()}
+    fleet = fleets(
+        "prefork",
+        ttl=3.0,
+        STOKER_TEST_TIMER="0.2",
+        STOKER_TEST_EVENT_SLEEP="0.5",
+        STOKER_TEST_RECORD_REQUESTS="1",
+    )
+    w1 = fleet.start("w1@%h", env={"STOKER_TEST_METRICS_PORT": str(ports["w1"])})
+    wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
+    w2 = fleet.start("w2@%h", env={"STOKER_TEST_METRICS_PORT": str(ports["w2"])})
+    bare = fleet.start("bare@%h", env={"STOKER_TEST_NO_STEP": "1"}, extra_args=("-Q", "bare"))
+    bare.wait_ready(30)
+    wait_for(lambda: "following" in w2.log(), 30, what="w2 follows")
+    send = _intruder(redis_server)
+    running = _running_request(records)
+    send(running, w1, countdown=4)
+    send(running, w2, countdown=4)
+    for n in range(3):
+        send(running, bare, task_id=f"bare-{n}", queue="bare")
+    w1.stop()
+    wait_for(
+        lambda: [r for r in records.of("now_leader") if r.host == w2.node], 30, what="w2 leads"
+    )
+    wait_for(lambda: sum(_refused(ports["w2"]).values()) >= 1, 20, what="w2 refuses its copy")
+    w1 = fleet.start("w1@%h", env={"STOKER_TEST_METRICS_PORT": str(ports["w1"])})
+    wait_for(lambda: "following" in w1.log(current=True), 30, what="w1 follows")
+    wait_for(
+        lambda: _refused(ports["w1"]).get("not_in_flight", 0) >= 1,
+        20,
+        what="the restarted w1 refuses the copy it had held",
+    )
+    wait_for(
+        lambda: all(f"bare-{n}" in bare.log() for n in range(3)),
+        20,
+        what="the worker without StokerStep receives its copies",
+    )
+    seen = len(records.raw("event"))
+    wait_for(lambda: len(records.raw("event")) >= seen + 3, 20, what="w2's events go on")
+    runs = [r["task_id"] for r in records.raw("event")]
+    assert runs.count(running["id"]) == 1
+    assert not [r for r in runs if r and r.startswith("bare-")]
+    # (Without StokerStep the app has no dispatch task: Celery discards the messages.)
+    assert bare.log().count("this worker runs no Stoker pump") <= 1, bare.log()
+    assert w2.log().count("refused a dispatch message") == 1, w2.log()
     events = records.events()
     _no_overlap(events)
     check_terms(events)

@@ -40,7 +40,8 @@ if os.environ.get("STOKER_TEST_CLUSTER"):  # stoker_url names a node of a Redis 
 if os.environ.get("STOKER_TEST_SERIALIZER"):  # events travel as pickle, yaml, msgpack...
     app.conf.task_serializer = os.environ["STOKER_TEST_SERIALIZER"]
     app.conf.accept_content = [os.environ["STOKER_TEST_SERIALIZER"], "json"]
-app.steps["worker"].add(StokerStep)
+if not os.environ.get("STOKER_TEST_NO_STEP"):  # a worker of the app that runs no Stoker
+    app.steps["worker"].add(StokerStep)
 if os.environ.get("STOKER_TEST_ACL_RECHECK"):  # re-probe a Redis user's ACL sooner than 30 s
     import celery_stoker.access
 
