@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.worker import state as worker_state
 from celery.worker.request import Request
 
 from . import scripts
@@ -512,17 +513,28 @@ class EventRequest(Request):
     _stoker_refused = False
 
     def revoked(self) -> bool:
-        """Celery's own check (revoked, expired), then the pump's: may this event run now?"""
-        if super().revoked():
-            return True
+        """The pump's check, then Celery's own (revoked, expired): may this event run now?
+
+        The pump judges first: Celery's bookkeeping of a message it discards
+        (expired, say) goes by task id, and would take the entry of the running
+        event out of its table of requests if the message is a copy of it; the
+        pump's watchdog would then count that event as over while it runs, and
+        send the next one beside it.  A message whose id Celery has revoked (the
+        pump's own :func:`~celery_stoker.pump._revoke_locally`, or ``revoke``) is
+        Celery's to discard, quietly: a broker's redelivery of a dropped event.
+        """
         if self._stoker_refused:
             return True
-        if _admitted(self):
-            self._request_dict[PERMIT_FIELD] = PERMIT
-            return False
-        self._stoker_refused = True
-        _forget(self)
-        return True
+        if self._already_revoked or self.id in worker_state.revoked:
+            return bool(super().revoked())
+        if not _admitted(self):
+            self._stoker_refused = True
+            _forget(self)
+            return True
+        if super().revoked():
+            return True
+        self._request_dict[PERMIT_FIELD] = PERMIT
+        return False
 
     def on_accepted(self, pid: int, time_accepted: float) -> None:
         super().on_accepted(pid, time_accepted)

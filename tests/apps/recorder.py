@@ -43,7 +43,11 @@ if os.environ.get("STOKER_TEST_MASTER_NAME"):  # stoker_url is a sentinel:// gro
     app.conf.stoker_transport_options = {"master_name": os.environ["STOKER_TEST_MASTER_NAME"]}
 if os.environ.get("STOKER_TEST_CLUSTER"):  # stoker_url names a node of a Redis Cluster
     app.conf.stoker_transport_options = {"cluster": True}
-app.steps["worker"].add(StokerStep)
+if os.environ.get("STOKER_TEST_SERIALIZER"):  # events travel as pickle, yaml, msgpack...
+    app.conf.task_serializer = os.environ["STOKER_TEST_SERIALIZER"]
+    app.conf.accept_content = [os.environ["STOKER_TEST_SERIALIZER"], "json"]
+if not os.environ.get("STOKER_TEST_NO_STEP"):  # a worker of the app that runs no Stoker
+    app.steps["worker"].add(StokerStep)
 if os.environ.get("STOKER_TEST_ACL_RECHECK"):  # re-probe a Redis user's ACL sooner than 30 s
     import celery_stoker.access
 
@@ -122,7 +126,7 @@ def _misbehave(event: str, host: str) -> None:
 
 @stoker(
     app,
-    name="recorder",
+    name=os.environ.get("STOKER_TEST_STOKER_NAME", "recorder"),
     eligible=_eligible(),
     min_members=int(os.environ.get("STOKER_TEST_MIN_MEMBERS", "1")),
     **_limits(),
