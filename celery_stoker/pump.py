@@ -844,7 +844,11 @@ class EventPump:
             # may come seconds later; the process is gone now.
             return ended("lost", f"its pool process (pid {inflight.pid}) died")
         if known is not None and inflight.task_id in known:
-            inflight.seen, inflight.gone_at = True, None
+            # Seen only once the gate admitted it: a copy under the same id (anyone on
+            # the broker can send one) is not the event, and must not make its absence
+            # later look like a drop.
+            inflight.seen = inflight.seen or inflight.admitted is not None
+            inflight.gone_at = None
             return None
         if inflight.seen and known is not None:
             if inflight.gone_at is None:
@@ -896,8 +900,9 @@ class EventPump:
             return
         with self._cond:
             for lane in self._lanes.values():
-                if lane.inflight is not None and lane.inflight.task_id == request.id:
-                    lane.inflight.seen = True
+                inflight = lane.inflight
+                if inflight is not None and inflight.admitted is request:
+                    inflight.seen = True  # (a copy under the same id is not the event)
 
     def _on_revoked(self, sender: Any = None, request: Any = None, **kwargs: Any) -> None:
         """An event's message expired or was revoked: it will not run."""
