@@ -96,6 +96,10 @@ class Outcome:
     error: str | None = None
     #: ``init()`` raised: the event never reached the Stoker and is sent again later.
     init_failed: bool = False
+    #: The stored state could not be read (another serializer wrote it, or foreign
+    #: bytes): no callback ran, nothing was written, and the same event is sent again
+    #: with backoff (``error`` says why and what to do).
+    unreadable: bool = False
     #: One of :data:`OUTCOMES`.
     kind: str = "ok"
     #: Seconds the callbacks took, measured where they ran.
@@ -360,8 +364,11 @@ def run_callbacks(
     except StateError as exc:
         if reraise:
             raise
-        logger.error("%s; the stored state is left as it is", exc)
+        # Said once, by the leader's main process (Activator), not here: every retry
+        # of the event comes back to this line, in whichever pool process runs it.
+        logger.debug("%s", exc)
         errors.append(str(exc))
+        outcome.ran, outcome.unreadable = False, True
         have_state = True  # nothing to start from, and init() must not replace it
         state = _UNREADABLE
     except redis.RedisError:

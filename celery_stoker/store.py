@@ -84,8 +84,9 @@ class StokerStore:
             raw = self.client.hgetall(self.state_key) if prefetched is None else prefetched
         except redis.ResponseError as exc:
             raise StateError(
-                f"the state key {self.state_key} of Stoker {self.name!r} holds a value "
-                f"celery-stoker did not write ({exc}); delete it to start from init()"
+                f"Stoker {self.name!r}: the state key {self.state_key} holds a value "
+                f"celery-stoker did not write ({exc}); delete that key to start from init() "
+                f"{UNREADABLE_TAIL}"
             ) from exc
         if not raw or b"body" not in raw:
             return StoredState(found=False)
@@ -233,18 +234,54 @@ def encode_state(name: str, serializer: str, value: Any) -> tuple[str, str, byte
     return content_type, encoding, body
 
 
+#: How every unreadable-state error ends: what the worker does about it meanwhile.
+UNREADABLE_TAIL = (
+    "(the stored value is left as it is; the event is sent again with backoff until "
+    "the state can be read or the key is gone)"
+)
+
+
 def decode_state(
     name: str, serializer: str, encoded: tuple[str, str, bytes | str], *, where: str
 ) -> Any:
-    """What :func:`encode_state` made, accepting only ``serializer``'s content type."""
+    """What :func:`encode_state` made, accepting only ``serializer``'s content type.
+
+    A state this worker cannot read raises a :class:`StateError` that names the
+    Stoker, the key, the serializer each side uses and both ways out: the usual
+    cause is a deploy that changed ``stoker_state_serializer`` under a stored state.
+    """
     content_type, encoding, body = encoded
     try:
         return kombu_loads(body, content_type, encoding, accept=accepted_content(serializer))
     except Exception as exc:
+        written = _serializer_of(content_type)
+        if written is not None and written != serializer:
+            why = f"it was written with {written!r} ({content_type})"
+            fix = f"set stoker_state_serializer = {written!r} to read it, or delete"
+            if written == "pickle":  # it runs code as it loads: trust it or drop it
+                fix = f"only if you trust who wrote it, {fix}"
+        else:
+            why = f"its {content_type or 'unnamed'} body does not decode"
+            fix = "delete"
         raise StateError(
-            f"the stored state of Stoker {name!r} ({where}) cannot be decoded: "
-            f"{exc.__class__.__name__}: {exc}"
+            f"Stoker {name!r}: the stored state ({where}) cannot be read with "
+            f"stoker_state_serializer = {serializer!r}: {why} "
+            f"[{exc.__class__.__name__}: {_short(exc)}]; {fix} the key {where} to start "
+            f"from init() {UNREADABLE_TAIL}"
         ) from exc
+
+
+def _serializer_of(content_type: str) -> str | None:
+    """The kombu serializer that writes ``content_type``, if one is registered."""
+    from kombu.serialization import registry
+
+    return registry.type_to_name.get(content_type)
+
+
+def _short(exc: Exception, limit: int = 200) -> str:
+    """An exception's message, cut: a decoder may quote the whole foreign body."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def portable(content_type: str, encoding: str, body: bytes | str) -> tuple[str, str, str]:

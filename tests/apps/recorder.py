@@ -31,6 +31,8 @@ app.conf.update(
 )
 if os.environ.get("STOKER_TEST_STOP_TIMEOUT"):
     app.conf.stoker_stop_timeout = float(os.environ["STOKER_TEST_STOP_TIMEOUT"])
+if os.environ.get("STOKER_TEST_SERIALIZER"):  # stoker_state_serializer (tests/test_state.py)
+    app.conf.stoker_state_serializer = os.environ["STOKER_TEST_SERIALIZER"]
 if os.environ.get("STOKER_TEST_METRICS_PORT"):  # serve /metrics (tests/test_metrics.py)
     app.conf.stoker_metrics_port = int(os.environ["STOKER_TEST_METRICS_PORT"])
 if os.environ.get("STOKER_TEST_MASTER_NAME"):  # stoker_url is a sentinel:// group
