@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from .access import AccessCheck
+from .copies import StateCopy, copies
 from .delivery import EventDelivery
 from .dispatch import EventCall, Outcome, run_event
 from .election import REDIS_DOWN, Election
@@ -109,9 +110,6 @@ class Activator:
         self.last_event: str | None = None
         self.last_event_at: float | None = None
         self.last_error: str | None = None
-        #: The last state our events committed (see Outcome.state) and its version.
-        self._state_cache: tuple[str, str, str] | None = None
-        self._state_version: int | None = None
         #: The stored state cannot be read (see Outcome.unreadable): why, since when, how
         #: many events found it so; shown in ``health`` until an event reads it again.
         self.state_error: str | None = None
@@ -224,11 +222,18 @@ class Activator:
     # Called by the election, on its thread.
 
     def term_won(self, term: Term) -> None:
-        """Keep a copy of the stored state: ``shutdown`` gets it even if Redis goes."""
+        """Keep a copy of the stored state: ``shutdown`` gets it even if Redis goes.
+
+        The term's events keep theirs as they commit (``copies.py``); this one is
+        what a term that loses its lease before any event commits starts from.
+        """
+        seq = self.pump.next_seq()
         try:
-            self._state_cache, self._state_version = self.store.load_portable()
+            encoded, version = self.store.load_encoded()
         except REDIS_DOWN:
-            self._state_cache = self._state_version = None
+            encoded, version = None, 0
+        copy = StateCopy(*encoded, version, seq) if encoded is not None else None
+        copies.begin_term(self.hostname, self.name, seq, copy)
 
     def start_acting(self, term: Term) -> None:
         self._started_token = term.token
@@ -304,8 +309,7 @@ class Activator:
                 # Delivered even when the term just ran out: it tells the Stoker to
                 # stop acting.  Its state write is still fenced by the token.
                 check_current=False,
-                cached_state=self._state_cache,
-                cached_version=self._state_version,
+                cached=copies.last(self.hostname, self.name),
                 # A lost term must hear shutdown before Redis can hand the lease on:
                 # start from our copy of the state, ask Redis nothing first.
                 prefer_cached=lost,
@@ -369,8 +373,6 @@ class Activator:
         if outcome.error:
             self.last_error = outcome.error
         self._note_state(outcome)
-        if outcome.state is not None:
-            self._state_cache, self._state_version = outcome.state, outcome.version
         if not outcome.ran:
             return  # skipped, or never started: neither a success nor a failure
         if not outcome.failed:

@@ -10,7 +10,6 @@ error and the last few transitions.
 
 from __future__ import annotations
 
-import base64
 import enum
 import json
 import time
@@ -109,24 +108,25 @@ class StokerStore:
             int(version) if version and version.isdigit() else 0,
         )
 
-    def load_portable(self) -> tuple[tuple[str, str, str] | None, int | None]:
-        """The stored state as (content type, encoding, base64 body), undecoded, and its version.
+    def load_encoded(self) -> tuple[tuple[str, str, bytes] | None, int]:
+        """The stored state as (content type, encoding, body), undecoded, and its version.
 
-        (None, None) when nothing is stored.  The activator keeps this copy so it
-        can hand ``shutdown`` a state even when Redis is what it lost.
+        (None, 0) when nothing (or nothing of ours) is stored.  The activator keeps
+        this as the worker's copy at the start of a term, so it can hand
+        ``shutdown`` a state even when Redis is what it lost.
         """
         try:
             raw = self.client.hgetall(self.state_key)
         except redis.ResponseError:
-            return None, None
+            return None, 0
         if not raw or b"body" not in raw:
-            return None, None
-        version = raw.get(b"version")
+            return None, 0
+        version, body = raw.get(b"version"), raw[b"body"]
         return (
-            portable(
+            (
                 _text(raw.get(b"content_type", b"application/json")),
                 _text(raw.get(b"content_encoding", b"utf-8")),
-                raw[b"body"],
+                body if isinstance(body, bytes) else str(body).encode(),
             ),
             int(version) if version and version.isdigit() else 0,
         )
@@ -284,12 +284,6 @@ def _short(exc: Exception, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def portable(content_type: str, encoding: str, body: bytes | str) -> tuple[str, str, str]:
-    """A serialized state as JSON-safe strings (the body in base64)."""
-    raw = body.encode() if isinstance(body, str) else body
-    return (content_type, encoding, base64.b64encode(raw).decode())
-
-
 def accepted_content(serializer: str) -> list[str]:
     """The one content type a store reads: its configured serializer's.
 
@@ -299,14 +293,6 @@ def accepted_content(serializer: str) -> list[str]:
     from kombu.serialization import registry
 
     return [registry._encoders[serializer].content_type]
-
-
-def from_portable(state: tuple[str, str, str], serializer: str) -> Any:
-    """Decode what :func:`portable` made, accepting only ``serializer``'s content type."""
-    content_type, encoding, body = state
-    return kombu_loads(
-        base64.b64decode(body), content_type, encoding, accept=accepted_content(serializer)
-    )
 
 
 def _text(value: bytes | str) -> str:

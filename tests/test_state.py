@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from support.redis_server import RedisServer
+from support.tcp_proxy import TcpProxy
 from support.workers import ROOT, Fleet, Records, check_terms, wait_for
 
 from celery_stoker.pump import STATE_RETRY_START
@@ -220,3 +221,69 @@ def test_a_failover_onto_garbage_retries_until_the_key_is_deleted(
     assert resumed.events == 0, "it did not start from init()"
     assert len(unreadable_errors(w2.log())) == 1
     check_terms(records.events())
+
+
+def net_bytes(server: RedisServer) -> tuple[int, int]:
+    stats = server.client().info("stats")
+    return int(stats["total_net_input_bytes"]), int(stats["total_net_output_bytes"])
+
+
+def test_an_event_costs_one_read_and_one_write_of_a_large_state(
+    fleets: Callable[..., Fleet],
+    make_redis_server: Callable[..., RedisServer],
+    records: Records,
+) -> None:
+    """No copy of the state in the report: per event, ~1x the state into Redis and ~1x out."""
+    size = 3 * 1024 * 1024
+    store = make_redis_server()  # the Stoker's Redis alone: no broker traffic in its counters
+    fleet = fleets(
+        "prefork",
+        STOKER_TEST_URL=store.url_for(0),
+        STOKER_TEST_TIMER="0.3",
+        STOKER_TEST_STATE_BYTES=str(size),
+    )
+    fleet.start("w1@%h")
+    wait_for(lambda: len(records.of("timer")) >= 2, 60, what="timers")
+
+    def after_next_event() -> tuple[int, tuple[int, int]]:
+        """Counters read just as an event starts (each sample in the same phase)."""
+        seen = len(records.events())
+        wait_for(lambda: len(records.events()) > seen, 30, interval=0.005, what="an event")
+        return len(records.events()), net_bytes(store)
+
+    first, before = after_next_event()
+    for _ in range(6):
+        last, after = after_next_event()
+    events = last - first
+    into = (after[0] - before[0]) / events / size
+    out_of = (after[1] - before[1]) / events / size
+    # The commit writes it once, the event's read reads it once; the rest (term check,
+    # renewals, the report) is small.  With a copy in the report it was ~2.3x each way.
+    assert 0.95 < into < 1.2, f"{into:.2f}x the state into Redis per event"
+    assert 0.95 < out_of < 1.2, f"{out_of:.2f}x the state out of Redis per event"
+
+
+def test_a_leader_cut_off_from_redis_runs_shutdown_from_its_last_committed_state(
+    redis_server: RedisServer,
+    records: Records,
+    fleets: Callable[..., Fleet],
+    tcp_proxy: Callable[[int], TcpProxy],
+) -> None:
+    """Prefork: the pool processes commit, the main process runs shutdown from their copy."""
+    proxy = tcp_proxy(redis_server.port)
+    fleet = fleets("prefork", STOKER_TEST_TIMER="0.2")
+    w1 = fleet.start("w1@%h", env={"STOKER_TEST_BROKER": f"redis://127.0.0.1:{proxy.port}/0"})
+    wait_for(lambda: len(records.of("timer")) >= 5, 30, what="timers on w1")
+    proxy.blackhole()
+    lost = wait_for(
+        lambda: [r for r in records.of("shutdown") if r.reason == "lease_lost"],
+        15,
+        what="shutdown(lease_lost) on the cut-off leader",
+    )[0]
+    ran = [r for r in records.events() if r.host == w1.node and r.event != "shutdown"]
+    last = max(ran, key=lambda r: r.started)
+    # From the state its last event committed (or the one before, if the cut caught that
+    # event's commit): not from init(), nor from the copy taken when the term began.
+    assert last.events >= 5
+    assert last.events <= lost.events <= last.events + 1, (lost.events, last.events)
+    proxy.heal()

@@ -131,7 +131,10 @@ class Recorder(Stoker):
         fails = int(os.environ.get("STOKER_TEST_INIT_FAILS", "0"))
         if fails and _client().llen("rec:init") <= fails:
             raise RuntimeError("init failed on purpose")
-        return {"events": 0, "timers": 0}
+        state: dict[str, Any] = {"events": 0, "timers": 0}
+        if os.environ.get("STOKER_TEST_STATE_BYTES"):  # a large state (tests/test_state.py)
+            state["blob"] = "x" * int(os.environ["STOKER_TEST_STATE_BYTES"])
+        return state
 
     def event(self, state: dict[str, Any], event: str, reason: Any) -> dict[str, Any]:
         ctx = self.context
