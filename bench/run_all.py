@@ -30,6 +30,7 @@ from bench import (
     idle,
     recovery,
     scale,
+    state_bytes,
     store_failover,
 )
 from bench.common import (
@@ -55,11 +56,14 @@ BENCHES: dict[str, Runner] = {
     "idle": idle.run,
     "footprint": footprint.run,
     "scale": scale.run,
+    "state_bytes": state_bytes.run,
 }
 #: Benchmarks too slow for the smoke run (which CI runs), and why.
 SKIPPED_IN_SMOKE = {
     "store_failover": "half a minute at one round: a six-node cluster, three workers per store; "
     "run it with python -m bench.store_failover --mode smoke",
+    "state_bytes": "a quarter of a minute at one round (states of 1 KB and 1 MB); run it "
+    "with python -m bench.state_bytes --mode smoke",
 }
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
@@ -71,6 +75,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "idle": idle.render,
     "footprint": footprint.render,
     "scale": scale.render,
+    "state_bytes": state_bytes.render,
 }
 
 

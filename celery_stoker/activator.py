@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from .access import AccessCheck
+from .copies import StateCopy, copies
 from .delivery import EventDelivery
 from .dispatch import EventCall, Outcome, run_event
 from .election import REDIS_DOWN, Election
@@ -109,9 +110,13 @@ class Activator:
         self.last_event: str | None = None
         self.last_event_at: float | None = None
         self.last_error: str | None = None
-        #: The last state our events committed (see Outcome.state) and its version.
-        self._state_cache: tuple[str, str, str] | None = None
-        self._state_version: int | None = None
+        #: The stored state cannot be read (see Outcome.unreadable): why, since when, how
+        #: many events found it so; shown in ``health`` until an event reads it again.
+        self.state_error: str | None = None
+        self.state_error_since: float | None = None
+        self.state_retries = 0
+        #: The last unreadable-state error logged: said once per cause, not per retry.
+        self._state_error_said: str | None = None
         #: Consecutive failed events (max_failures).
         self.failures = 0
         #: The token of the last term whose events reached the pool (sent), and of the
@@ -177,6 +182,9 @@ class Activator:
             "last_error": election.error or self.last_error,
             "election_error": election.error,
             "election_error_since": _iso(election.error_since),
+            "state_error": self.state_error,
+            "state_error_since": _iso(self.state_error_since),
+            "state_retries": self.state_retries,
             "terms_won": election.terms_won,
             "eligible": election.eligible,
             "draining": election.draining,
@@ -197,6 +205,8 @@ class Activator:
         error, since = self.election.error, self.election.error_since
         if error is None and self.pump.error is not None:
             error, since = f"event pump: {self.pump.error}", self.pump.error_since
+        if error is None and self.state_error is not None:
+            error, since = f"state unreadable: {self.state_error}", self.state_error_since
         return {"status": "ok" if error is None else "error", "error": error, "since": _iso(since)}
 
     def _running_event(self) -> dict[str, Any] | None:
@@ -212,11 +222,18 @@ class Activator:
     # Called by the election, on its thread.
 
     def term_won(self, term: Term) -> None:
-        """Keep a copy of the stored state: ``shutdown`` gets it even if Redis goes."""
+        """Keep a copy of the stored state: ``shutdown`` gets it even if Redis goes.
+
+        The term's events keep theirs as they commit (``copies.py``); this one is
+        what a term that loses its lease before any event commits starts from.
+        """
+        seq = self.pump.next_seq()
         try:
-            self._state_cache, self._state_version = self.store.load_portable()
+            encoded, version = self.store.load_encoded()
         except REDIS_DOWN:
-            self._state_cache = self._state_version = None
+            encoded, version = None, 0
+        copy = StateCopy(*encoded, version, seq) if encoded is not None else None
+        copies.begin_term(self.hostname, self.name, seq, copy)
 
     def start_acting(self, term: Term) -> None:
         self._started_token = term.token
@@ -226,6 +243,10 @@ class Activator:
     def stop_events(self) -> None:
         self.pump.end_term(self.name)
         self.failures = 0
+        # Only the leader retries the state: a follower's health says nothing of it.  The
+        # cause stays remembered, so leading again onto the same bytes is not said twice.
+        self.state_error = self.state_error_since = None
+        self.state_retries = 0
 
     def events_idle(self, timeout: float) -> bool:
         return self.pump.wait_idle(self.name, timeout)
@@ -288,8 +309,7 @@ class Activator:
                 # Delivered even when the term just ran out: it tells the Stoker to
                 # stop acting.  Its state write is still fenced by the token.
                 check_current=False,
-                cached_state=self._state_cache,
-                cached_version=self._state_version,
+                cached=copies.last(self.hostname, self.name),
                 # A lost term must hear shutdown before Redis can hand the lease on:
                 # start from our copy of the state, ask Redis nothing first.
                 prefer_cached=lost,
@@ -297,6 +317,8 @@ class Activator:
             )
             outcome = run_event(self.app, self.spec, call, client=self.client)
             self.metrics.event_done(self.name, "shutdown", outcome)
+            if outcome.unreadable:
+                self._say_unreadable(outcome.error)
             self.last_error = outcome.error or self.last_error
         except Exception as exc:
             logger.warning(
@@ -350,8 +372,7 @@ class Activator:
             self._heard_token = item.token
         if outcome.error:
             self.last_error = outcome.error
-        if outcome.state is not None:
-            self._state_cache, self._state_version = outcome.state, outcome.version
+        self._note_state(outcome)
         if not outcome.ran:
             return  # skipped, or never started: neither a success nor a failure
         if not outcome.failed:
@@ -384,6 +405,30 @@ class Activator:
                 limit,
             )
             self.election.request_step_down("too_many_failures")
+
+    def _note_state(self, outcome: Outcome) -> None:
+        """Track an unreadable stored state: said once per cause, shown until it reads again."""
+        if outcome.unreadable:
+            if self.state_error is None:
+                self.state_error_since = time.time()
+            self.state_error = outcome.error
+            self.state_retries += 1
+            self._say_unreadable(outcome.error)
+        elif outcome.ran and self._state_error_said is not None:
+            since = self.state_error_since
+            logger.warning(
+                "Stoker %s: its stored state can be read again%s; events resume",
+                self.name,
+                f" (unreadable for {time.time() - since:.0f} s)" if since else "",
+            )
+            self.state_error = self.state_error_since = self._state_error_said = None
+            self.state_retries = 0
+
+    def _say_unreadable(self, error: str | None) -> None:
+        """One ERROR per cause: the pump retries the event with backoff, quietly."""
+        if error is not None and error != self._state_error_said:
+            logger.error("%s", error)
+            self._state_error_said = error
 
 
 def _client(settings: StokerSettings, socket_timeout: float) -> redis.Redis:

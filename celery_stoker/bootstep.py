@@ -35,6 +35,7 @@ from celery import bootsteps, signals
 from .access import AccessCheck
 from .activator import Activator
 from .connection import is_cluster, redis_client
+from .copies import copies
 from .delivery import EventDelivery
 from .dispatch import register_dispatch_task, warm_process
 from .keys import draining_key, lease_channel, reports_key, stoker_channel
@@ -91,6 +92,8 @@ class StokerStep(bootsteps.StartStopStep):
         register_dispatch_task(self.app)
         if self.registry:
             signals.worker_process_init.connect(self._warm_pool_process, weak=False)
+            # Before the pool forks: its processes keep their state copies in files.
+            copies.claim()
         self.activators: dict[str, Activator] = {}
         self.listeners: dict[tuple[str, str], LeaseListener] = {}
         self.emitter = EventEmitter(worker.app, self.hostname)
@@ -404,6 +407,7 @@ class StokerStep(bootsteps.StartStopStep):
                 timeout,
             )
         self.pump.stop()
+        copies.close()
         for listener in self.listeners.values():
             listener.stop()
         self.emitter.stop()

@@ -32,6 +32,7 @@ import secrets
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -42,11 +43,12 @@ from celery.worker.request import Request
 
 from . import scripts
 from .connection import redis_client
+from .copies import StateCopy, copies
 from .keys import reports_key
 from .registry import StokerSpec, registry_of
 from .settings import StokerSettings, load_settings
 from .stoker import Stoker, StokerContext
-from .store import Commit, StateError, StokerStore, StoredState, from_portable, portable
+from .store import Commit, StateError, StokerStore, StoredState, decode_state
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -97,15 +99,16 @@ class Outcome:
     error: str | None = None
     #: ``init()`` raised: the event never reached the Stoker and is sent again later.
     init_failed: bool = False
+    #: The stored state could not be read (another serializer wrote it, or foreign
+    #: bytes): no callback ran, nothing was written, and the same event is sent again
+    #: with backoff (``error`` says why and what to do).
+    unreadable: bool = False
     #: One of :data:`OUTCOMES`.
     kind: str = "ok"
     #: Seconds the callbacks took, measured where they ran.
     runtime: float | None = None
-    #: The committed state, serialized (base64 of the body) with its content type
-    #: and encoding, so the activator can hand ``shutdown`` the last state even
-    #: when Redis is the thing that is gone; ``version`` is that state's version.
-    state: tuple[str, str, str] | None = None
-    version: int | None = None
+    # No copy of the state: the worker keeps its own (``copies.py``), so a state costs
+    # one read and one write in Redis per event, not two of each.
 
     @property
     def failed(self) -> bool:
@@ -121,8 +124,6 @@ class Outcome:
         try:
             data = json.loads(raw)
             fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-            if fields.get("state") is not None:
-                fields["state"] = tuple(fields["state"])
             return cls(**fields)
         except (ValueError, TypeError, KeyError):
             return None
@@ -247,7 +248,7 @@ def check_timer(name: str, value: Any) -> float | None:
 class EventCall:
     """One event to run: which term, which callback, and what to start from.
 
-    ``cached_state`` (an earlier :attr:`Outcome.state`, with ``cached_version``)
+    ``cached`` (the worker's copy of the last committed state, ``copies.py``)
     is used when Redis cannot be read, or first of all with ``prefer_cached``: a
     leader that lost its lease must tell its Stoker to stop before the lease can
     expire, without waiting on a Redis it may not reach (with no copy, it starts
@@ -263,8 +264,7 @@ class EventCall:
     hostname: str
     members: frozenset[str]
     check_current: bool = True
-    cached_state: tuple[str, str, str] | None = None
-    cached_version: int | None = None
+    cached: StateCopy | None = None
     prefer_cached: bool = False
     stale: bool = False
 
@@ -275,7 +275,8 @@ def run_event(
     """Run one callback of ``spec`` as a worker does: this process's instance, Redis, settings.
 
     See :func:`run_callbacks` for what happens; ``client`` replaces the
-    process's shared client.
+    process's shared client.  The state it commits is kept as this worker's
+    copy (``copies.py``) before this returns, so before the event's report.
     """
     settings = resources.settings(app, spec)
     store = StokerStore(
@@ -284,7 +285,11 @@ def run_event(
         key_prefix=settings.key_prefix,
         serializer=settings.state_serializer,
     )
-    return run_callbacks(store, resources.instance(app, spec), spec, call)
+
+    def keep(copy: StateCopy) -> None:
+        copies.keep(call.hostname, spec.name, copy)
+
+    return run_callbacks(store, resources.instance(app, spec), spec, call, keep=keep)
 
 
 class StateStore(Protocol):
@@ -312,6 +317,7 @@ def run_callbacks(
     call: EventCall,
     *,
     reraise: bool = False,
+    keep: Callable[[StateCopy], None] | None = None,
 ) -> Outcome:
     """Run one callback under ``token`` and commit its state if the token is still current.
 
@@ -322,10 +328,11 @@ def run_callbacks(
     logged with the Stoker's name and traceback, the stored state is kept, and
     the outcome carries the error.  The commit names the state version the
     event started from, so an event that returns after a newer one committed
-    cannot overwrite it.  ``call`` says which event, of which term, from what.
+    cannot overwrite it.  ``call`` says which event, of which term, from what;
+    ``keep`` is given the committed state.
     """
     seq, token, event, reason = call.seq, call.token, call.event, call.reason
-    cached_state, cached_version = call.cached_state, call.cached_version
+    cached = call.cached
     started = time.monotonic()
     outcome = Outcome(seq=seq, token=token, ran=False, name=spec.name)
     if call.check_current and not store.term_accepts_events(token):
@@ -350,9 +357,9 @@ def run_callbacks(
             # A lost term: ask Redis nothing (it may be the thing that is gone).  With no
             # copy (the term's first report never came back) the Stoker starts from
             # init(); the commit is fenced like any other.
-            if cached_state is not None:
-                state, have_state = from_portable(cached_state, store.serializer), True
-                version = cached_version
+            if cached is not None:
+                version = cached.version
+                state, have_state = _decode_copy(store, spec, cached), True
         else:
             stored = store.load()
             version = stored.version
@@ -361,15 +368,26 @@ def run_callbacks(
     except StateError as exc:
         if reraise:
             raise
-        logger.error("%s; the stored state is left as it is", exc)
+        # Said once, by the leader's main process (Activator), not here: every retry
+        # of the event comes back to this line, in whichever pool process runs it.
+        logger.debug("%s", exc)
         errors.append(str(exc))
+        outcome.ran, outcome.unreadable = False, True
         have_state = True  # nothing to start from, and init() must not replace it
         state = _UNREADABLE
     except redis.RedisError:
-        if cached_state is None:
+        if cached is None:
             raise
-        state, have_state = from_portable(cached_state, store.serializer), True
-        version = cached_version
+        version = cached.version
+        try:
+            state, have_state = _decode_copy(store, spec, cached), True
+        except StateError as exc:
+            if reraise:
+                raise
+            logger.debug("%s", exc)
+            errors.append(str(exc))
+            outcome.ran, outcome.unreadable = False, True
+            have_state, state = True, _UNREADABLE
     if not have_state:
         state, have_state = _call(spec, "init", errors, reraise, instance.init)
         from_init = have_state
@@ -429,9 +447,10 @@ def run_callbacks(
         )
     if result is Commit.STORED:
         outcome.committed = True
-        if encoded is not None:
-            outcome.state = portable(*encoded)
-            outcome.version = (version or 0) + 1
+        if encoded is not None and keep is not None:
+            content_type, encoding, body = encoded
+            raw = body.encode() if isinstance(body, str) else body
+            keep(StateCopy(content_type, encoding, raw, (version or 0) + 1, seq))
     elif result is Commit.STALE_STATE:
         outcome.stale = True
         logger.warning(
@@ -454,6 +473,12 @@ def run_callbacks(
 
 #: Stands for a stored state that could not be decoded: no callback runs on it.
 _UNREADABLE = object()
+
+
+def _decode_copy(store: StateStore, spec: StokerSpec, cached: StateCopy) -> Any:
+    """The worker's copy of the state, decoded as the stored one would be."""
+    where = f"{getattr(store, 'state_key', 'its state key')}, as this worker copied it"
+    return decode_state(spec.name, store.serializer, cached.encoded, where=where)
 
 
 def _next_timer(instance: Stoker, name: str, state: Any) -> float | None:

@@ -70,6 +70,10 @@ SEND_RETRY = 0.5
 #: ``init()`` raised: the event is sent again after this long, doubling up to the cap.
 INIT_RETRY_START = 1.0
 INIT_RETRY_MAX = 60.0
+#: The stored state could not be read: the event is sent again after this long, doubling
+#: up to the cap, so a key that is fixed or deleted resumes the Stoker within one interval.
+STATE_RETRY_START = 1.0
+STATE_RETRY_MAX = 60.0
 #: The pool process could not reach Redis before the callbacks ran: the event is sent
 #: again after this long, doubling up to the cap (a longer outage ends the term anyway).
 REDIS_RETRY_START = 0.5
@@ -207,6 +211,7 @@ class Lane:
     #: The next pending event is not sent before this (monotonic): a send or init retry.
     not_before: float | None = None
     init_retry: float = INIT_RETRY_START
+    state_retry: float = STATE_RETRY_START
     redis_retry: float = REDIS_RETRY_START
     idle: threading.Event = field(default_factory=threading.Event)
     #: Clear from sending an event until the pool starts it (or it ends): see
@@ -310,6 +315,7 @@ class EventPump:
             lane.pending.append(PendingEvent(self.next_seq(), token, "now_leader", None))
             lane.timer_due = lane.not_before = None
             lane.init_retry = INIT_RETRY_START
+            lane.state_retry = STATE_RETRY_START
             lane.redis_retry = REDIS_RETRY_START
             taken = self._take(lane, time.monotonic())
             if taken is None:
@@ -596,6 +602,24 @@ class EventPump:
             )
             lane.init_retry = min(lane.init_retry * 2, INIT_RETRY_MAX)
             return
+        if outcome.unreadable:
+            # The stored state cannot be decoded (written with another serializer, or
+            # foreign bytes): no callback ran.  Dropping the event would idle the term --
+            # a term's first event has no interval to fall back on -- so the same event
+            # is sent again after a backoff, and a key that is fixed or deleted resumes
+            # the Stoker within one interval.  The activator says why, once.
+            lane.pending.appendleft(
+                PendingEvent(self.next_seq(), item.token, item.event, item.reason, item.attempt)
+            )
+            self._hold_lane(lane, now + lane.state_retry)
+            logger.debug(
+                "Stoker %s: its state is unreadable; %s is sent again in %.0f s",
+                lane.owner.name,
+                item.event,
+                lane.state_retry,
+            )
+            lane.state_retry = min(lane.state_retry * 2, STATE_RETRY_MAX)
+            return
         if not outcome.ran and outcome.kind == "error":
             # The pool process could not reach Redis (or hit its soft limit) before the
             # callbacks ran: the event never happened.  Dropping it would leave the term
@@ -618,6 +642,7 @@ class EventPump:
         if not outcome.ran:
             return  # skipped: the term is over or ending
         lane.init_retry = INIT_RETRY_START
+        lane.state_retry = STATE_RETRY_START
         lane.redis_retry = REDIS_RETRY_START
         interval = lane.last_interval if outcome.timer_error else outcome.next_timer
         lane.last_interval = interval

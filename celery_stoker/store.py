@@ -10,7 +10,6 @@ error and the last few transitions.
 
 from __future__ import annotations
 
-import base64
 import enum
 import json
 import time
@@ -84,8 +83,9 @@ class StokerStore:
             raw = self.client.hgetall(self.state_key) if prefetched is None else prefetched
         except redis.ResponseError as exc:
             raise StateError(
-                f"the state key {self.state_key} of Stoker {self.name!r} holds a value "
-                f"celery-stoker did not write ({exc}); delete it to start from init()"
+                f"Stoker {self.name!r}: the state key {self.state_key} holds a value "
+                f"celery-stoker did not write ({exc}); delete that key to start from init() "
+                f"{UNREADABLE_TAIL}"
             ) from exc
         if not raw or b"body" not in raw:
             return StoredState(found=False)
@@ -108,24 +108,25 @@ class StokerStore:
             int(version) if version and version.isdigit() else 0,
         )
 
-    def load_portable(self) -> tuple[tuple[str, str, str] | None, int | None]:
-        """The stored state as (content type, encoding, base64 body), undecoded, and its version.
+    def load_encoded(self) -> tuple[tuple[str, str, bytes] | None, int]:
+        """The stored state as (content type, encoding, body), undecoded, and its version.
 
-        (None, None) when nothing is stored.  The activator keeps this copy so it
-        can hand ``shutdown`` a state even when Redis is what it lost.
+        (None, 0) when nothing (or nothing of ours) is stored.  The activator keeps
+        this as the worker's copy at the start of a term, so it can hand
+        ``shutdown`` a state even when Redis is what it lost.
         """
         try:
             raw = self.client.hgetall(self.state_key)
         except redis.ResponseError:
-            return None, None
+            return None, 0
         if not raw or b"body" not in raw:
-            return None, None
-        version = raw.get(b"version")
+            return None, 0
+        version, body = raw.get(b"version"), raw[b"body"]
         return (
-            portable(
+            (
                 _text(raw.get(b"content_type", b"application/json")),
                 _text(raw.get(b"content_encoding", b"utf-8")),
-                raw[b"body"],
+                body if isinstance(body, bytes) else str(body).encode(),
             ),
             int(version) if version and version.isdigit() else 0,
         )
@@ -233,24 +234,57 @@ def encode_state(name: str, serializer: str, value: Any) -> tuple[str, str, byte
     return content_type, encoding, body
 
 
+#: How every unreadable-state error ends: what the worker does about it meanwhile.
+UNREADABLE_TAIL = (
+    "(the stored value is left as it is; the event is sent again with backoff until "
+    "the state can be read or the key is gone)"
+)
+
+
 def decode_state(
     name: str, serializer: str, encoded: tuple[str, str, bytes | str], *, where: str
 ) -> Any:
-    """What :func:`encode_state` made, accepting only ``serializer``'s content type."""
+    """What :func:`encode_state` made, accepting only ``serializer``'s content type.
+
+    A state this worker cannot read raises a :class:`StateError` that names the
+    Stoker, the key, the serializer each side uses and both ways out: the usual
+    cause is a deploy that changed ``stoker_state_serializer`` under a stored state.
+    """
     content_type, encoding, body = encoded
     try:
         return kombu_loads(body, content_type, encoding, accept=accepted_content(serializer))
     except Exception as exc:
+        written = _serializer_of(content_type)
+        if written is not None and written != serializer:
+            why = f"it was written with {written!r} ({content_type})"
+            fix = f"set stoker_state_serializer = {written!r} to read it, or delete"
+            if written == "pickle":  # it runs code as it loads: trust it or drop it
+                fix = (
+                    "only if you trust who wrote it (and with "
+                    f"stoker_state_allow_unsafe_serializer = True), {fix}"
+                )
+        else:
+            why = f"its {content_type or 'unnamed'} body does not decode"
+            fix = "delete"
         raise StateError(
-            f"the stored state of Stoker {name!r} ({where}) cannot be decoded: "
-            f"{exc.__class__.__name__}: {exc}"
+            f"Stoker {name!r}: the stored state ({where}) cannot be read with "
+            f"stoker_state_serializer = {serializer!r}: {why} "
+            f"[{exc.__class__.__name__}: {_short(exc)}]; {fix} the key {where} to start "
+            f"from init() {UNREADABLE_TAIL}"
         ) from exc
 
 
-def portable(content_type: str, encoding: str, body: bytes | str) -> tuple[str, str, str]:
-    """A serialized state as JSON-safe strings (the body in base64)."""
-    raw = body.encode() if isinstance(body, str) else body
-    return (content_type, encoding, base64.b64encode(raw).decode())
+def _serializer_of(content_type: str) -> str | None:
+    """The kombu serializer that writes ``content_type``, if one is registered."""
+    from kombu.serialization import registry
+
+    return registry.type_to_name.get(content_type)
+
+
+def _short(exc: Exception, limit: int = 200) -> str:
+    """An exception's message, cut: a decoder may quote the whole foreign body."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def accepted_content(serializer: str) -> list[str]:
@@ -262,14 +296,6 @@ def accepted_content(serializer: str) -> list[str]:
     from kombu.serialization import registry
 
     return [registry._encoders[serializer].content_type]
-
-
-def from_portable(state: tuple[str, str, str], serializer: str) -> Any:
-    """Decode what :func:`portable` made, accepting only ``serializer``'s content type."""
-    content_type, encoding, body = state
-    return kombu_loads(
-        base64.b64decode(body), content_type, encoding, accept=accepted_content(serializer)
-    )
 
 
 def _text(value: bytes | str) -> str:

@@ -114,9 +114,9 @@ LEGIT_RUNS = {
     "solo": ("solo", {}, ()),
     "threads": ("threads", {}, ()),
     "eventlet": ("eventlet", {}, ()),
-    "prefork-pickle": ("prefork", {"STOKER_TEST_SERIALIZER": "pickle", "C_FORCE_ROOT": "1"}, ()),
-    "gevent-yaml": ("gevent", {"STOKER_TEST_SERIALIZER": "yaml"}, ()),
-    "prefork-msgpack": ("prefork", {"STOKER_TEST_SERIALIZER": "msgpack"}, ()),
+    "prefork-pickle": ("prefork", {"STOKER_TEST_TASK_SERIALIZER": "pickle", "C_FORCE_ROOT": "1"}, ()),
+    "gevent-yaml": ("gevent", {"STOKER_TEST_TASK_SERIALIZER": "yaml"}, ()),
+    "prefork-msgpack": ("prefork", {"STOKER_TEST_TASK_SERIALIZER": "msgpack"}, ()),
     "prefork-one-task-per-child": ("prefork", {}, ("--max-tasks-per-child", "1")),
     "threads-unicode-name": ("threads", {"STOKER_TEST_STOKER_NAME": "chaudière-☃"}, ()),
 }
@@ -128,7 +128,7 @@ def test_the_leaders_own_events_are_never_refused(
 ) -> None:
     """Elect, hear a worker join (a dict reason), run timers, hand over: nothing refused."""
     pool, env, extra = LEGIT_RUNS[run]
-    if env.get("STOKER_TEST_SERIALIZER") == "msgpack":
+    if env.get("STOKER_TEST_TASK_SERIALIZER") == "msgpack":
         pytest.importorskip("msgpack")
     fleet = fleets(pool, STOKER_TEST_TIMER="0.2", **env)
     w1 = fleet.start("w1@%h", extra_args=extra)

@@ -31,7 +31,7 @@ app.conf.update(
 )
 if os.environ.get("STOKER_TEST_STOP_TIMEOUT"):
     app.conf.stoker_stop_timeout = float(os.environ["STOKER_TEST_STOP_TIMEOUT"])
-if os.environ.get("STOKER_TEST_STATE_SERIALIZER"):  # e.g. pickle (tests/test_settings.py)
+if os.environ.get("STOKER_TEST_STATE_SERIALIZER"):  # e.g. pickle or yaml (test_settings, test_state)
     app.conf.stoker_state_serializer = os.environ["STOKER_TEST_STATE_SERIALIZER"]
 if os.environ.get("STOKER_TEST_ALLOW_UNSAFE_SERIALIZER"):
     app.conf.stoker_state_allow_unsafe_serializer = True
@@ -43,9 +43,9 @@ if os.environ.get("STOKER_TEST_MASTER_NAME"):  # stoker_url is a sentinel:// gro
     app.conf.stoker_transport_options = {"master_name": os.environ["STOKER_TEST_MASTER_NAME"]}
 if os.environ.get("STOKER_TEST_CLUSTER"):  # stoker_url names a node of a Redis Cluster
     app.conf.stoker_transport_options = {"cluster": True}
-if os.environ.get("STOKER_TEST_SERIALIZER"):  # events travel as pickle, yaml, msgpack...
-    app.conf.task_serializer = os.environ["STOKER_TEST_SERIALIZER"]
-    app.conf.accept_content = [os.environ["STOKER_TEST_SERIALIZER"], "json"]
+if os.environ.get("STOKER_TEST_TASK_SERIALIZER"):  # events travel as pickle, yaml, msgpack...
+    app.conf.task_serializer = os.environ["STOKER_TEST_TASK_SERIALIZER"]
+    app.conf.accept_content = [os.environ["STOKER_TEST_TASK_SERIALIZER"], "json"]
 if not os.environ.get("STOKER_TEST_NO_STEP"):  # a worker of the app that runs no Stoker
     app.steps["worker"].add(StokerStep)
 if os.environ.get("STOKER_TEST_ACL_RECHECK"):  # re-probe a Redis user's ACL sooner than 30 s
@@ -139,7 +139,10 @@ class Recorder(Stoker):
         fails = int(os.environ.get("STOKER_TEST_INIT_FAILS", "0"))
         if fails and _client().llen("rec:init") <= fails:
             raise RuntimeError("init failed on purpose")
-        return {"events": 0, "timers": 0}
+        state: dict[str, Any] = {"events": 0, "timers": 0}
+        if os.environ.get("STOKER_TEST_STATE_BYTES"):  # a large state (tests/test_state.py)
+            state["blob"] = "x" * int(os.environ["STOKER_TEST_STATE_BYTES"])
+        return state
 
     def event(self, state: dict[str, Any], event: str, reason: Any) -> dict[str, Any]:
         ctx = self.context
