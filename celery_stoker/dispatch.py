@@ -252,7 +252,9 @@ class EventCall:
     expire, without waiting on a Redis it may not reach (with no copy, it starts
     from ``init()``).  ``check_current=False`` runs it even when the term is
     over (``shutdown``); its commit is still fenced.  ``stale`` tells the Stoker
-    (``context.stale``) that a newer term has replaced this one.
+    (``context.stale``) that a newer term has replaced this one.  ``history_lost``
+    tells it (``context.history_lost``) that its term found Redis behind the
+    fleet; an event checked against the lease also learns it from the lease.
     """
 
     seq: int
@@ -266,6 +268,7 @@ class EventCall:
     cached_version: int | None = None
     prefer_cached: bool = False
     stale: bool = False
+    history_lost: bool = False
 
 
 def run_event(
@@ -290,6 +293,8 @@ class StateStore(Protocol):
     """Where :func:`run_callbacks` reads and commits a state (Redis, or a test's memory)."""
 
     serializer: str
+    #: Set by ``term_accepts_events``: the term found Redis behind the fleet (or None).
+    history_lost: tuple[int, int] | None
 
     def term_accepts_events(self, token: int) -> bool: ...
     def load(self) -> StoredState: ...
@@ -337,7 +342,12 @@ def run_callbacks(
         return outcome
 
     instance.context = StokerContext(
-        spec.name, call.hostname, token, frozenset(call.members), stale=call.stale
+        spec.name,
+        call.hostname,
+        token,
+        frozenset(call.members),
+        stale=call.stale,
+        history_lost=call.history_lost or (call.check_current and bool(store.history_lost)),
     )
     outcome.ran = True
     errors: list[str] = []

@@ -61,11 +61,27 @@ class StokerStore:
     """Read and fenced-write one Stoker's state and record."""
 
     def __init__(
-        self, client: redis.Redis, name: str, *, key_prefix: str, serializer: str = "json"
+        self,
+        client: redis.Redis,
+        name: str,
+        *,
+        key_prefix: str,
+        serializer: str = "json",
+        min_replicas: int = 0,
+        replica_timeout: float = 0.0,
     ) -> None:
         self.client = client
         self.name = name
         self.serializer = serializer
+        #: ``stoker_min_replicas``: a state commit counts once this many replicas have it.
+        self.min_replicas = min_replicas
+        #: How long a commit waits for them (``StokerSettings.replica_timeout``).
+        self.replica_timeout = replica_timeout
+        #: The last replica count a commit's ``WAIT`` answered (for its log line).
+        self.replicas_acked: int | None = None
+        #: Read from the lease by :meth:`term_accepts_events`: the term found Redis
+        #: behind the fleet, as (token seen, counter held); see ``lease.Term``.
+        self.history_lost: tuple[int, int] | None = None
         self.lease_key = lease_key(key_prefix, name)
         self.state_key = state_key(key_prefix, name)
         self.info_key = info_key(key_prefix, name)
@@ -181,11 +197,14 @@ class StokerStore:
             if isinstance(answer, Exception):
                 raise answer  # (NOPERM): as if the command alone had raised
         self._prefetched = state
+        self.history_lost = None
         if lease is None:
             return False
         raw = lease if isinstance(lease, bytes) else str(lease).encode()
-        if Holder.parse(raw, None).token != token:
+        holder = Holder.parse(raw, None)
+        if holder.token != token:
             return False
+        self.history_lost = holder.history_lost
         return closing is None or _text(closing) != str(token)
 
     def record_transition(self, transition: dict[str, Any]) -> None:

@@ -159,6 +159,7 @@ class Recorder(Stoker):
             events=state["events"],
             started=started,
             stale=getattr(ctx, "stale", None),
+            history_lost=getattr(ctx, "history_lost", None),
             task_id=task_id,
         )
         if event == "timer" and os.environ.get("STOKER_TEST_RAISE_ON_TIMER") == ctx.hostname:
