@@ -105,6 +105,8 @@ class Activator:
             access=access
             or AccessCheck(self.client, settings.key_prefix, masked_url=settings.masked_url),
         )
+        if self.election.access is not None:
+            self.election.access.require_replicas(settings.min_replicas)
         self.metrics = metrics
         self.last_event: str | None = None
         self.last_event_at: float | None = None

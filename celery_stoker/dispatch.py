@@ -69,6 +69,8 @@ _REPORT_REFUSED: set[str] = set()
 #: and requests reach them over the pool's pipe), never sent through the broker.
 PERMIT_FIELD = "stoker_permit"
 PERMIT = secrets.token_hex(16)
+#: The Stokers whose last commit missed ``stoker_min_replicas`` in this process.
+_UNREPLICATED: set[str] = set()
 #: Said once per process: dispatch messages refused where no pump runs, or in the pool.
 _SAID: set[str] = set()
 
@@ -285,6 +287,8 @@ def run_event(
         spec.name,
         key_prefix=settings.key_prefix,
         serializer=settings.state_serializer,
+        min_replicas=settings.min_replicas,
+        replica_timeout=settings.replica_timeout,
     )
     return run_callbacks(store, resources.instance(app, spec), spec, call)
 
@@ -437,10 +441,34 @@ def run_callbacks(
             exc,
         )
     if result is Commit.STORED:
+        if spec.name in _UNREPLICATED:
+            _UNREPLICATED.discard(spec.name)
+            logger.warning("Stoker %s: commits are replicated again", spec.name)
         outcome.committed = True
         if encoded is not None:
             outcome.state = portable(*encoded)
             outcome.version = (version or 0) + 1
+    elif result is Commit.UNREPLICATED:
+        short = (
+            f"only {getattr(store, 'replicas_acked', 0)} of the "
+            f"{getattr(store, 'min_replicas', '?')} replicas stoker_min_replicas asks for "
+            "confirmed it in time"
+        )
+        outcome.kind = "error"
+        outcome.error = outcome.error or f"state not counted as stored: {short}"
+        # Once per outage in this process (every event fails so until replicas catch up).
+        log = logger.debug if spec.name in _UNREPLICATED else logger.warning
+        _UNREPLICATED.add(spec.name)
+        log(
+            "Stoker %s: the state after %s (term %d) does not count as stored: %s (the "
+            "primary has it; a failover could lose it); the event counts as failed. Said "
+            "once until a commit is replicated again; check INFO replication, or lower "
+            "stoker_min_replicas",
+            spec.name,
+            event,
+            token,
+            short,
+        )
     elif result is Commit.STALE_STATE:
         outcome.stale = True
         logger.warning(

@@ -31,6 +31,8 @@ app.conf.update(
 )
 if os.environ.get("STOKER_TEST_STOP_TIMEOUT"):
     app.conf.stoker_stop_timeout = float(os.environ["STOKER_TEST_STOP_TIMEOUT"])
+if os.environ.get("STOKER_TEST_MIN_REPLICAS"):  # commits wait for replicas (test_history.py)
+    app.conf.stoker_min_replicas = int(os.environ["STOKER_TEST_MIN_REPLICAS"])
 if os.environ.get("STOKER_TEST_METRICS_PORT"):  # serve /metrics (tests/test_metrics.py)
     app.conf.stoker_metrics_port = int(os.environ["STOKER_TEST_METRICS_PORT"])
 if os.environ.get("STOKER_TEST_MASTER_NAME"):  # stoker_url is a sentinel:// group
@@ -61,6 +63,41 @@ def record(kind: str, **fields: Any) -> None:
     fields.setdefault("at", time.time())
     fields.setdefault("pid", os.getpid())
     _client().rpush(f"rec:{kind}", json.dumps(fields, default=str))
+
+
+def _record_commits() -> None:
+    """STOKER_TEST_RECORD_COMMITS: record what each pool event's outcome said of its commit.
+
+    ``rec:commit`` gets, per event run in the pool, whether its state was reported
+    stored and, if so, the state's ``events`` count: a test compares it with what
+    later events start from (a commit reported stored must never be lost).
+    """
+    from celery_stoker import dispatch
+
+    original = dispatch.run_event
+
+    def run_event(*args: Any, **kwargs: Any) -> Any:
+        outcome = original(*args, **kwargs)
+        events = None
+        if outcome.committed and outcome.state is not None:
+            from celery_stoker.store import from_portable
+
+            events = from_portable(outcome.state, "json")["events"]
+        record(
+            "commit",
+            token=outcome.token,
+            committed=outcome.committed,
+            events=events,
+            outcome=outcome.kind,
+            error=outcome.error,
+        )
+        return outcome
+
+    dispatch.run_event = run_event
+
+
+if os.environ.get("STOKER_TEST_RECORD_COMMITS"):
+    _record_commits()
 
 
 def _eligible() -> Any:
