@@ -22,6 +22,7 @@ import logging
 import re
 import threading
 import time
+from typing import Any
 
 import redis
 
@@ -73,6 +74,8 @@ COMMANDS = (
 #: reads the slot map (``CLUSTER SLOTS``) and the key positions (``COMMAND``), and
 #: announcements travel by sharded pub/sub.
 CLUSTER_COMMANDS = ("cluster|slots", "command", "spublish", "ssubscribe")
+#: What ``stoker_min_replicas`` >= 1 needs besides: a commit waits for its replicas.
+REPLICA_COMMANDS = ("wait",)
 #: Optional: lets the worker check ``maxmemory-policy`` at start (it says nothing without).
 OPTIONAL_COMMANDS = ("config|get",)
 #: While permissions are missing, how often the worker asks again (quietly).
@@ -87,13 +90,17 @@ def acl_line(
     password: str = "PASSWORD",
     *,
     cluster: bool = False,
+    replicas: bool = False,
 ) -> str:
     """The ``ACL SETUSER`` line that gives ``user`` exactly what celery-stoker needs.
 
     On a Redis Cluster (``cluster=True``) it adds :data:`CLUSTER_COMMANDS`; run it
-    on every node.
+    on every node.  With ``stoker_min_replicas`` >= 1 (``replicas=True``) it adds
+    :data:`REPLICA_COMMANDS`.
     """
-    needed = COMMANDS + (CLUSTER_COMMANDS if cluster else ())
+    needed = (
+        COMMANDS + (CLUSTER_COMMANDS if cluster else ()) + (REPLICA_COMMANDS if replicas else ())
+    )
     commands = " ".join(f"+{c}" for c in needed)
     return (
         f"ACL SETUSER {user} on >{password} resetkeys ~{prefix}:* "
@@ -139,6 +146,11 @@ class AccessCheck:
         #: The server's ``maxmemory-policy`` once read (None: not read, or not allowed).
         self.policy: str | None = None
         self._policy_checked = False
+        #: The most ``stoker_min_replicas`` of the Stokers that share this check.
+        self.min_replicas = 0
+        #: The replicas the primary had connected when last probed (None: not asked).
+        self.replicas: int | None = None
+        self._replicas_warned: tuple[int, int] | None = None
         #: Set when ``stoker_url`` names a Redis Cluster node but the client is a plain
         #: one (``cluster`` missing from the transport options): the scripts of every
         #: Stoker whose slot lives elsewhere would be refused with MOVED.
@@ -170,7 +182,11 @@ class AccessCheck:
                     ", ".join(refused),
                     RECHECK_INTERVAL,
                     acl_line(
-                        self.prefix, user="<user>", password="<password>", cluster=self.cluster
+                        self.prefix,
+                        user="<user>",
+                        password="<password>",
+                        cluster=self.cluster,
+                        replicas=self.min_replicas >= 1,
                     ),
                 )
             elif not refused and self._refused:
@@ -182,6 +198,14 @@ class AccessCheck:
             self._refused = refused
             self._ok = not refused
             return refused
+
+    def require_replicas(self, count: int) -> None:
+        """A Stoker sharing this check commits only once ``count`` replicas have it."""
+        with self._lock:
+            if count > self.min_replicas:
+                self.min_replicas = count
+                self._ok = False  # probe again: WAIT's permission, the replicas connected
+                self._checked_at = float("-inf")
 
     def retry_in(self) -> float:
         """Seconds until the next probe is due (for a waiting election)."""
@@ -274,6 +298,8 @@ class AccessCheck:
                 refused.append(command)
             else:
                 refused += [c.decode() if isinstance(c, bytes) else str(c) for c in reply]
+        if self.min_replicas >= 1:
+            refused += self._check_replicas()
         try:
             pipe = self.client.pipeline(transaction=True)
             pipe.pttl(key)
@@ -284,3 +310,51 @@ class AccessCheck:
             if command is not None:
                 refused.append(command)
         return tuple(dict.fromkeys(refused))
+
+    def _check_replicas(self) -> list[str]:
+        """The replicas the primary has online (``INFO replication``); warn once if too few.
+
+        A worker whose ``stoker_min_replicas`` exceeds the replicas its primary
+        has would fail every commit; it says so once, with both numbers, and
+        again only when either changes.  On a Redis Cluster every primary is
+        asked and the fewest counts.  Returns ``["wait"]`` if WAIT is refused.
+        """
+        targets: list[Any] = [self.client]
+        if self.cluster:
+            cluster: Any = self.client  # a RedisCluster
+            targets = [node.redis_connection for node in cluster.get_primaries()]
+        counts = []
+        for target in targets:
+            try:
+                # WAIT 0 0 answers at once; it is here for its permission only (a WAIT
+                # refused would fail every commit).  The count is INFO's online replicas.
+                target.execute_command("WAIT", 0, 0)
+            except redis.ResponseError as exc:
+                if _refused_command(exc) is None:
+                    raise
+                return ["wait"]
+            info = target.info("replication")
+            counts.append(
+                sum(
+                    1
+                    for key, value in info.items()
+                    if key.startswith("slave")
+                    and isinstance(value, dict)
+                    and value.get("state") == "online"
+                )
+            )
+        self.replicas = min(counts) if counts else 0
+        seen = (self.min_replicas, self.replicas)
+        if self.replicas < self.min_replicas and seen != self._replicas_warned:
+            self._replicas_warned = seen
+            logger.warning(
+                "celery-stoker: stoker_min_replicas is %d, but the Redis at %s has %d "
+                "replica(s) connected%s: every state commit will fail (the events count as "
+                "failed) until enough replicas are connected; add replicas, or lower "
+                "stoker_min_replicas",
+                self.min_replicas,
+                self.masked_url or "stoker_url",
+                self.replicas,
+                " (on its primary with the fewest)" if self.cluster else "",
+            )
+        return []

@@ -106,6 +106,8 @@ class Activator:
             access=access
             or AccessCheck(self.client, settings.key_prefix, masked_url=settings.masked_url),
         )
+        if self.election.access is not None:
+            self.election.access.require_replicas(settings.min_replicas)
         self.metrics = metrics
         self.last_event: str | None = None
         self.last_event_at: float | None = None
@@ -176,6 +178,8 @@ class Activator:
             "leader": election.leader,
             "token": term.token if term else election.leader_token,
             "lease_time_left": round(term.time_left(), 3) if term else None,
+            # The held term found Redis behind the fleet: {"seen": token, "held": counter}.
+            "history_lost": _lost_view(term.history_lost) if term else None,
             "last_event": self.last_event,
             "last_event_at": _iso(self.last_event_at),
             # The election's fault first: it is why nothing else happens.
@@ -314,6 +318,7 @@ class Activator:
                 # start from our copy of the state, ask Redis nothing first.
                 prefer_cached=lost,
                 stale=stale,
+                history_lost=term.history_lost is not None,
             )
             outcome = run_event(self.app, self.spec, call, client=self.client)
             self.metrics.event_done(self.name, "shutdown", outcome)
@@ -429,6 +434,11 @@ class Activator:
         if error is not None and error != self._state_error_said:
             logger.error("%s", error)
             self._state_error_said = error
+
+
+def _lost_view(lost: tuple[int, int] | None) -> dict[str, int] | None:
+    """A term's ``history_lost`` as dump() and status show it."""
+    return None if lost is None else {"seen": lost[0], "held": lost[1]}
 
 
 def _client(settings: StokerSettings, socket_timeout: float) -> redis.Redis:

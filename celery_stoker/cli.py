@@ -65,6 +65,12 @@ def health(view: dict[str, Any]) -> str:
         age = running.get("running_for")
         if isinstance(age, (int, float)) and age > SLOW_EVENT:
             return f"{running.get('event')} running {_duration(age)} on {node}"
+    lost = view.get("history_lost")
+    if isinstance(lost, dict):
+        return (
+            f"history lost: Redis held token {lost.get('held')}, the fleet had seen "
+            f"{lost.get('seen')}"
+        )
     return "error" if view.get("last_error") else "ok"
 
 

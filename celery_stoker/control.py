@@ -211,6 +211,7 @@ def _cluster_view(settings: StokerSettings, name: str, transitions: int) -> dict
         "reserved_for": holder.reserved_for if holder is not None else None,
         "lease_ttl": settings.lease_ttl,
         "redis": settings.masked_url,
+        "history_lost": None,
     }
     if holder is not None and holder.foreign:
         view["foreign_lease_value"] = holder.raw[:80].decode(errors="replace")
@@ -221,6 +222,10 @@ def _cluster_view(settings: StokerSettings, name: str, transitions: int) -> dict
             active_from=_iso(holder.since),
             lease_time_left=holder.ttl_left,
         )
+        if holder.history_lost is not None:
+            # This term found Redis behind the fleet (restored snapshot, promoted replica).
+            seen, held = holder.history_lost
+            view["history_lost"] = {"seen": seen, "held": held}
         if info.get("token") == holder.token:
             view["followers"] = info.get("followers") or []
     return view

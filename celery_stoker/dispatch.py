@@ -72,6 +72,8 @@ _REPORT_REFUSED: set[str] = set()
 #: and requests reach them over the pool's pipe), never sent through the broker.
 PERMIT_FIELD = "stoker_permit"
 PERMIT = secrets.token_hex(16)
+#: The Stokers whose last commit missed ``stoker_min_replicas`` in this process.
+_UNREPLICATED: set[str] = set()
 #: Said once per process: dispatch messages refused where no pump runs, or in the pool.
 _SAID: set[str] = set()
 
@@ -254,7 +256,9 @@ class EventCall:
     expire, without waiting on a Redis it may not reach (with no copy, it starts
     from ``init()``).  ``check_current=False`` runs it even when the term is
     over (``shutdown``); its commit is still fenced.  ``stale`` tells the Stoker
-    (``context.stale``) that a newer term has replaced this one.
+    (``context.stale``) that a newer term has replaced this one.  ``history_lost``
+    tells it (``context.history_lost``) that its term found Redis behind the
+    fleet; an event checked against the lease also learns it from the lease.
     """
 
     seq: int
@@ -267,6 +271,7 @@ class EventCall:
     cached: StateCopy | None = None
     prefer_cached: bool = False
     stale: bool = False
+    history_lost: bool = False
 
 
 def run_event(
@@ -284,6 +289,8 @@ def run_event(
         spec.name,
         key_prefix=settings.key_prefix,
         serializer=settings.state_serializer,
+        min_replicas=settings.min_replicas,
+        replica_timeout=settings.replica_timeout,
     )
 
     def keep(copy: StateCopy) -> None:
@@ -296,6 +303,8 @@ class StateStore(Protocol):
     """Where :func:`run_callbacks` reads and commits a state (Redis, or a test's memory)."""
 
     serializer: str
+    #: Set by ``term_accepts_events``: the term found Redis behind the fleet (or None).
+    history_lost: tuple[int, int] | None
 
     def term_accepts_events(self, token: int) -> bool: ...
     def load(self) -> StoredState: ...
@@ -345,7 +354,12 @@ def run_callbacks(
         return outcome
 
     instance.context = StokerContext(
-        spec.name, call.hostname, token, frozenset(call.members), stale=call.stale
+        spec.name,
+        call.hostname,
+        token,
+        frozenset(call.members),
+        stale=call.stale,
+        history_lost=call.history_lost or (call.check_current and bool(store.history_lost)),
     )
     outcome.ran = True
     errors: list[str] = []
@@ -446,11 +460,35 @@ def run_callbacks(
             exc,
         )
     if result is Commit.STORED:
+        if spec.name in _UNREPLICATED:
+            _UNREPLICATED.discard(spec.name)
+            logger.warning("Stoker %s: commits are replicated again", spec.name)
         outcome.committed = True
         if encoded is not None and keep is not None:
             content_type, encoding, body = encoded
             raw = body.encode() if isinstance(body, str) else body
             keep(StateCopy(content_type, encoding, raw, (version or 0) + 1, seq))
+    elif result is Commit.UNREPLICATED:
+        short = (
+            f"only {getattr(store, 'replicas_acked', 0)} of the "
+            f"{getattr(store, 'min_replicas', '?')} replicas stoker_min_replicas asks for "
+            "confirmed it in time"
+        )
+        outcome.kind = "error"
+        outcome.error = outcome.error or f"state not counted as stored: {short}"
+        # Once per outage in this process (every event fails so until replicas catch up).
+        log = logger.debug if spec.name in _UNREPLICATED else logger.warning
+        _UNREPLICATED.add(spec.name)
+        log(
+            "Stoker %s: the state after %s (term %d) does not count as stored: %s (the "
+            "primary has it; a failover could lose it); the event counts as failed. Said "
+            "once until a commit is replicated again; check INFO replication, or lower "
+            "stoker_min_replicas",
+            spec.name,
+            event,
+            token,
+            short,
+        )
     elif result is Commit.STALE_STATE:
         outcome.stale = True
         logger.warning(

@@ -457,6 +457,8 @@ class Election:
         keeps two leaders from acting at once, and costs nothing on a Redis
         that has been up longer than one TTL.
         """
+        if term.history_lost is not None:
+            return self._history_lost_wait(term, term.history_lost)
         if not term.fresh:
             return 0.0
         try:
@@ -479,6 +481,34 @@ class Election:
                 self.hostname,
                 wait,
             )
+        return wait
+
+    def _history_lost_wait(self, term: Term, lost: tuple[int, int]) -> float:
+        """A term that found Redis behind the fleet: say so once, and wait a whole TTL.
+
+        The counter was below a token this worker saw: Redis was restored from
+        an older snapshot, or a replica was promoted without the last writes.
+        An earlier leader may still count its lease valid, and neither Redis's
+        uptime (a promoted replica's says nothing) nor the restored lease tells
+        when its term ends, so the term acts only after a whole TTL.  The
+        callbacks of the term hear it as ``context.history_lost``.
+        """
+        seen, held = lost
+        wait = self.settings.lease_ttl
+        logger.warning(
+            "Stoker %s: Redis holds less history than the fleet has seen: its token "
+            "counter was at %s, but token %d was seen (restored from an older snapshot, or "
+            "a replica promoted without the last writes?); the stored state may be older "
+            "than the last one committed. %s holds the lease (token %d) but acts in %.1f s, "
+            "once any earlier leader's term is over; its callbacks see "
+            "context.history_lost",
+            self.name,
+            held if not term.fresh else "none (missing)",
+            seen,
+            self.hostname,
+            term.token,
+            wait,
+        )
         return wait
 
     def _start_acting(self, term: Term) -> None:

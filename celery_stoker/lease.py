@@ -11,7 +11,11 @@ Redis lock recipe, with two additions that make it safe to act on:
   persistence), or after a failover lost the last increment, still outranks
   every term before it, unless the server's clock went backwards.  A term
   that finds the counter missing is marked ``fresh``: an earlier holder may
-  still count its lease valid, so the caller should not act for one TTL.
+  still count its lease valid, so the caller should not act for one TTL.  A
+  term that finds the counter below a token its taker saw carries
+  ``history_lost`` in its lease value: Redis lost acknowledged writes (a
+  restored snapshot, a replica promoted without them), so the state may be
+  older than the last one committed.
 * **Holder-side validity on a monotonic clock.**  The holder counts its lease
   from *before* it sent the command that set or renewed it, minus a drift
   allowance, so its own view always ends before Redis can hand the lease to
@@ -106,6 +110,9 @@ class Holder:
     reserved_for: str | None = None
     #: The holder's Celery app (None in a value written before the lease named it).
     app: str | None = None
+    #: Set when this term found Redis behind the fleet: (the newest token the taker
+    #: had seen, the counter Redis held then); see :class:`Term`.
+    history_lost: tuple[int, int] | None = None
 
     @classmethod
     def parse(cls, raw: bytes, pttl_ms: int | None) -> Holder:
@@ -136,6 +143,7 @@ class Holder:
                 ttl_left=ttl_left,
                 raw=raw,
                 app=str(data["app"]) if data.get("app") else None,
+                history_lost=_lost(data.get("lost")),
             )
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             return cls(None, None, None, None, ttl_left, raw, foreign=True)
@@ -144,6 +152,16 @@ class Holder:
     def foreign_error(cls, exc: Exception) -> Holder:
         """A holder standing for a key Redis could not even read as ours (wrong type)."""
         return cls(None, None, None, None, None, f"<{exc}>".encode(), foreign=True)
+
+
+def _lost(value: object) -> tuple[int, int] | None:
+    """The ``lost`` field of a lease value as (seen, held), or None (absent or not ours)."""
+    if not isinstance(value, dict):
+        return None
+    seen, held = value.get("seen"), value.get("held")
+    if isinstance(seen, int) and isinstance(held, int):
+        return (seen, held)
+    return None
 
 
 def _is_foreign_data_error(exc: redis.ResponseError) -> bool:
@@ -166,6 +184,11 @@ class Term:
     #: True when Redis had no fencing counter: it lost its data, or this is the
     #: first term ever; an earlier holder may still believe it leads.
     fresh: bool = False
+    #: (newest token the taker had seen, the counter Redis held) when Redis held
+    #: less history than that (a restored snapshot, a replica promoted without the
+    #: last writes): the state may be older than what was committed, and an earlier
+    #: holder may still believe it leads.  None in a term that found nothing amiss.
+    history_lost: tuple[int, int] | None = None
 
     def time_left(self) -> float:
         """Seconds of validity left on this holder's own clock (negative once over)."""
@@ -333,7 +356,13 @@ class RedisLease:
             self.rank = None
             value = raw_bytes.decode()
             fresh = bool(rest and int(rest[0]) == 1)
-            term = Term(holder.token, value, started + validity(self.ttl), fresh=fresh)
+            term = Term(
+                holder.token,
+                value,
+                started + validity(self.ttl),
+                fresh=fresh,
+                history_lost=holder.history_lost,
+            )
             return AcquireResult(term, holder)
         rank = int(rest[0]) if rest else -1
         self.rank = rank if rank >= 0 else None

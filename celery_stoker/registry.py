@@ -207,7 +207,7 @@ def stoker(
             raise StokerRegistrationError(
                 f"Stoker name {spec_name!r} may not contain white space or braces"
             )
-        from .settings import check_limits, check_timing
+        from .settings import check_limits, check_min_replicas, check_timing
 
         # Check the overrides alone now (no app.conf: it may not be configured
         # yet), so a typo fails at import, not at worker start.
@@ -216,6 +216,8 @@ def stoker(
                 check_timing({}, options)
             if "soft_time_limit" in options or "time_limit" in options:
                 check_limits({}, options)
+            if "min_replicas" in options:
+                check_min_replicas({}, options)
         except ImproperlyConfigured as exc:
             raise StokerRegistrationError(f"@stoker({spec_name!r}): {exc}") from exc
         registry_of(app).add(

@@ -13,7 +13,8 @@ of the message.  ``PROBE`` (and ``access.py``) find a Redis user's missing
 permissions before any of these runs.
 
 The lease value is JSON written by ``ACQUIRE`` (``{"v":1,"token":N,"since":ms,
-"holder":id,"host":node,"app":name}``; values from before ``app`` read as well)
+"holder":id,"host":node,"app":name}``, and ``"lost":{"seen":N,"held":N}`` in a term
+that found Redis behind the fleet; values from before ``app`` read as well)
 or by ``RELEASE`` for a handoff (``{"v":1,"reserved_for":node,"since":ms}``);
 ``lease.Holder.parse`` reads it in Python and ``COMMIT`` finds the token in it as digits.
 """
@@ -28,7 +29,10 @@ from __future__ import annotations
 #: ARGV[7] the publish command (PUBLISH or SPUBLISH), ARGV[8] the holder's Celery app
 #: (so a worker of another app sharing the prefix can say so).
 #: Reply: ``{1, value, ttl ms, fresh}`` taken (``fresh`` 1 when the counter was
-#: missing: Redis lost its data, or this is the first term ever);
+#: missing: Redis lost its data, or this is the first term ever).  When the
+#: counter Redis holds is below ARGV[4] (a restored snapshot, a replica promoted
+#: without the last writes: Redis holds less history than the fleet has seen) the
+#: value carries ``"lost":{"seen":ARGV[4],"held":counter or 0}``, for the whole term;
 #: ``{0, value, pttl, rank}`` held by another (this worker joins the waiters;
 #: ``rank`` is its place among them, 0 = first to try after a release, -1 unknown);
 #: ``{2, value or '', pttl}`` this worker is draining (it leaves the waiters).
@@ -62,12 +66,19 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 else
   counted = redis.call('INCR', KEYS[2])
 end
+-- The counter always equals the newest token issued here: one below a token the
+-- caller saw means Redis lost writes it had acknowledged.
+local held = math.max(counted - 1, 0)
+local lost = ''
+if floor > held then
+  lost = string.format(',"lost":{"seen":%d,"held":%d}', floor, held)
+end
 -- Above the counter, the caller's highest token and the clock: a lost
 -- increment (an unreplicated write before a failover) cannot repeat a token.
 local token = math.max(counted, floor + 1, now_us)
 redis.call('SET', KEYS[2], string.format('%d', token))
-local value = string.format('{"v":1,"token":%d,"since":%d,"holder":%s,"host":%s,"app":%s}',
-  token, now_ms, cjson.encode(ARGV[1]), cjson.encode(ARGV[2]), cjson.encode(ARGV[8] or ''))
+local value = string.format('{"v":1,"token":%d,"since":%d,"holder":%s,"host":%s,"app":%s%s}',
+  token, now_ms, cjson.encode(ARGV[1]), cjson.encode(ARGV[2]), cjson.encode(ARGV[8] or ''), lost)
 redis.call('SET', KEYS[1], value, 'PX', ARGV[3])
 local rank = redis.pcall('ZRANK', KEYS[4], ARGV[2])
 if type(rank) ~= 'number' then rank = -1 end

@@ -6,7 +6,8 @@ start, so that a bad value stops the worker with the setting's name, the value
 and the allowed range instead of failing later inside a thread.
 
 A Stoker may override ``lease_ttl``, ``renew_interval``, ``key_prefix``,
-``soft_time_limit`` and ``time_limit``; the overrides go through the same checks.
+``soft_time_limit``, ``time_limit`` and ``min_replicas``; the overrides go
+through the same checks.
 
 An app configured with ``config_from_object(obj, namespace="CELERY")`` spells
 every setting ``CELERY_<NAME>`` (Celery reads ``CELERY_STOKER_LEASE_TTL`` for
@@ -47,7 +48,16 @@ DEFAULT_STOP_TIMEOUT = 10.0
 #: Where ``/metrics`` listens: every IPv4 interface, as Prometheus exporters do.
 DEFAULT_METRICS_ADDRESS = "0.0.0.0"
 #: The per-Stoker overrides ``@stoker(app, ...)`` accepts.
-OVERRIDABLE = ("lease_ttl", "renew_interval", "key_prefix", "soft_time_limit", "time_limit")
+OVERRIDABLE = (
+    "lease_ttl",
+    "renew_interval",
+    "key_prefix",
+    "soft_time_limit",
+    "time_limit",
+    "min_replicas",
+)
+#: The most replicas ``stoker_min_replicas`` may ask for (a typo guard, not a Redis limit).
+MAX_MIN_REPLICAS = 16
 _KEY_PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 #: The content type of kombu's pickle (and of any serializer registered like it):
 #: decoding it can run any code the writer chose.
@@ -114,6 +124,8 @@ class StokerSettings:
     time_limit: float | None = None
     #: Longest a stopping worker waits for its Stokers to step down.
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
+    #: A state commit counts only once this many replicas have it (0: once the primary has).
+    min_replicas: int = 0
 
     @property
     def masked_url(self) -> str:
@@ -130,6 +142,18 @@ class StokerSettings:
         a fifth of that window leaves room for two tries and a margin.
         """
         return max(0.05, (self.lease_ttl - self.renew_interval) / 5)
+
+    @property
+    def replica_timeout(self) -> float:
+        """How long a commit waits for ``min_replicas`` replicas (``WAIT``): a quarter TTL.
+
+        A commit is the end of an event, and the Stoker's next event (and a
+        stepping-down leader's ``shutdown``) waits for it: a replica further
+        behind than a quarter of the term counts as missing, and the event
+        fails rather than hold the term.  The store also keeps it under the
+        client's socket timeout.
+        """
+        return self.lease_ttl / 4
 
 
 def _number(name: str, value: Any) -> float:
@@ -263,6 +287,7 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
             f"{stop_name}={stop_value!r} is out of range: it must be greater than 0 "
             "and at most 3600 seconds"
         )
+    min_replicas = check_min_replicas(conf, overrides)
     return StokerSettings(
         url=url,
         lease_ttl=ttl,
@@ -273,6 +298,7 @@ def load_settings(conf: Any, overrides: Mapping[str, Any] | None = None) -> Stok
         soft_time_limit=soft,
         time_limit=hard,
         stop_timeout=stop_timeout,
+        min_replicas=min_replicas,
     )
 
 
@@ -311,6 +337,34 @@ def check_state_serializer(conf: Any) -> str:
             "everyone who can write to that Redis"
         )
     return str(serializer)
+
+
+def check_min_replicas(conf: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> int:
+    """``stoker_min_replicas`` (or a Stoker's ``min_replicas``): an integer from 0 up.
+
+    0 (the default) keeps commits as fast as the primary answers; N >= 1 makes
+    every state commit wait for N replicas (``WAIT``), and needs ``+wait`` in
+    the Redis user's ACL.
+    """
+    overrides = dict(overrides or {})
+    name = (
+        "min_replicas" if "min_replicas" in overrides else setting_name(conf, "stoker_min_replicas")
+    )
+    value = overrides.get("min_replicas", conf.get("stoker_min_replicas"))
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        hint = " (read from the environment? wrap it in int(...))" if isinstance(value, str) else ""
+        raise StokerConfigurationError(
+            f"{name} must be a whole number of replicas from 0 to {MAX_MIN_REPLICAS}, got "
+            f"{value!r} ({type(value).__name__}){hint}"
+        )
+    if not 0 <= value <= MAX_MIN_REPLICAS:
+        raise StokerConfigurationError(
+            f"{name}={value!r} is out of range: it must be from 0 (commits count once the "
+            f"primary has them) to {MAX_MIN_REPLICAS} replicas"
+        )
+    return value
 
 
 def check_limits(

@@ -32,6 +32,12 @@ class StokerContext:
     #: True in a ``shutdown`` whose term Redis no longer holds (another term took the
     #: lease, or it vanished): the callback still runs, but its state is not stored.
     stale: bool = False
+    #: True in every callback of a term that found Redis holding less history than the
+    #: fleet had seen (restored from an older snapshot, a replica promoted without the
+    #: last writes): the state it was given may be older than the last one committed,
+    #: so work done since then may be done again.  The term waited a whole lease TTL
+    #: before its first callback.
+    history_lost: bool = False
 
 
 class Stoker:

@@ -21,6 +21,7 @@ from kombu.serialization import dumps as kombu_dumps
 from kombu.serialization import loads as kombu_loads
 
 from . import scripts
+from .connection import is_cluster_client
 from .keys import closing_key, info_key, lease_key, state_key, transitions_key
 from .lease import Holder
 
@@ -36,6 +37,9 @@ class Commit(enum.Enum):
     STALE_TERM = 0
     #: The state changed after the event read it (a late event): nothing was written.
     STALE_STATE = -1
+    #: Written on the primary, but fewer replicas than ``stoker_min_replicas`` confirmed
+    #: it in time: it does not count as stored (a failover now could lose it).
+    UNREPLICATED = 2
 
     def __bool__(self) -> bool:
         return self is Commit.STORED
@@ -60,11 +64,27 @@ class StokerStore:
     """Read and fenced-write one Stoker's state and record."""
 
     def __init__(
-        self, client: redis.Redis, name: str, *, key_prefix: str, serializer: str = "json"
+        self,
+        client: redis.Redis,
+        name: str,
+        *,
+        key_prefix: str,
+        serializer: str = "json",
+        min_replicas: int = 0,
+        replica_timeout: float = 0.0,
     ) -> None:
         self.client = client
         self.name = name
         self.serializer = serializer
+        #: ``stoker_min_replicas``: a state commit counts once this many replicas have it.
+        self.min_replicas = min_replicas
+        #: How long a commit waits for them (``StokerSettings.replica_timeout``).
+        self.replica_timeout = replica_timeout
+        #: The last replica count a commit's ``WAIT`` answered (for its log line).
+        self.replicas_acked: int | None = None
+        #: Read from the lease by :meth:`term_accepts_events`: the term found Redis
+        #: behind the fleet, as (token seen, counter held); see ``lease.Term``.
+        self.history_lost: tuple[int, int] | None = None
         self.lease_key = lease_key(key_prefix, name)
         self.state_key = state_key(key_prefix, name)
         self.info_key = info_key(key_prefix, name)
@@ -149,6 +169,14 @@ class StokerStore:
         the state is written only if no other commit came in between, so an event
         that returns late can never overwrite a newer state.  Writes nothing and
         returns a false :class:`Commit` when either check fails.
+
+        With ``min_replicas`` (``stoker_min_replicas``) >= 1, a state write is
+        followed by ``WAIT min_replicas timeout`` on the same connection, in the
+        same pipeline (one round trip); the timeout is ``replica_timeout``, at
+        most 80% of the client's socket timeout so the answer comes before the
+        client gives up.  Fewer replicas in time: :attr:`Commit.UNREPLICATED`
+        (the primary has the write; the caller must not count it as stored).
+        A record-only write (``encoded`` None, the election's bookkeeping) never waits.
         """
         content_type, encoding, body = encoded or ("", "", "")
         args: list[Any] = [
@@ -162,8 +190,41 @@ class StokerStore:
         ]
         for key, value in info.items():
             args.extend([key, _field(value)])
-        code = int(self._commit(keys=[self.lease_key, self.state_key, self.info_key], args=args))
-        return Commit(code)
+        keys = [self.lease_key, self.state_key, self.info_key]
+        if encoded is None or self.min_replicas < 1:
+            return Commit(int(self._commit(keys=keys, args=args)))
+        return self._commit_replicated(keys, args)
+
+    def _commit_replicated(self, keys: list[str], args: list[Any]) -> Commit:
+        """COMMIT then ``WAIT`` on one connection: on a Cluster, the slot's primary's."""
+        target: Any = self.client
+        if is_cluster_client(self.client):
+            # WAIT names no key: send both to the node that serves the Stoker's slot.
+            cluster: Any = self.client  # a RedisCluster
+            target = cluster.get_node_from_key(self.state_key).redis_connection
+        timeout = self.replica_timeout
+        socket_timeout = _socket_timeout(target)
+        if socket_timeout:
+            timeout = min(timeout, socket_timeout * 0.8)
+        for attempt in (1, 2):
+            # EVALSHA by hand, not the Script through the pipeline: that would send SCRIPT
+            # EXISTS first, a command the README's ACL line does not grant.
+            pipe = target.pipeline(transaction=False)
+            pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.min_replicas, max(1, round(timeout * 1000)))
+            code, acked = pipe.execute(raise_on_error=False)
+            if isinstance(code, redis.exceptions.NoScriptError) and attempt == 1:
+                target.script_load(scripts.COMMIT)  # nothing ran: the same commit again
+                continue
+            for answer in (code, acked):
+                if isinstance(answer, Exception):
+                    raise answer
+            break
+        result = Commit(int(code))
+        self.replicas_acked = int(acked)
+        if result is Commit.STORED and self.replicas_acked < self.min_replicas:
+            return Commit.UNREPLICATED
+        return result
 
     def term_accepts_events(self, token: int) -> bool:
         """True while ``token`` is the lease's and its leader is not stepping down.
@@ -182,11 +243,14 @@ class StokerStore:
             if isinstance(answer, Exception):
                 raise answer  # (NOPERM): as if the command alone had raised
         self._prefetched = state
+        self.history_lost = None
         if lease is None:
             return False
         raw = lease if isinstance(lease, bytes) else str(lease).encode()
-        if Holder.parse(raw, None).token != token:
+        holder = Holder.parse(raw, None)
+        if holder.token != token:
             return False
+        self.history_lost = holder.history_lost
         return closing is None or _text(closing) != str(token)
 
     def record_transition(self, transition: dict[str, Any]) -> None:
@@ -296,6 +360,13 @@ def accepted_content(serializer: str) -> list[str]:
     from kombu.serialization import registry
 
     return [registry._encoders[serializer].content_type]
+
+
+def _socket_timeout(client: Any) -> float | None:
+    """The socket timeout ``client``'s connections use, if it says (a plain or Sentinel client)."""
+    pool = getattr(client, "connection_pool", None)
+    value = getattr(pool, "connection_kwargs", {}).get("socket_timeout")
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
 def _text(value: bytes | str) -> str:

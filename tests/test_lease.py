@@ -1073,3 +1073,62 @@ def test_closing_a_term_gives_it_a_whole_ttl_and_lets_no_event_of_it_start(
     assert store.term_accepts_events(newer.token), "the newer term was left alone"
     admin.delete(lease.lease_key)
     assert not other.close_term(newer) and other.vanished
+
+
+# --- lost history -----------------------------------------------------------------------------
+
+
+def test_a_term_on_a_redis_restored_from_an_older_snapshot_says_history_was_lost(
+    redis_server: RedisServer, own_leases: Leases, tmp_path: Path
+) -> None:
+    """ACQUIRE compares the counter with the caller's highest token (issue 23, point 2).
+
+    A real ``redis-server`` is restored from an RDB file saved two terms ago: the
+    counter comes back below a token the caller saw.  The new term's lease value
+    carries ``lost`` (seen, held), parsed into ``Term.history_lost`` and
+    ``Holder.history_lost``; a caller who saw nothing newer finds nothing amiss.
+    """
+    lease = own_leases.lease("a", 5.0)
+    old_term = must_acquire(lease)
+    assert old_term.history_lost is None
+    assert lease.release(old_term)
+    old_rdb = redis_server.snapshot(tmp_path / "old.rdb")
+    highest = 0
+    for _ in range(2):
+        term = must_acquire(lease, min_token=highest)
+        assert term.history_lost is None, "a term on an intact Redis claims lost history"
+        highest = term.token
+        assert lease.release(term)
+
+    redis_server.restart_from(old_rdb)
+    client = redis_server.client()
+    assert int(client.get(token_key(PREFIX, "job"))) == old_term.token
+    restored = must_acquire(lease, min_token=highest)
+    assert restored.history_lost == (highest, old_term.token)
+    assert restored.token > highest
+    assert not restored.fresh
+    holder = Holder.parse(client.get(lease_key(PREFIX, "job")), None)
+    assert holder.history_lost == (highest, old_term.token)
+    assert holder.token == restored.token  # COMMIT's digit match still finds the token
+    assert lease.release(restored)
+    # The next term, from a caller that saw the restored one, finds the counter in step.
+    after = must_acquire(lease, min_token=restored.token)
+    assert after.history_lost is None
+    assert lease.release(after)
+
+    # A caller that remembers nothing newer than Redis has is told nothing.
+    redis_server.restart_from(old_rdb)
+    assert must_acquire(lease, min_token=old_term.token).history_lost is None
+
+
+def test_a_term_on_a_redis_that_lost_everything_says_history_was_lost_when_a_token_was_seen(
+    redis_server: RedisServer, own_leases: Leases
+) -> None:
+    lease = own_leases.lease("a", 5.0)
+    first = must_acquire(lease)
+    assert first.fresh and first.history_lost is None  # the first term ever: nothing lost
+    assert lease.release(first)
+    redis_server.restart(empty=True)
+    term = must_acquire(lease, min_token=first.token)
+    assert term.fresh
+    assert term.history_lost == (first.token, 0)

@@ -114,7 +114,11 @@ LEGIT_RUNS = {
     "solo": ("solo", {}, ()),
     "threads": ("threads", {}, ()),
     "eventlet": ("eventlet", {}, ()),
-    "prefork-pickle": ("prefork", {"STOKER_TEST_TASK_SERIALIZER": "pickle", "C_FORCE_ROOT": "1"}, ()),
+    "prefork-pickle": (
+        "prefork",
+        {"STOKER_TEST_TASK_SERIALIZER": "pickle", "C_FORCE_ROOT": "1"},
+        (),
+    ),
     "gevent-yaml": ("gevent", {"STOKER_TEST_TASK_SERIALIZER": "yaml"}, ()),
     "prefork-msgpack": ("prefork", {"STOKER_TEST_TASK_SERIALIZER": "msgpack"}, ()),
     "prefork-one-task-per-child": ("prefork", {}, ("--max-tasks-per-child", "1")),

@@ -43,6 +43,8 @@ class MemoryStore:
         self.encoded: tuple[str, str, bytes | str] | None = None
         self.version = 0
         self.info: dict[str, Any] = {}
+        #: Never set here: a memory store loses no history.
+        self.history_lost: tuple[int, int] | None = None
 
     def term_accepts_events(self, token: int) -> bool:
         return self.open and token == self.token

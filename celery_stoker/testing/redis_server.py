@@ -432,6 +432,25 @@ class RedisServer(_ManagedProcess):
             dump.unlink(missing_ok=True)
         self.start(port=port, timeout=timeout)
 
+    def snapshot(self, path: str | Path) -> Path:
+        """``SAVE`` now and copy the RDB file to ``path`` (for :meth:`restart_from`)."""
+        self._raw_client().save()
+        target = Path(path)
+        shutil.copyfile(self.tmpdir / "dump.rdb", target)
+        return target
+
+    def restart_from(self, rdb_path: str | Path, timeout: float = 10.0) -> None:
+        """Stop, put ``rdb_path`` in place of the data, and start on the same port.
+
+        Models Redis restored from an older snapshot: every write made after that
+        snapshot is gone, while the clients still remember what they saw.  (The
+        server runs without save points, so stopping it writes nothing over the file.)
+        """
+        port = self.port
+        self.stop()
+        shutil.copyfile(rdb_path, self.tmpdir / "dump.rdb")
+        self.start(port=port, timeout=timeout)
+
     def flushall(self) -> None:
         """Delete every key in every db (used to reuse one server across tests)."""
         probe = self._raw_client()

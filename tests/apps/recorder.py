@@ -31,10 +31,12 @@ app.conf.update(
 )
 if os.environ.get("STOKER_TEST_STOP_TIMEOUT"):
     app.conf.stoker_stop_timeout = float(os.environ["STOKER_TEST_STOP_TIMEOUT"])
-if os.environ.get("STOKER_TEST_STATE_SERIALIZER"):  # e.g. pickle or yaml (test_settings, test_state)
+if os.environ.get("STOKER_TEST_STATE_SERIALIZER"):  # pickle, yaml (test_settings, test_state)
     app.conf.stoker_state_serializer = os.environ["STOKER_TEST_STATE_SERIALIZER"]
 if os.environ.get("STOKER_TEST_ALLOW_UNSAFE_SERIALIZER"):
     app.conf.stoker_state_allow_unsafe_serializer = True
+if os.environ.get("STOKER_TEST_MIN_REPLICAS"):  # commits wait for replicas (test_history.py)
+    app.conf.stoker_min_replicas = int(os.environ["STOKER_TEST_MIN_REPLICAS"])
 if os.environ.get("STOKER_TEST_METRICS_PORT"):  # serve /metrics (tests/test_metrics.py)
     app.conf.stoker_metrics_port = int(os.environ["STOKER_TEST_METRICS_PORT"])
 if os.environ.get("STOKER_TEST_METRICS_ADDRESS"):
@@ -71,6 +73,50 @@ def record(kind: str, **fields: Any) -> None:
     fields.setdefault("at", time.time())
     fields.setdefault("pid", os.getpid())
     _client().rpush(f"rec:{kind}", json.dumps(fields, default=str))
+
+
+def _record_commits() -> None:
+    """STOKER_TEST_RECORD_COMMITS: record what each pool event's outcome said of its commit.
+
+    ``rec:commit`` gets, per event run in the pool, whether its state was reported
+    stored and, if so, the state's ``events`` count: a test compares it with what
+    later events start from (a commit reported stored must never be lost).
+    """
+    from kombu.serialization import loads
+
+    from celery_stoker import dispatch
+    from celery_stoker.copies import StateCopy, copies
+
+    original, original_keep = dispatch.run_event, copies.keep
+    kept: list[StateCopy] = []
+
+    def keep(hostname: str, name: str, copy: StateCopy) -> None:
+        kept.append(copy)  # the committed state, as the worker keeps it
+        original_keep(hostname, name, copy)
+
+    def run_event(*args: Any, **kwargs: Any) -> Any:
+        kept.clear()
+        outcome = original(*args, **kwargs)
+        events = None
+        if outcome.committed and kept:
+            body = kept[-1]
+            events = loads(body.body, body.content_type, body.encoding, accept=["json"])["events"]
+        record(
+            "commit",
+            token=outcome.token,
+            committed=outcome.committed,
+            events=events,
+            outcome=outcome.kind,
+            error=outcome.error,
+        )
+        return outcome
+
+    copies.keep = keep  # type: ignore[method-assign]
+    dispatch.run_event = run_event
+
+
+if os.environ.get("STOKER_TEST_RECORD_COMMITS"):
+    _record_commits()
 
 
 def _eligible() -> Any:
@@ -172,6 +218,7 @@ class Recorder(Stoker):
             events=state["events"],
             started=started,
             stale=getattr(ctx, "stale", None),
+            history_lost=getattr(ctx, "history_lost", None),
             task_id=task_id,
         )
         if event == "timer" and os.environ.get("STOKER_TEST_RAISE_ON_TIMER") == ctx.hostname:
