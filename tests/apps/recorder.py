@@ -99,8 +99,9 @@ def _record_commits() -> None:
         outcome = original(*args, **kwargs)
         events = None
         if outcome.committed and kept:
-            body = kept[-1]
-            events = loads(body.body, body.content_type, body.encoding, accept=["json"])["events"]
+            copy = kept[-1]
+            state = loads(copy.body, copy.content_type, copy.encoding, accept={"application/json"})
+            events = state["events"]
         record(
             "commit",
             token=outcome.token,
