@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from support.metrics import Samples, scrape
 from support.redis_server import RedisServer
 from support.workers import ROOT, Fleet, Records, check_terms, wait_for
 
@@ -30,31 +31,12 @@ from celery_stoker.settings import (
     check_metrics_address,
     check_metrics_port,
 )
+from celery_stoker.testing import free_port
 
 prometheus_client = pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 #: Long enough that a loaded machine does not lose a lease mid-test (that would add a term).
 TTL = 4.0
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def scrape(port: int, host: str = "127.0.0.1") -> Samples:
-    """Every sample of ``/metrics`` on ``port``, keyed by (sample name, labels)."""
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
 
 
 def value(samples: Samples, name: str, **labels: str) -> float | None:

@@ -13,43 +13,24 @@ go on.
 from __future__ import annotations
 
 import logging
-import socket
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from celery import Celery
+from support.metrics import refused
 from support.redis_server import RedisServer
 from support.workers import Fleet, Records, check_terms, wait_for
 
 from celery_stoker import Stoker, stoker
 from celery_stoker.dispatch import DISPATCH_TASK, register_dispatch_task
+from celery_stoker.testing import free_port
 
 pytestmark = pytest.mark.workers
 prometheus_client = pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 #: A callback long enough to send a copy of its message while it runs.
 EVENT_SECONDS = 1.5
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _refused(port: int) -> dict[str, float]:
-    """``stoker_events_refused_total`` of the worker serving ``port``, by ``why``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "stoker_events_refused_total":
-                out[sample.labels["why"]] = sample.value
-    return out
 
 
 def _running_request(records: Records, after: int) -> dict[str, Any]:
@@ -71,7 +52,7 @@ def _running_request(records: Records, after: int) -> dict[str, Any]:
 def test_only_the_event_in_flight_runs_a_callback(
     fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records, pool: str
 ) -> None:
-    ports = {"w1": _free_port(), "w2": _free_port()}
+    ports = {"w1": free_port(), "w2": free_port()}
     fleet = fleets(
         pool,
         ttl=5.0,  # no term change on a loaded machine: the test counts one WARNING per term
@@ -104,9 +85,9 @@ def test_only_the_event_in_flight_runs_a_callback(
     running = _running_request(records, 0)
     send(running, w1.node)
     send(running, w2.node, expires=3600)
-    wait_for(lambda: _refused(ports["w1"]).get("copy", 0) >= 1, 20, what="w1 refuses the copy")
+    wait_for(lambda: refused(ports["w1"]).get("copy", 0) >= 1, 20, what="w1 refuses the copy")
     wait_for(
-        lambda: _refused(ports["w2"]).get("not_in_flight", 0) >= 1,
+        lambda: refused(ports["w2"]).get("not_in_flight", 0) >= 1,
         20,
         what="w2 refuses the message",
     )
@@ -121,9 +102,9 @@ def test_only_the_event_in_flight_runs_a_callback(
     send(forged, w1.node, task_id="forged-event")
     wait_for(
         lambda: (
-            _refused(ports["w1"]).get("unknown_event", 0) >= 1
-            and _refused(ports["w1"]).get("not_in_flight", 0)
-            + _refused(ports["w1"]).get("not_sent_here", 0)
+            refused(ports["w1"]).get("unknown_event", 0) >= 1
+            and refused(ports["w1"]).get("not_in_flight", 0)
+            + refused(ports["w1"]).get("not_sent_here", 0)
             >= 1
         ),
         20,

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import socket
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from celery import Celery
+from support.metrics import refused
 from support.redis_server import RedisServer
 from support.workers import Fleet, Record, Records, WorkerProcess, check_terms, wait_for
 
 from celery_stoker.dispatch import DISPATCH_TASK
+from celery_stoker.testing import free_port
 
 pytestmark = pytest.mark.workers
 prometheus_client = pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 #: A callback long enough to send a copy of its message while it runs.
 EVENT_SECONDS = 1.0
@@ -127,7 +126,7 @@ LEGIT_RUNS = {
 
 
 @pytest.mark.parametrize("run", list(LEGIT_RUNS))
-def test_the_leaders_own_events_are_never_refused(
+def test_the_leaders_own_events_are_neverrefused(
     fleets: Callable[..., Fleet], records: Records, run: str
 ) -> None:
     """Elect, hear a worker join (a dict reason), run timers, hand over: nothing refused."""
@@ -162,24 +161,6 @@ def test_the_leaders_own_events_are_never_refused(
     check_terms(records.events())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _refused(port: int) -> dict[str, float]:
-    """``stoker_events_refused_total`` of the worker serving ``port``, by ``why``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "stoker_events_refused_total":
-                out[sample.labels["why"]] = sample.value
-    return out
-
-
 def _reserved_event(client: Celery, node: str, ran: set[str]) -> dict[str, Any] | None:
     """The dispatch request ``node`` holds for a busy pool, as ``inspect reserved`` shows it."""
     replies = client.control.inspect([node], timeout=2).reserved() or {}
@@ -200,7 +181,7 @@ def test_copies_of_an_event_waiting_for_a_busy_pool_do_not_displace_it(
     sent; the pump neither resends it nor takes it for dropped; every copy is
     refused.
     """
-    port = _free_port()
+    port = free_port()
     fleet = fleets(pool, ttl=3.0, STOKER_TEST_TIMER="0.2", STOKER_TEST_RECORD_REQUESTS="1")
     w1 = fleet.start("w1@%h", concurrency=1, env={"STOKER_TEST_METRICS_PORT": str(port)})
     wait_for(lambda: len(records.of("timer")) >= 2, 30, what="w1 leads and runs timers")
@@ -219,7 +200,7 @@ def test_copies_of_an_event_waiting_for_a_busy_pool_do_not_displace_it(
     send(waiting, w1, args=args, countdown=2)
     past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
     send(waiting, w1, args=args, expires=past)
-    wait_for(lambda: sum(_refused(port).values()) >= 3, 20, what="w1 refuses the copies")
+    wait_for(lambda: sum(refused(port).values()) >= 3, 20, what="w1 refuses the copies")
     records.client.rpush("unblock", 1)
     wait_for(
         lambda: waiting["id"] in {r["task_id"] for r in records.raw("event")},
@@ -228,7 +209,7 @@ def test_copies_of_an_event_waiting_for_a_busy_pool_do_not_displace_it(
     )
     seen = len(records.raw("event"))
     wait_for(lambda: len(records.raw("event")) >= seen + 3, 20, what="three more events")
-    wait_for(lambda: sum(_refused(port).values()) >= 4, 20, what="the countdown copy refused")
+    wait_for(lambda: sum(refused(port).values()) >= 4, 20, what="the countdown copy refused")
     runs = [r for r in records.raw("event") if r["task_id"] == waiting["id"]]
     assert len(runs) == 1, runs
     assert runs[0]["reason"] is None
@@ -252,7 +233,7 @@ def test_copies_queued_across_a_change_of_term_run_nothing(
     by the time the copy's countdown ends) and to a worker of the app that runs no
     StokerStep.  None runs a callback; each worker with a pump says so once.
     """
-    ports = {"w1": _free_port(), "w2": _free_port()}
+    ports = {"w1": free_port(), "w2": free_port()}
     fleet = fleets(
         "prefork",
         ttl=3.0,
@@ -276,11 +257,11 @@ def test_copies_queued_across_a_change_of_term_run_nothing(
     wait_for(
         lambda: [r for r in records.of("now_leader") if r.host == w2.node], 30, what="w2 leads"
     )
-    wait_for(lambda: sum(_refused(ports["w2"]).values()) >= 1, 20, what="w2 refuses its copy")
+    wait_for(lambda: sum(refused(ports["w2"]).values()) >= 1, 20, what="w2 refuses its copy")
     w1 = fleet.start("w1@%h", env={"STOKER_TEST_METRICS_PORT": str(ports["w1"])})
     wait_for(lambda: "following" in w1.log(current=True), 30, what="w1 follows")
     wait_for(
-        lambda: _refused(ports["w1"]).get("not_in_flight", 0) >= 1,
+        lambda: refused(ports["w1"]).get("not_in_flight", 0) >= 1,
         20,
         what="the restarted w1 refuses the copy it had held",
     )
