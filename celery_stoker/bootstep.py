@@ -163,6 +163,8 @@ class StokerStep(bootsteps.StartStopStep):
         queue = self.app.amqp.queues[self.queue_name]
         try:
             with self.app.connection_for_read() as conn:
+                # One try: a broker down at start is the consumer's to wait for and say.
+                conn.ensure_connection(max_retries=1, interval_start=0, timeout=5)
                 try:
                     queue.bind(conn.default_channel).declare()
                 except conn.channel_errors as exc:
