@@ -25,6 +25,7 @@ from typing import Any
 from bench import (
     dispatch,
     failover,
+    fleet,
     footprint,
     handover,
     idle,
@@ -57,6 +58,7 @@ BENCHES: dict[str, Runner] = {
     "footprint": footprint.run,
     "scale": scale.run,
     "state_bytes": state_bytes.run,
+    "fleet": fleet.run,
 }
 #: Benchmarks too slow for the smoke run (which CI runs), and why.
 SKIPPED_IN_SMOKE = {
@@ -64,6 +66,8 @@ SKIPPED_IN_SMOKE = {
     "run it with python -m bench.store_failover --mode smoke",
     "state_bytes": "a quarter of a minute at one round (states of 1 KB and 1 MB); run it "
     "with python -m bench.state_bytes --mode smoke",
+    "fleet": "half a minute at its smallest (two leader runs, a fresh Redis each waits out a "
+    "TTL); run it with python -m bench.fleet --mode smoke",
 }
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
@@ -76,6 +80,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "footprint": footprint.render,
     "scale": scale.render,
     "state_bytes": state_bytes.render,
+    "fleet": fleet.render,
 }
 
 

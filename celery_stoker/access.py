@@ -54,6 +54,9 @@ COMMANDS = (
     "hget",
     "hset",
     "publish",
+    # a waiter's liveness (its presence channel's subscribers); not probed: without
+    # it the scripts trust every waiter, as before, and a worker still elects
+    "pubsub|numsub",
     # sent by the worker and the CLI themselves
     "hgetall",
     "lpush",

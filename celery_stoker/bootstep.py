@@ -31,6 +31,7 @@ from typing import Any
 
 import redis
 from celery import bootsteps, signals
+from kombu import Exchange, Queue
 
 from .access import AccessCheck
 from .activator import Activator
@@ -38,7 +39,7 @@ from .connection import is_cluster, redis_client
 from .copies import copies
 from .delivery import EventDelivery
 from .dispatch import register_dispatch_task, warm_process
-from .keys import draining_key, lease_channel, reports_key, stoker_channel
+from .keys import draining_key, lease_channel, reports_key, stoker_channel, worker_channel
 from .listener import LeaseListener
 from .membership import Membership, announce
 from .metrics import NO_METRICS, MetricsHooks
@@ -70,10 +71,28 @@ POOL_LIMITS = {
 }
 
 
+#: Seconds the broker keeps a worker's event queue once nobody consumes it
+#: (``x-expires``, as Celery's own control queues): a worker stopped for good, under a
+#: name never used again (a pod), leaves nothing behind, and a live worker's short
+#: broker reconnect keeps its queue and what waits in it.
+EVENT_QUEUE_EXPIRES = 20.0
+
+
 def event_queue_name(conf: Any, hostname: str) -> str:
     """The queue this worker's Stoker events travel on; only this worker consumes it."""
     _, _, prefix = check_timing(conf)
     return f"{prefix}.{hostname}"
+
+
+def event_queue(conf: Any, hostname: str) -> Queue:
+    """This worker's event queue: durable, gone :data:`EVENT_QUEUE_EXPIRES` after its last use.
+
+    Bound to nothing: events are published through the nameless (default)
+    exchange, as Celery publishes to a direct queue, so no binding is left in
+    the broker either (on Redis, no ``_kombu.binding.*`` member per name).
+    """
+    name = event_queue_name(conf, hostname)
+    return Queue(name, Exchange(""), routing_key=name, durable=True, expires=EVENT_QUEUE_EXPIRES)
 
 
 class StokerStep(bootsteps.StartStopStep):
@@ -82,7 +101,13 @@ class StokerStep(bootsteps.StartStopStep):
     label = "Stoker"
     requires = ("celery.worker.components:Pool",)
 
-    def __init__(self, worker: Any, stoker_drain: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        worker: Any,
+        stoker_drain: bool = False,
+        without_gossip: bool = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(worker, **kwargs)
         self.drain_at_start = bool(stoker_drain or worker.app.conf.get("stoker_drain"))
         self.worker = worker
@@ -109,16 +134,78 @@ class StokerStep(bootsteps.StartStopStep):
                 self.settings[name] = load_settings(self.app.conf, spec.options)
             except StokerConfigurationError as exc:
                 raise StokerConfigurationError(f"Stoker {name!r}: {exc}") from None
+        if without_gossip:
+            self._refuse_min_members("--without-gossip")
         self.queue_name = event_queue_name(self.app.conf, self.hostname)
         self.delivery = EventDelivery(self.app, worker, self.queue_name)
         # Members are the workers of this app under the same key prefix (membership.py).
         prefixes = {settings.key_prefix for settings in self.settings.values()}
         self.membership = Membership(self.hostname, app_name(self.app), prefixes)
         if self.registry:
-            self.app.amqp.queues.select_add(self.queue_name)
+            queue = event_queue(self.app.conf, self.hostname)
+            # Celery gives a queue without an exchange name its default exchange (a binding
+            # per worker name that outlives it): set the nameless one after it is added.
+            self.app.amqp.queues.select_add(queue).exchange = Exchange("")
         self.metrics = self._metrics()
         self.pump.on_refused = self.metrics.event_refused
         worker.stoker = self
+
+    def _declare_event_queue(self) -> None:
+        """Declare the event queue now; replace one an older release declared without expiry.
+
+        RabbitMQ refuses to declare a queue again with other arguments
+        (``PRECONDITION_FAILED``): a fleet upgraded under the same host names
+        finds its queues from before, durable and without ``x-expires``, and the
+        consumer could not start.  Such a queue holds only events of terms that
+        are over (the pump admits only the event it has in flight), so an unused
+        one is deleted and declared anew, said once.
+        """
+        queue = self.app.amqp.queues[self.queue_name]
+        try:
+            with self.app.connection_for_read() as conn:
+                # One try: a broker down at start is the consumer's to wait for and say.
+                conn.ensure_connection(max_retries=1, interval_start=0, timeout=5)
+                try:
+                    queue.bind(conn.default_channel).declare()
+                except conn.channel_errors as exc:
+                    if getattr(exc, "code", None) != 406:  # PRECONDITION_FAILED
+                        raise
+                    channel = conn.channel()
+                    try:
+                        channel.queue_delete(self.queue_name, if_unused=True)
+                        queue.bind(channel).declare()
+                    finally:
+                        channel.close()
+                    logger.warning(
+                        "celery-stoker: replaced event queue %s, declared by an older release "
+                        "without an expiry (%s); its old events were for terms that are over",
+                        self.queue_name,
+                        exc,
+                    )
+        except Exception as exc:
+            # The consumer declares it too and says why if it cannot: no stop here.
+            logger.warning(
+                "celery-stoker: could not declare event queue %s (%s: %s)",
+                self.queue_name,
+                exc.__class__.__name__,
+                exc,
+            )
+
+    def _refuse_min_members(self, why: str) -> None:
+        """Stop the worker at start: without gossip a ``min_members`` > 1 Stoker never acts.
+
+        The live set then holds only this worker, so its leader would hold the
+        lease and never act, for good, and keep every other worker from leading.
+        """
+        needing = sorted(name for name, spec in self.registry.items() if spec.min_members > 1)
+        if needing:
+            raise StokerConfigurationError(
+                f"Stoker {needing[0]!r}: min_members={self.registry[needing[0]].min_members} "
+                f"needs Celery's gossip to count the workers, and this worker runs with {why}: "
+                "its leader would hold the lease and never act.  Run it with gossip (no "
+                "--without-gossip) or drop min_members= from @stoker"
+                + (f" (also: {', '.join(needing[1:])})" if len(needing) > 1 else "")
+            )
 
     def _metrics(self) -> MetricsHooks:
         """Prometheus metrics when ``stoker_metrics_port`` is set (on ``stoker_metrics_address``);
@@ -143,8 +230,10 @@ class StokerStep(bootsteps.StartStopStep):
         if not self.registry:
             logger.info("celery-stoker: no Stokers registered in this app; nothing to run")
             return
+        self._declare_event_queue()  # before the consumer does, so a refusal is explained
         announce(self.membership.scope)  # before the consumer's heart sends worker-online
-        self.membership.attach_gossip(worker.consumer)
+        if not self.membership.attach_gossip(worker.consumer):
+            self._refuse_min_members("gossip is off (a broker without it)")
         self.emitter.start()
         self._sync_drain_marks(draining=self.drain_at_start)
         holder_prefix = f"{self.hostname}/{uuid.uuid4().hex[:12]}"
@@ -346,6 +435,8 @@ class StokerStep(bootsteps.StartStopStep):
                 lease_channel(prefix),
                 thread_name=f"stoker-lease-listener:{prefix}",
                 health_interval=max(1.0, settings.lease_ttl),
+                # Its subscription says this worker is alive: dead waiters are dropped.
+                presence=(worker_channel(prefix, self.hostname),),
                 # A Redis Cluster: sharded pub/sub, one channel per Stoker, in its slot.
                 shard_channel=(
                     (lambda name: stoker_channel(prefix, name))

@@ -27,6 +27,8 @@ key                                        what
 ``<prefix>:lease-events`` (channel)        releases, renewals, new terms, pokes
 ``<prefix>:{<name>}:lease-events``         the same for one Stoker, on a Redis
 (shard channel)                            Cluster (sharded pub/sub, in its slot)
+``<prefix>:worker:<hostname>`` (channel)   nothing is sent on it: its subscriber count
+                                           says the worker's listener is alive
 =========================================  ===========================================
 """
 
@@ -117,6 +119,18 @@ def lease_channel(prefix: str) -> str:
 def stoker_channel(prefix: str, name: str) -> str:
     """On a Redis Cluster: ``name``'s own shard channel, in its slot (SPUBLISH / SSUBSCRIBE)."""
     return f"{prefix}:{{{name}}}:lease-events"
+
+
+def worker_channel(prefix: str, hostname: str) -> str:
+    """A channel only ``hostname``'s listener subscribes to, and nobody publishes on.
+
+    Its subscriber count (``PUBSUB NUMSUB``, asked inside ACQUIRE and RELEASE)
+    says whether that worker still listens: a waiter whose worker died (SIGKILL,
+    a lost pod) holds no subscription, because Redis drops a closed connection's
+    subscriptions, so the scripts forget it instead of naming it at the next
+    release.  This needs no gossip and costs nothing while nothing changes.
+    """
+    return f"{prefix}:worker:{hostname}"
 
 
 def channel_for(prefix: str, name: str, *, sharded: bool) -> tuple[str, str]:

@@ -62,6 +62,7 @@ from .keys import (
     stoker_draining_key,
     token_key,
     waiters_key,
+    worker_channel,
 )
 from .keys import (
     lease_channel as lease_channel,  # re-exported: bench and tests import it from here
@@ -292,8 +293,12 @@ class RedisLease:
         self._renewed_until: float | None = None
         self._acquired_until: float | None = None
         self._released_to_other_at: float | None = None
+        #: The presence channels' prefix the scripts check waiters with ('': trust all).
+        self.presence_prefix = ""
         if listener is not None:
             listener.register(name, self)
+            if listener.tells_presence(worker_channel(key_prefix, hostname)):
+                self.presence_prefix = worker_channel(key_prefix, "")
         self._acquire = client.register_script(scripts.ACQUIRE)
         self._renew = client.register_script(scripts.RENEW)
         self._release = client.register_script(scripts.RELEASE)
@@ -340,6 +345,7 @@ class RedisLease:
                     self.name,
                     self.publish_command,
                     self.app,
+                    self.presence_prefix,
                 ],
             )
         except redis.ResponseError as exc:
@@ -463,6 +469,7 @@ class RedisLease:
                     reserve_for or "",
                     self._ttl_ms,
                     self.publish_command,
+                    self.presence_prefix,
                     *sorted(live),
                 ],
             )
@@ -471,6 +478,15 @@ class RedisLease:
                 raise
             return False
         return int(released) == 1
+
+    def leave(self) -> None:
+        """Leave the waiters (a follower that stops): no release may name it any more.
+
+        One ZREM, sent once when the worker stops; a worker killed without
+        it is dropped by the next script that finds its listener gone.
+        """
+        self.rank = None
+        self.client.zrem(self.waiters_key, self.hostname)
 
     def holder(self) -> Holder | None:
         """The current holder, or None when the lease is free."""

@@ -20,6 +20,15 @@ every subscription, wakes every waiter (which falls back on its own deadline
 and looks at the lease once), and subscribes afresh to wherever the slots
 now are, with backoff.
 
+**Presence.**  On a single Redis the listener also subscribes to one channel per
+worker it serves (``keys.worker_channel``), on which nothing is ever sent: the
+subscription itself is the worker's sign of life.  Redis drops it with the
+connection, so a waiter whose worker died (SIGKILL, a lost pod) has no
+subscriber, and ACQUIRE and RELEASE forget it (``scripts.py``) without gossip,
+heartbeats or any command while nothing changes.  On a Redis Cluster a plain
+subscription lives on one node only and the scripts could not count it, so
+there a clean stop's own ZREM is what keeps the waiters set clean.
+
 **Back as soon as Redis is.**  A release announced while the listener is down
 is heard by nobody: followers take the lease only at the expiry they saw, up
 to a TTL later.  The listener used to back off up to 2 s between attempts,
@@ -84,6 +93,7 @@ class LeaseListener:
         thread_name: str = "stoker-lease-listener",
         health_interval: float = 5.0,
         shard_channel: Callable[[str], str] | None = None,
+        presence: tuple[str, ...] = (),
     ) -> None:
         self._client_factory = client_factory
         self.channel = channel
@@ -95,6 +105,9 @@ class LeaseListener:
         #: failover behind a proxy), and the listener reconnects.
         self.health_interval = health_interval
         self._thread_name = thread_name
+        #: Channels whose subscription says a worker is alive (single Redis only):
+        #: subscribed with the lease channel, before :meth:`start` returns.
+        self._presence: tuple[str, ...] = () if shard_channel is not None else tuple(presence)
         self._waiters: dict[str, set[LeaseWaiter]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -147,6 +160,15 @@ class LeaseListener:
             self._waiters.setdefault(name, set()).add(waiter)
             self._changed = True
 
+    def tells_presence(self, channel: str) -> bool:
+        """True when this listener's subscription to ``channel`` says its worker is alive.
+
+        Presence channels are given at construction and subscribed with the lease
+        channel, before :meth:`start` returns: a lease that joined the waiters
+        before its sign of life was up could be dropped as dead by another.
+        """
+        return self.shard_channel is None and channel in self._presence
+
     def unregister(self, name: str, waiter: LeaseWaiter) -> None:
         """Stop telling ``waiter`` about ``name``."""
         with self._lock:
@@ -188,7 +210,7 @@ class LeaseListener:
                 pubsub = client.pubsub(ignore_subscribe_messages=False)
                 sharded: set[str] = set()
                 if self.shard_channel is None:
-                    pubsub.subscribe(self.channel)
+                    pubsub.subscribe(self.channel, *self._presence)
                 last_heard = time.monotonic()
                 pinged = False
                 while not self._stopping.is_set():
@@ -213,6 +235,10 @@ class LeaseListener:
                             f"shard channel {message['channel']!r} withdrawn by the server "
                             "(slot moved or failed over)"
                         )
+                    if message["type"] in _SUBSCRIBED and not self._is_lease_channel(
+                        message["channel"]
+                    ):
+                        continue  # a presence channel: nothing to look at again
                     if message["type"] in _SUBSCRIBED:
                         self._subscribed.set()
                         if logged_down:
@@ -262,6 +288,13 @@ class LeaseListener:
                         with contextlib.suppress(Exception):  # closing a broken socket
                             closable.close()
         self._subscribed.clear()
+
+    def _is_lease_channel(self, channel: bytes | str) -> bool:
+        """True unless ``channel`` is one of the presence channels (single Redis)."""
+        if self.shard_channel is not None:
+            return True
+        text = channel.decode(errors="replace") if isinstance(channel, bytes) else channel
+        return text == self.channel
 
     def _subscribe_shards(self, pubsub: Any, subscribed: set[str]) -> None:
         """SSUBSCRIBE to the shard channel of every Stoker registered since the last look."""

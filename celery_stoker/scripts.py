@@ -17,9 +17,33 @@ The lease value is JSON written by ``ACQUIRE`` (``{"v":1,"token":N,"since":ms,
 that found Redis behind the fleet; values from before ``app`` read as well)
 or by ``RELEASE`` for a handoff (``{"v":1,"reserved_for":node,"since":ms}``);
 ``lease.Holder.parse`` reads it in Python and ``COMMIT`` finds the token in it as digits.
+
+A waiter is alive while its worker's listener subscribes to its presence
+channel (``keys.worker_channel``): ACQUIRE and RELEASE ask ``PUBSUB NUMSUB``
+for the waiters they look at and forget those without a subscriber (a worker
+killed without a clean stop), so a dead waiter is neither named at a release
+nor kept for good.  They look at a bounded window (:data:`PRUNE_WINDOW`), never
+the whole set.  A refused ``PUBSUB`` (an ACL from before it) trusts the waiter.
 """
 
 from __future__ import annotations
+
+#: How many waiters a script looks at for liveness: a joining follower the first
+#: and the last this many (the oldest and the newest, where a fleet's dead ones
+#: are), a release up to four times this many from the front.
+PRUNE_WINDOW = 8
+
+#: Lua shared by ACQUIRE and RELEASE: is waiter ``node`` alive?  Yes when its
+#: presence channel (``prefix .. node``) has a subscriber; ``prefix`` '' (a Redis
+#: Cluster, a caller without a listener) or a refused PUBSUB trusts every waiter.
+_ALIVE = """
+local function alive(prefix, node)
+  if prefix == nil or prefix == '' then return true end
+  local reply = redis.pcall('PUBSUB', 'NUMSUB', prefix .. node)
+  if type(reply) ~= 'table' or reply.err then return true end
+  return tonumber(reply[2]) ~= 0
+end
+"""
 
 #: Take the lease if nobody holds it (or it is reserved for this worker).
 #:
@@ -27,17 +51,21 @@ from __future__ import annotations
 #: ARGV[1] holder id, ARGV[2] this worker's node name, ARGV[3] TTL in ms,
 #: ARGV[4] the highest token the caller has seen, ARGV[5] channel, ARGV[6] Stoker name,
 #: ARGV[7] the publish command (PUBLISH or SPUBLISH), ARGV[8] the holder's Celery app
-#: (so a worker of another app sharing the prefix can say so).
+#: (so a worker of another app sharing the prefix can say so), ARGV[9] the presence
+#: channels' prefix ('' or absent: trust every waiter).
 #: Reply: ``{1, value, ttl ms, fresh}`` taken (``fresh`` 1 when the counter was
 #: missing: Redis lost its data, or this is the first term ever).  When the
 #: counter Redis holds is below ARGV[4] (a restored snapshot, a replica promoted
 #: without the last writes: Redis holds less history than the fleet has seen) the
 #: value carries ``"lost":{"seen":ARGV[4],"held":counter or 0}``, for the whole term;
-#: ``{0, value, pttl, rank}`` held by another (this worker joins the waiters;
-#: ``rank`` is its place among them, 0 = first to try after a release, -1 unknown);
+#: ``{0, value, pttl, rank}`` held by another (this worker joins the waiters, and
+#: the first and last :data:`PRUNE_WINDOW` of them without a live listener are
+#: dropped; ``rank`` is its place among them, 0 = first to try after a release, -1 unknown);
 #: ``{2, value or '', pttl}`` this worker is draining (it leaves the waiters).
 #: A new term is announced as ``acquired <ttl> <name> <node> <its former rank>``.
-ACQUIRE = """
+ACQUIRE = (
+    _ALIVE
+    + """
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local current = redis.call('GET', KEYS[1])
 if redis.call('SISMEMBER', KEYS[3], ARGV[2]) == 1 then
@@ -52,6 +80,20 @@ if current then
     -- Waiter bookkeeping is best effort (redis.pcall): a full Redis refuses ZADD,
     -- and the follower must still learn who holds the lease.
     redis.pcall('ZADD', KEYS[4], 'NX', now_ms, ARGV[2])
+    if ARGV[9] and ARGV[9] ~= '' then
+      local seen = {[ARGV[2]] = true}
+      for _, window in ipairs({{0, WINDOW - 1}, {-WINDOW, -1}}) do
+        local nodes = redis.pcall('ZRANGE', KEYS[4], window[1], window[2])
+        if type(nodes) == 'table' and not nodes.err then
+          for _, node in ipairs(nodes) do
+            if not seen[node] then
+              seen[node] = true
+              if not alive(ARGV[9], node) then redis.pcall('ZREM', KEYS[4], node) end
+            end
+          end
+        end
+      end
+    end
     local rank = redis.pcall('ZRANK', KEYS[4], ARGV[2])
     if type(rank) ~= 'number' then rank = -1 end
     return {0, current, redis.call('PTTL', KEYS[1]), rank}
@@ -87,6 +129,7 @@ redis.pcall(ARGV[7], ARGV[5], 'acquired ' .. ARGV[3] .. ' ' .. ARGV[6] .. ' ' ..
   ' ' .. rank)
 return {1, value, tonumber(ARGV[3]), fresh}
 """
+).replace("WINDOW", str(PRUNE_WINDOW))
 
 #: Extend the holder's lease, unless it is asked to drain or hand over.
 #:
@@ -147,22 +190,26 @@ return {1, ''}
 #: KEYS[1] lease, KEYS[2] waiters.
 #: ARGV[1] the exact lease value the holder wrote, ARGV[2] channel, ARGV[3] Stoker
 #: name, ARGV[4] node to reserve the lease for ('' for none), ARGV[5] TTL in ms,
-#: ARGV[6] the publish command, ARGV[7..] the node names the holder sees alive
-#: (none: do not filter).
+#: ARGV[6] the publish command, ARGV[7] the presence channels' prefix ('': trust
+#: every waiter), ARGV[8..] the node names the holder sees alive (none: do not filter).
 #: Reply: 1 released, 0 not ours (nothing written).
 #: Announced as ``released 0 <name> <node>``: that node (the reserved one, or the
 #: longest-waiting live waiter) tries at once; the others try only if no new
-#: term is announced shortly after.  Waiters the holder sees dead are dropped.
-RELEASE = """
+#: term is announced shortly after.  Waiters ahead of it that are dead (no
+#: listener, or not among ARGV[8..]) are dropped; at most 4 * :data:`PRUNE_WINDOW`
+#: are looked at.
+RELEASE = (
+    _ALIVE
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 local first = ARGV[4]
 if first == '' then
   local live = {}
-  for i = 7, #ARGV do live[ARGV[i]] = true end
-  for _, node in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-    if #ARGV < 7 or live[node] then
+  for i = 8, #ARGV do live[ARGV[i]] = true end
+  for _, node in ipairs(redis.call('ZRANGE', KEYS[2], 0, 4 * WINDOW - 1)) do
+    if (#ARGV < 8 or live[node]) and alive(ARGV[7], node) then
       first = node
       break
     end
@@ -183,6 +230,7 @@ else
 end
 return 1
 """
+).replace("WINDOW", str(PRUNE_WINDOW))
 
 #: Who holds the lease, and for how long still.
 #:
