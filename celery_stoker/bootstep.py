@@ -32,6 +32,7 @@ from typing import Any
 import redis
 from celery import bootsteps, signals
 
+from ._version import __version__
 from .access import AccessCheck
 from .activator import Activator
 from .connection import is_cluster, redis_client
@@ -423,6 +424,7 @@ class StokerStep(bootsteps.StartStopStep):
         """Every activator's fields, for ``celery inspect stoker``."""
         return {
             "hostname": self.hostname,
+            "version": __version__,
             "app": self.membership.scope.app,
             "members": sorted(self.membership.members()),
             "membership_source": self.membership.source,
