@@ -314,7 +314,7 @@ class StokerStep(bootsteps.StartStopStep):
                 drained = draining or bool(client.sismember(draining_key(prefix), self.hostname))
                 mark_draining(client, prefix, names, [self.hostname], draining=drained)
                 if draining:
-                    logger.warning(
+                    logger.info(
                         "celery-stoker: %s starts draining: it will not lead", self.hostname
                     )
             except Exception as exc:

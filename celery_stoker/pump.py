@@ -475,7 +475,7 @@ class EventPump:
             if lane is not None:
                 lane.report_missing = False
         if was_missing:
-            logger.warning("Stoker %s: events report their end again", outcome.name)
+            logger.info("Stoker %s: events report their end again", outcome.name)
         self._finish(outcome.name, outcome.token, outcome.seq, outcome)
 
     def celery_saw(
@@ -679,7 +679,7 @@ class EventPump:
                     return
                 backoff = 0.1
                 if self.error is not None:
-                    logger.warning("celery-stoker: the event pump is working again")
+                    logger.info("celery-stoker: the event pump is working again")
                     self.error = self.error_since = None
             except Exception as exc:
                 text = f"{exc.__class__.__name__}: {exc}"
@@ -787,7 +787,7 @@ class EventPump:
                         self._hold_lane(lane, time.monotonic() + SEND_RETRY)
             return
         if lane.send_error is not None:
-            logger.warning("Stoker %s: sending events again", name)
+            logger.info("Stoker %s: sending events again", name)
             lane.send_error = None
 
     def _watch(self, now: float) -> None:
@@ -1054,7 +1054,7 @@ class ReportReader:
                     client = self._client_factory()
                 popped = client.blpop(self.keys, timeout=self.BLOCK)
                 if self.error is not None:
-                    logger.warning("celery-stoker: reading reports again")
+                    logger.info("celery-stoker: reading reports again")
                     self.error = None
                 backoff = 0.05
                 if popped is None:

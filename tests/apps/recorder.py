@@ -48,6 +48,8 @@ if os.environ.get("STOKER_TEST_CLUSTER"):  # stoker_url names a node of a Redis 
 if os.environ.get("STOKER_TEST_TASK_SERIALIZER"):  # events travel as pickle, yaml, msgpack...
     app.conf.task_serializer = os.environ["STOKER_TEST_TASK_SERIALIZER"]
     app.conf.accept_content = [os.environ["STOKER_TEST_TASK_SERIALIZER"], "json"]
+if os.environ.get("STOKER_TEST_LOG_NAMES"):  # each log line names its logger (test_log_levels)
+    app.conf.worker_log_format = "[%(asctime)s: %(levelname)s/%(processName)s %(name)s] %(message)s"
 if not os.environ.get("STOKER_TEST_NO_STEP"):  # a worker of the app that runs no Stoker
     app.steps["worker"].add(StokerStep)
 if os.environ.get("STOKER_TEST_ACL_RECHECK"):  # re-probe a Redis user's ACL sooner than 30 s
