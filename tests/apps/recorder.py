@@ -29,6 +29,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     worker_soft_shutdown_timeout=float(os.environ.get("STOKER_TEST_SOFT_SHUTDOWN", "0")),
 )
+if os.environ.get("STOKER_TEST_MAX_MEMORY_KB"):  # recycle pool processes (test_recycled_pools)
+    app.conf.worker_max_memory_per_child = int(os.environ["STOKER_TEST_MAX_MEMORY_KB"])
 if os.environ.get("STOKER_TEST_STOP_TIMEOUT"):
     app.conf.stoker_stop_timeout = float(os.environ["STOKER_TEST_STOP_TIMEOUT"])
 if os.environ.get("STOKER_TEST_STATE_SERIALIZER"):  # pickle, yaml (test_settings, test_state)
