@@ -28,6 +28,7 @@ from bench import (
     footprint,
     handover,
     idle,
+    pools,
     recovery,
     scale,
     state_bytes,
@@ -57,6 +58,7 @@ BENCHES: dict[str, Runner] = {
     "footprint": footprint.run,
     "scale": scale.run,
     "state_bytes": state_bytes.run,
+    "pools": pools.run,
 }
 #: Benchmarks too slow for the smoke run (which CI runs), and why.
 SKIPPED_IN_SMOKE = {
@@ -64,6 +66,8 @@ SKIPPED_IN_SMOKE = {
     "run it with python -m bench.store_failover --mode smoke",
     "state_bytes": "a quarter of a minute at one round (states of 1 KB and 1 MB); run it "
     "with python -m bench.state_bytes --mode smoke",
+    "pools": "two minutes even in smoke (20 s windows, recycled pools, handovers); run it "
+    "with python -m bench.pools --mode smoke",
 }
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
@@ -76,6 +80,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "footprint": footprint.render,
     "scale": scale.render,
     "state_bytes": state_bytes.render,
+    "pools": pools.render,
 }
 
 
