@@ -551,12 +551,20 @@ class EventPump:
             self._note_busy()
             item = inflight.item
             term_over = lane.token != item.token
-        if outcome.kind in ("lost", "timeout"):
-            # Never started: no failure.  Routine when its term is over (a stop), worth a
-            # look when it is sent again (a lost broker); a callback cut short is an error.
-            log = logger.error
-            if not outcome.ran:
-                log = logger.info if term_over else logger.warning
+        if outcome.kind == "lost" and not outcome.ran and term_over:
+            # Never started, and its term is over (the worker stopping): routine.
+            logger.info(
+                "Stoker %s: the %s event (seq %d, term %d) %s",
+                name,
+                item.event,
+                item.seq,
+                item.token,
+                outcome.error,
+            )
+        elif outcome.kind in ("lost", "timeout"):
+            # Never started: no failure, but sent again after something a person may want
+            # to know of (a lost broker); a callback cut short is an error.
+            log = logger.warning if not outcome.ran else logger.error
             log(
                 "Stoker %s: the %s event (seq %d, term %d) did not finish: %s; the stored "
                 "state is kept and the Stoker carries on",
@@ -931,7 +939,7 @@ class EventPump:
         never happened.
         """
         if lane.token != inflight.item.token:
-            return "not started before its term ended (the stopping worker dropped it)"
+            return "was not started: its term ended first (the stopping worker dropped it)"
         now, then = self._consumer_restarts(), inflight.restarts
         if now is not None and then is not None and now > then:
             return (
