@@ -29,6 +29,7 @@ from bench import (
     footprint,
     handover,
     idle,
+    pools,
     recovery,
     scale,
     state_bytes,
@@ -58,6 +59,7 @@ BENCHES: dict[str, Runner] = {
     "footprint": footprint.run,
     "scale": scale.run,
     "state_bytes": state_bytes.run,
+    "pools": pools.run,
     "fleet": fleet.run,
 }
 #: Benchmarks too slow for the smoke run (which CI runs), and why.
@@ -66,6 +68,8 @@ SKIPPED_IN_SMOKE = {
     "run it with python -m bench.store_failover --mode smoke",
     "state_bytes": "a quarter of a minute at one round (states of 1 KB and 1 MB); run it "
     "with python -m bench.state_bytes --mode smoke",
+    "pools": "two minutes even in smoke (20 s windows, recycled pools, handovers); run it "
+    "with python -m bench.pools --mode smoke",
     "fleet": "half a minute at its smallest (two leader runs, a fresh Redis each waits out a "
     "TTL); run it with python -m bench.fleet --mode smoke",
 }
@@ -80,6 +84,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "footprint": footprint.render,
     "scale": scale.render,
     "state_bytes": state_bytes.render,
+    "pools": pools.render,
     "fleet": fleet.render,
 }
 

@@ -3,6 +3,7 @@
 Public names only; see README.md for the quick start.
 """
 
+from ._version import __version__
 from .bootstep import StokerStep
 from .control import StokerOperationError, drain, dump, handoff, undrain, whereis
 from .registry import StokerRegistrationError, WorkerInfo, consuming, stoker
@@ -19,6 +20,7 @@ __all__ = [
     "StokerSettings",
     "StokerStep",
     "WorkerInfo",
+    "__version__",
     "consuming",
     "drain",
     "dump",
@@ -27,5 +29,3 @@ __all__ = [
     "undrain",
     "whereis",
 ]
-
-__version__ = "0.1.0"

@@ -193,7 +193,7 @@ class AccessCheck:
                     ),
                 )
             elif not refused and self._refused:
-                logger.warning(
+                logger.info(
                     "celery-stoker: the Redis user of %s may now run every command the "
                     "election needs; electing",
                     self.masked_url or "stoker_url",

@@ -421,7 +421,7 @@ class Activator:
             self._say_unreadable(outcome.error)
         elif outcome.ran and self._state_error_said is not None:
             since = self.state_error_since
-            logger.warning(
+            logger.info(
                 "Stoker %s: its stored state can be read again%s; events resume",
                 self.name,
                 f" (unreadable for {time.time() - since:.0f} s)" if since else "",

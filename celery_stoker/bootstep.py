@@ -33,6 +33,7 @@ import redis
 from celery import bootsteps, signals
 from kombu import Exchange, Queue
 
+from ._version import __version__
 from .access import AccessCheck
 from .activator import Activator
 from .connection import is_cluster, redis_client
@@ -44,6 +45,7 @@ from .listener import LeaseListener
 from .membership import Membership, announce
 from .metrics import NO_METRICS, MetricsHooks
 from .pump import EventPump
+from .reaping import reap_promptly
 from .registry import WorkerInfo, app_name, is_eligible, registry_of
 from .settings import (
     StokerConfigurationError,
@@ -239,6 +241,9 @@ class StokerStep(bootsteps.StartStopStep):
         holder_prefix = f"{self.hostname}/{uuid.uuid4().hex[:12]}"
         info = WorkerInfo(self.hostname, self._consumed_queues(), self.app)
         self._warn_unenforced_limits(worker)
+        # A recycled pool process is replaced at once, so no event (nor the user's task)
+        # waits seconds for Celery's pool maintenance (reaping.py).
+        reap_promptly(getattr(worker, "pool", None))
         for name, spec in self.registry.items():
             settings = self.settings[name]
             client = self._client(settings.url, settings.socket_timeout, settings)
@@ -271,6 +276,9 @@ class StokerStep(bootsteps.StartStopStep):
         for activator in self.activators.values():
             activator.start()
         self._add_report_readers()
+        # Each restart of the consumer is a lost broker connection (it drops what the pool
+        # has not started): the pump says a broker loss only when there was one.
+        self.pump.consumer_restarts = lambda: getattr(worker.consumer, "restart_count", None)
         self.pump.start(warm_up=self._warm_main_process)
         signals.worker_shutting_down.connect(self._on_shutting_down, weak=False)
         logger.info(
@@ -402,7 +410,7 @@ class StokerStep(bootsteps.StartStopStep):
                 drained = draining or bool(client.sismember(draining_key(prefix), self.hostname))
                 mark_draining(client, prefix, names, [self.hostname], draining=drained)
                 if draining:
-                    logger.warning(
+                    logger.info(
                         "celery-stoker: %s starts draining: it will not lead", self.hostname
                     )
             except Exception as exc:
@@ -514,6 +522,7 @@ class StokerStep(bootsteps.StartStopStep):
         """Every activator's fields, for ``celery inspect stoker``."""
         return {
             "hostname": self.hostname,
+            "version": __version__,
             "app": self.membership.scope.app,
             "members": sorted(self.membership.members()),
             "membership_source": self.membership.source,

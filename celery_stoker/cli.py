@@ -138,6 +138,8 @@ def status(ctx: click.Context, as_json: bool, timeout: float, watch: bool) -> No
     if unasked:
         click.echo(f"\n{unasked}: the table shows only what Redis holds")
     click.echo(f"\n{_draining_line(drained)}")
+    if not unasked:
+        click.echo(_versions_line(views))
     for v in views:
         transitions = v.get("transitions") or []
         if not transitions:
@@ -145,6 +147,24 @@ def status(ctx: click.Context, as_json: bool, timeout: float, watch: bool) -> No
         click.echo(f"\nrecent transitions of {printable(v['name'])} (newest first):")
         for t in transitions:
             click.echo(f"  {_transition_line(t)}")
+
+
+def _versions_line(views: list[dict[str, Any]]) -> str:
+    """Each answering worker's release; one of 0.1.0 (which did not say) is named as old.
+
+    During an upgrade that is how an operator sees the fleet is mixed: newer
+    workers do not count an old one as a member (README, "Upgrading").
+    """
+    releases: dict[str, str] = {}
+    for v in views:
+        for node, activator in (v.get("workers") or {}).items():
+            version = str(activator.get("version") or "?")
+            if activator.get("old_release"):
+                version += " (old: not counted as a member by newer workers; upgrade it)"
+            releases[node] = version
+    if not releases:
+        return "workers: (none answered)"
+    return printable("workers: " + ", ".join(f"{n} {r}" for n, r in sorted(releases.items())))
 
 
 def _workers_error(views: list[dict[str, Any]]) -> str | None:

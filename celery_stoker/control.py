@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 import redis
 from celery.worker.control import inspect_command
 
+from ._version import UNANNOUNCED
 from .connection import is_cluster_client, mask_url, redis_client, tls_timeout_hint
 from .keys import (
     CLUSTER_HINT,
@@ -292,7 +293,11 @@ def _worker_views(app: Celery, replies: dict[str, Any], name: str) -> dict[str, 
     """The activators of ``name`` in ``replies``, from workers of this app and key prefix.
 
     A worker of another app (or running the Stoker under another key prefix)
-    answers the same broadcast when it shares the broker; it is left out.
+    answers the same broadcast when it shares the broker; it is left out.  Each
+    view gets the worker's release, ``version``; a worker of 0.1.0, which did
+    not say, is shown as :data:`~celery_stoker._version.UNANNOUNCED` with
+    ``old_release`` set (it is no member of the new workers' fleet: README,
+    "Upgrading").
     """
     settings = settings_for(app, name)
     own = app_name(app) if name in registry_of(app) else None
@@ -305,7 +310,12 @@ def _worker_views(app: Celery, replies: dict[str, Any], name: str) -> dict[str, 
             continue
         if activator.get("key_prefix") not in (None, settings.key_prefix):
             continue
-        views[node] = activator
+        version = reply.get("version")
+        views[node] = {
+            **activator,
+            "version": version if isinstance(version, str) else UNANNOUNCED,
+            "old_release": not isinstance(version, str),
+        }
     return views
 
 

@@ -462,7 +462,7 @@ def run_callbacks(
     if result is Commit.STORED:
         if spec.name in _UNREPLICATED:
             _UNREPLICATED.discard(spec.name)
-            logger.warning("Stoker %s: commits are replicated again", spec.name)
+            logger.info("Stoker %s: commits are replicated again", spec.name)
         outcome.committed = True
         if encoded is not None and keep is not None:
             content_type, encoding, body = encoded

@@ -52,6 +52,10 @@ FAILURE_COOLDOWN_MAX = 300.0
 #: long at most for ``now_leader`` to start in the pool, so that it does not compete
 #: with it for the interpreter: the failover ends when the callback starts.
 FIRST_EVENT_WAIT = 0.05
+#: Step-downs someone asked for (a stop, a handoff, a drain) or that min_members explains
+#: (its suspension is the WARNING): logged at INFO.  Any other reason (a lost lease,
+#: failures) is a WARNING, something a person should look at.
+ROUTINE_STEP_DOWNS = frozenset({"worker_stopping", "handoff", "drain", "below_min_members"})
 
 
 class TermHandler(Protocol):
@@ -299,7 +303,7 @@ class Election:
         self._redis_ok_at = time.monotonic()
         self._last_error_text = None
         if self.error is not None:
-            logger.warning("Stoker %s: election working again", self.name)
+            logger.info("Stoker %s: election working again", self.name)
             self.error = self.error_since = None
         if self._redis_down_since is not None:
             self._redis_back()
@@ -344,7 +348,7 @@ class Election:
         self.state = "follower"
         if result.draining != self.draining:
             self.draining = result.draining
-            logger.warning(
+            logger.info(  # an operator's doing (drain / undrain), not a fault
                 "Stoker %s: %s is %s",
                 self.name,
                 self.hostname,
@@ -444,9 +448,7 @@ class Election:
         self._check_acting(term)
         if self.accepting:
             self.handler.event_started(FIRST_EVENT_WAIT)
-        logger.warning(
-            "Stoker %s: %s became leader (token %d)", self.name, self.hostname, term.token
-        )
+        logger.info("Stoker %s: %s became leader (token %d)", self.name, self.hostname, term.token)
         members = sorted(self._members())
         self._record(
             {
@@ -493,7 +495,9 @@ class Election:
             uptime = 0.0
         wait = max(0.0, self.settings.lease_ttl - uptime)
         if wait > 0:
-            logger.warning(
+            # INFO: this is every fleet's first start on a new Redis.  A Redis that lost
+            # what a worker had seen is the lost-history path above, at WARNING.
+            logger.info(
                 "Stoker %s: Redis holds no record of earlier terms (restarted empty?); %s "
                 "holds the lease but acts in %.1f s, once any earlier leader's term is over",
                 self.name,
@@ -562,7 +566,7 @@ class Election:
         )
         if self.suspended and enough and may_start:
             if self._acted:
-                logger.warning("Stoker %s: enough workers again; acting", self.name)
+                logger.info("Stoker %s: enough workers again; acting", self.name)
                 self._emit("stoker-resumed", name=self.name, token=term.token)
             self._start_acting(term)
         elif not self.suspended and not enough:
@@ -652,7 +656,8 @@ class Election:
         self.accepting = False
         self._step_down_request = None  # asked of this term: the next one starts clean
         self.handler.stop_events()
-        logger.warning("Stoker %s: %s steps down (%s)", self.name, self.hostname, reason)
+        log = logger.info if reason in ROUTINE_STEP_DOWNS else logger.warning
+        log("Stoker %s: %s steps down (%s)", self.name, self.hostname, reason)
         self.metrics.stepped_down(self.name, reason)
         if release:
             self._finish_running_event(term)
@@ -752,7 +757,7 @@ class Election:
 
     def _redis_back(self) -> None:
         if self._redis_down_since is not None:
-            logger.warning(
+            logger.info(
                 "Stoker %s: Redis reachable again after %.1f s",
                 self.name,
                 time.monotonic() - self._redis_down_since,

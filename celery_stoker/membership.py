@@ -10,10 +10,15 @@ activators about each change.
 Every worker on a broker sends those events, whatever its app.  So each worker
 running Stokers adds one field, :data:`SCOPE_FIELD`, to the events its heart
 sends: its app's name and the key prefixes of its Stokers (no extra message,
-nothing sent to Redis).  A worker counts as a member of a Stoker's fleet only
-when it announces the same app and that Stoker's key prefix; a worker of
-another app, of another key prefix, one without Stokers, or one of a release
-that announces nothing is not counted (logged once at DEBUG).
+nothing sent to Redis), and its release (``version``, from 0.2.0 on).  A
+worker counts as a member of a Stoker's fleet only when it announces the same
+app and that Stoker's key prefix; a worker of another app, of another key
+prefix, or one without Stokers is not counted (logged once at DEBUG).  Nor is
+a worker of 0.1.0, which announced nothing: from its heartbeats it cannot be
+told from a worker without Stokers, and counting every such worker would make
+other apps' workers members again.  ``celery stoker status`` names it as old
+(its ``inspect stoker`` reply carries no version), and README's upgrade note
+says what a mixed fleet does.
 
 With ``--without-gossip`` there is nothing to listen to: the set holds only
 this worker, and no ``cluster_change`` events are raised (logged once).
@@ -24,14 +29,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from ._version import __version__
 
 logger = logging.getLogger("celery_stoker.membership")
 
 GOSSIP_STEP = "celery.worker.consumer.gossip.Gossip"
 #: The field of ``worker-online``/``-heartbeat``/``-offline`` events that says which
-#: app and key prefixes a worker runs Stokers for: ``{"app": ..., "prefixes": [...]}``.
+#: app and key prefixes a worker runs Stokers for, and its release:
+#: ``{"app": ..., "prefixes": [...], "version": "0.2.0"}`` (0.1.0 sent no such field).
 SCOPE_FIELD = "stoker_scope"
 
 #: Called with (node name, "joined" | "left" | "lost").
@@ -44,6 +52,9 @@ class Scope:
 
     app: str
     prefixes: frozenset[str]
+    #: The release the worker runs; None when it did not say (not part of equality:
+    #: a worker is a member whatever its release).
+    version: str | None = field(default=None, compare=False)
 
     @classmethod
     def of_event_fields(cls, raw: Any) -> Scope | None:
@@ -53,7 +64,12 @@ class Scope:
         prefixes = raw.get("prefixes")
         if not isinstance(prefixes, list):
             return None
-        return cls(raw["app"], frozenset(p for p in prefixes if isinstance(p, str)))
+        version = raw.get("version")
+        return cls(
+            raw["app"],
+            frozenset(p for p in prefixes if isinstance(p, str)),
+            version if isinstance(version, str) else None,
+        )
 
 
 def announce(scope: Scope) -> None:
@@ -65,7 +81,11 @@ def announce(scope: Scope) -> None:
     """
     from celery.worker.state import SOFTWARE_INFO
 
-    SOFTWARE_INFO[SCOPE_FIELD] = {"app": scope.app, "prefixes": sorted(scope.prefixes)}
+    SOFTWARE_INFO[SCOPE_FIELD] = {
+        "app": scope.app,
+        "prefixes": sorted(scope.prefixes),
+        "version": scope.version or __version__,
+    }
 
 
 class Membership:
@@ -73,7 +93,7 @@ class Membership:
 
     def __init__(self, hostname: str, app: str = "", prefixes: Iterable[str] = ()) -> None:
         self.hostname = hostname
-        self.scope = Scope(app, frozenset(prefixes))
+        self.scope = Scope(app, frozenset(prefixes), __version__)
         #: Live nodes and what they announced (None: no scope, e.g. another release).
         self._live: dict[str, Scope | None] = {hostname: self.scope}
         self._lock = threading.Lock()

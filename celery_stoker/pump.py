@@ -59,6 +59,11 @@ logger = logging.getLogger("celery_stoker.pump")
 REPORT_GRACE = 0.5
 #: How often the pump looks at events in flight (Celery's table of requests).
 WATCH_INTERVAL = 0.1
+#: How long a request that left Celery's table before a pool process started it must
+#: stay gone to count as dropped: it cannot report, so only a move between Celery's
+#: tables is waited out, not a report's way back.  A stepping-down leader whose event
+#: was dropped releases its lease this much sooner than after :data:`REPORT_GRACE`.
+DROP_GRACE = 0.1
 #: An event whose message the worker never received is given up after this long;
 #: its message expires at the same moment (see ``dispatch.EVENT_MESSAGE_EXPIRES``).
 UNSEEN_TIMEOUT = 300.0
@@ -170,6 +175,8 @@ class InFlight:
     fingerprint: str | None = None
     #: The Celery request admitted to run it; any other request is refused.
     admitted: Any = None
+    #: How often the worker's consumer had restarted (lost the broker) when it was sent.
+    restarts: int | None = None
 
 
 class LaneOwner(Protocol):
@@ -251,6 +258,9 @@ class EventPump:
         #: Refused dispatch messages, by Stoker name ("" when it named no Stoker of ours).
         self.refused: collections.Counter[str] = collections.Counter()
         self._refusal_said_unknown = False
+        #: How often the worker's consumer has restarted (each restart is a lost broker
+        #: connection, and drops the requests the pool had not started); None if unknown.
+        self.consumer_restarts: Callable[[], int | None] | None = None
 
     # ------------------------------------------------------------ wiring
 
@@ -475,7 +485,7 @@ class EventPump:
             if lane is not None:
                 lane.report_missing = False
         if was_missing:
-            logger.warning("Stoker %s: events report their end again", outcome.name)
+            logger.info("Stoker %s: events report their end again", outcome.name)
         self._finish(outcome.name, outcome.token, outcome.seq, outcome)
 
     def celery_saw(
@@ -540,8 +550,22 @@ class EventPump:
             lane.started.set()
             self._note_busy()
             item = inflight.item
-        if outcome.kind in ("lost", "timeout"):
-            logger.error(
+            term_over = lane.token != item.token
+        if outcome.kind == "lost" and not outcome.ran and term_over:
+            # Never started, and its term is over (the worker stopping): routine.
+            logger.info(
+                "Stoker %s: the %s event (seq %d, term %d) %s",
+                name,
+                item.event,
+                item.seq,
+                item.token,
+                outcome.error,
+            )
+        elif outcome.kind in ("lost", "timeout"):
+            # Never started: no failure, but sent again after something a person may want
+            # to know of (a lost broker); a callback cut short is an error.
+            log = logger.warning if not outcome.ran else logger.error
+            log(
                 "Stoker %s: the %s event (seq %d, term %d) did not finish: %s; the stored "
                 "state is kept and the Stoker carries on",
                 name,
@@ -679,7 +703,7 @@ class EventPump:
                     return
                 backoff = 0.1
                 if self.error is not None:
-                    logger.warning("celery-stoker: the event pump is working again")
+                    logger.info("celery-stoker: the event pump is working again")
                     self.error = self.error_since = None
             except Exception as exc:
                 text = f"{exc.__class__.__name__}: {exc}"
@@ -764,10 +788,12 @@ class EventPump:
         name = lane.owner.name
         try:
             args = lane.owner.event_args(item)
+            restarts = self._consumer_restarts()
             with self._cond:
                 # Before the message leaves: the consumer may receive it at once.
                 if lane.inflight is not None and lane.inflight.task_id == task_id:
                     lane.inflight.fingerprint = event_fingerprint(args)
+                    lane.inflight.restarts = restarts
             lane.owner.send_event(item, task_id, args)
         except Exception as exc:
             text = f"{exc.__class__.__name__}: {exc}"
@@ -787,7 +813,7 @@ class EventPump:
                         self._hold_lane(lane, time.monotonic() + SEND_RETRY)
             return
         if lane.send_error is not None:
-            logger.warning("Stoker %s: sending events again", name)
+            logger.info("Stoker %s: sending events again", name)
             lane.send_error = None
 
     def _watch(self, now: float) -> None:
@@ -879,19 +905,16 @@ class EventPump:
             if inflight.gone_at is None:
                 inflight.gone_at = now
                 return None
-            if now - inflight.gone_at < REPORT_GRACE:
+            grace = DROP_GRACE if inflight.started_at is None else REPORT_GRACE
+            if now - inflight.gone_at < grace:
                 return None
             if inflight.started_at is None:
                 # It left the table before the pool ever started it: Celery's consumer
-                # forgets its reserved requests when it loses the broker.  It never ran:
-                # revoke it here (a redelivered copy is skipped) and send it again.
+                # forgets the requests its pool has not started when it closes (a lost
+                # broker connection, or the worker stopping).  It never ran: revoke it
+                # here (a redelivered copy is skipped); it is sent again if its term goes on.
                 _revoke_locally(inflight.task_id)
-                return ended(
-                    "lost",
-                    "dropped by the worker before it started (the broker connection was "
-                    "lost); sent again",
-                    ran=False,
-                )
+                return ended("lost", self._why_dropped(lane, inflight), ran=False)
             # The timer keeps its last interval.
             return ended(
                 "error",
@@ -906,6 +929,30 @@ class EventPump:
                 ran=False,
             )
         return None
+
+    def _why_dropped(self, lane: Lane, inflight: InFlight) -> str:
+        """Why an event left the worker before a pool process started it: only what is known.
+
+        A broker loss is said only when the consumer did restart since the event
+        was sent; the old text said so of every drop, and a stepping-down leader
+        whose event waited for a recycled pool process logged a broker loss that
+        never happened.
+        """
+        if lane.token != inflight.item.token:
+            return "was not started: its term ended first (the stopping worker dropped it)"
+        now, then = self._consumer_restarts(), inflight.restarts
+        if now is not None and then is not None and now > then:
+            return (
+                "dropped by the worker before it started (the broker connection was lost); "
+                "sent again"
+            )
+        return "dropped by the worker before a pool process started it; sent again"
+
+    def _consumer_restarts(self) -> int | None:
+        try:
+            return self.consumer_restarts() if self.consumer_restarts is not None else None
+        except Exception:
+            return None
 
     # ------------------------------------------------ Celery's own signals
 
@@ -1054,7 +1101,7 @@ class ReportReader:
                     client = self._client_factory()
                 popped = client.blpop(self.keys, timeout=self.BLOCK)
                 if self.error is not None:
-                    logger.warning("celery-stoker: reading reports again")
+                    logger.info("celery-stoker: reading reports again")
                     self.error = None
                 backoff = 0.05
                 if popped is None:

@@ -19,6 +19,8 @@ import pytest
 from support.redis_server import RedisServer
 from support.workers import ROOT, Fleet, Records, check_terms, wait_for
 
+import celery_stoker
+
 pytestmark = pytest.mark.workers
 
 TTL = 1.5
@@ -227,6 +229,8 @@ def test_inspect_and_status_commands(
     states = {node: r["activators"]["recorder"]["state"] for node, r in replies.items()}
     assert states == {w1.node: "leader", w2.node: "follower"}
     assert replies[w2.node]["activators"]["recorder"]["leader"] == w1.node
+    # Each worker says which release it runs (the package's metadata, its one source).
+    assert {r["version"] for r in replies.values()} == {celery_stoker.__version__}
 
     out = subprocess.run(
         [sys.executable, "-m", "celery", "-A", APP, "stoker", "status"],
@@ -241,6 +245,10 @@ def test_inspect_and_status_commands(
     assert lines[0].split()[:3] == ["STOKER", "LEADER", "TOKEN"]
     row = next(line for line in lines if line.startswith("recorder"))
     assert w1.node in row and w2.node in row
+    versions = next(line for line in lines if line.startswith("workers: "))
+    for worker in (w1, w2):
+        assert f"{worker.node} {celery_stoker.__version__}" in versions, versions
+    assert "old" not in versions, versions
 
 
 def test_dump_from_a_client_process(

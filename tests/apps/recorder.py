@@ -29,6 +29,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     worker_soft_shutdown_timeout=float(os.environ.get("STOKER_TEST_SOFT_SHUTDOWN", "0")),
 )
+if os.environ.get("STOKER_TEST_MAX_MEMORY_KB"):  # recycle pool processes (test_recycled_pools)
+    app.conf.worker_max_memory_per_child = int(os.environ["STOKER_TEST_MAX_MEMORY_KB"])
 if os.environ.get("STOKER_TEST_STOP_TIMEOUT"):
     app.conf.stoker_stop_timeout = float(os.environ["STOKER_TEST_STOP_TIMEOUT"])
 if os.environ.get("STOKER_TEST_STATE_SERIALIZER"):  # pickle, yaml (test_settings, test_state)
@@ -48,6 +50,8 @@ if os.environ.get("STOKER_TEST_CLUSTER"):  # stoker_url names a node of a Redis 
 if os.environ.get("STOKER_TEST_TASK_SERIALIZER"):  # events travel as pickle, yaml, msgpack...
     app.conf.task_serializer = os.environ["STOKER_TEST_TASK_SERIALIZER"]
     app.conf.accept_content = [os.environ["STOKER_TEST_TASK_SERIALIZER"], "json"]
+if os.environ.get("STOKER_TEST_LOG_NAMES"):  # each log line names its logger (test_log_levels)
+    app.conf.worker_log_format = "[%(asctime)s: %(levelname)s/%(processName)s %(name)s] %(message)s"
 if not os.environ.get("STOKER_TEST_NO_STEP"):  # a worker of the app that runs no Stoker
     app.steps["worker"].add(StokerStep)
 if os.environ.get("STOKER_TEST_ACL_RECHECK"):  # re-probe a Redis user's ACL sooner than 30 s
