@@ -86,7 +86,7 @@ class StateCopies:
         """The worker's main process, before its pool forks: own the copies, sweep old ones."""
         global _owner_pid
         _owner_pid = os.getpid()
-        _sweep(Path(tempfile.gettempdir()))
+        _sweep(Path(tempfile.gettempdir()), directory().name)
 
     def close(self) -> None:
         """The worker stops: its copies go with it."""
@@ -202,15 +202,20 @@ def _read(path: Path) -> StateCopy | None:
         return None
 
 
-def _sweep(base: Path) -> None:
-    """Remove the copies of this user's workers that are gone (killed, not stopped)."""
+def _sweep(base: Path, own: str) -> None:
+    """Remove the copies of this user's workers that are gone (killed, not stopped).
+
+    A directory with this process's pid but not its name (``own``) is of a worker
+    that had this pid before: a container restarted in place keeps its TMPDIR and
+    gives its worker the same pid every time.
+    """
     with contextlib.suppress(OSError):
         for entry in base.glob(f"{PREFIX}*-*"):
             with contextlib.suppress(OSError, ValueError):
                 pid = int(entry.name[len(PREFIX) :].split("-", 1)[0])
-                if entry.lstat().st_uid != os.getuid() or pid == os.getpid():
+                if entry.lstat().st_uid != os.getuid() or entry.name == own:
                     continue
-                if not _alive(pid):
+                if pid == os.getpid() or not _alive(pid):
                     shutil.rmtree(entry, ignore_errors=True)
 
 
