@@ -177,10 +177,17 @@ def _write(path: Path, copy: StateCopy) -> None:
     }
     partial = path.with_suffix(f".{os.getpid()}.part")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(json.dumps(header).encode() + b"\n")
-        out.write(copy.body)
-    os.replace(partial, path)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(json.dumps(header).encode() + b"\n")
+            out.write(copy.body)
+        os.replace(partial, path)
+    except BaseException:
+        # A full TMPDIR fails the write part way: the half-written file must not
+        # keep the space a later copy needs (each pool process has its own name).
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
 
 
 def _read(path: Path) -> StateCopy | None:

@@ -6,6 +6,8 @@ Real forked processes and a real TMPDIR; no mocks.
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from celery_stoker import copies as module
-from celery_stoker.copies import StateCopies
+from celery_stoker.copies import StateCopies, StateCopy
 
 
 @pytest.fixture
@@ -41,3 +43,28 @@ def test_a_killed_worker_s_copies_are_swept_when_its_pid_comes_back(tmpdir_base:
     finally:
         kept.close()
 
+
+def test_a_copy_that_cannot_be_written_leaves_no_partial_file(tmpdir_base: Path) -> None:
+    """A TMPDIR that fills up (a tmpfs sized for the states, a full disk) fails a
+    pool process's write part way: the half-written ``.part`` file must go, not
+    hold the space a later copy needs (each pool process has its own name, so
+    with ``--max-tasks-per-child`` they pile up)."""
+    kept = StateCopies()
+    kept.claim()
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child, as a prefork pool process
+            try:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+                big = StateCopy("application/json", "utf-8", b"x" * (1024 * 1024), 1, 1)
+                kept.keep("w1@h", "s", big)  # never raises: said once and skipped
+            finally:
+                os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        folder = module.directory()
+        left = sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+        assert not [n for n in left if n.endswith(".part")], left
+        assert kept.last("w1@h", "s") is None
+    finally:
+        kept.close()
