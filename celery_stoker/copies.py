@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import mmap
 import os
 import secrets
 import shutil
@@ -77,8 +78,10 @@ class StateCopies:
         self._memory: dict[tuple[str, str], StateCopy] = {}
         #: Copies from events before this sequence number are of an earlier term: ignored.
         self._floor: dict[tuple[str, str], int] = {}
-        #: Said once per process: a copy that could not be written.
-        self._write_failed = False
+        #: Said once per worker, not per process: a copy that could not be written.  A
+        #: page shared with the pool processes forked after this (``MAP_SHARED``):
+        #: under ``--max-tasks-per-child 1`` each event runs in a new process.
+        self._write_failed = mmap.mmap(-1, 1)
 
     # --------------------------------------------------------------- main process
 
@@ -137,15 +140,18 @@ class StateCopies:
         try:
             _write(_path(hostname, name), copy)
         except OSError as exc:
-            log = logger.debug if self._write_failed else logger.warning
-            self._write_failed = True
+            log = logger.debug if self._write_failed[0] else logger.warning
+            self._write_failed[0] = 1
             log(
                 "Stoker %s: could not keep a copy of its state in %s (%s); a shutdown "
-                "after a lost lease starts from an older one (said once per process)",
+                "after a lost lease starts from an older one (said once until a copy "
+                "is kept again)",
                 name,
                 directory(),
                 exc,
             )
+        else:
+            self._write_failed[0] = 0
 
 
 copies = StateCopies()

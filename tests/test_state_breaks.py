@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.workers import Fleet, Records, wait_for
 
 from celery_stoker import copies as module
 from celery_stoker.copies import StateCopies, StateCopy
@@ -68,3 +70,27 @@ def test_a_copy_that_cannot_be_written_leaves_no_partial_file(tmpdir_base: Path)
         assert kept.last("w1@h", "s") is None
     finally:
         kept.close()
+
+
+def copy_warnings(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "could not keep a copy of its state" in line]
+
+
+@pytest.mark.workers
+def test_a_tmpdir_gone_under_one_task_per_child_is_said_once_not_per_event(
+    fleets: Callable[..., Fleet], records: Records, tmp_path: Path
+) -> None:
+    """TMPDIR removed under a running worker (a tmp cleaner, a volume unmounted):
+    every pool process fails to keep its copy.  With ``--max-tasks-per-child 1``
+    each event runs in a new process, so "said once per process" is a WARNING per
+    event, forever: the log must say it once per worker."""
+    base = tmp_path / "worker-tmp"
+    base.mkdir()
+    fleet = fleets("prefork", STOKER_TEST_TIMER="0.2", TMPDIR=str(base))
+    w1 = fleet.start("w1@%h", extra_args=("--max-tasks-per-child", "1"))
+    wait_for(lambda: len(records.of("timer")) >= 3, 60, what="timers on w1")
+    shutil.rmtree(base)
+    seen = len(records.of("timer"))
+    wait_for(lambda: len(records.of("timer")) >= seen + 10, 60, what="10 timers more")
+    said = copy_warnings(w1.log())
+    assert 1 <= len(said) <= 2, said
