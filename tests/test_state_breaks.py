@@ -94,3 +94,22 @@ def test_a_tmpdir_gone_under_one_task_per_child_is_said_once_not_per_event(
     wait_for(lambda: len(records.of("timer")) >= seen + 10, 60, what="10 timers more")
     said = copy_warnings(w1.log())
     assert 1 <= len(said) <= 2, said
+
+
+@pytest.mark.workers
+def test_unreplicated_commits_under_one_task_per_child_are_said_once_not_per_event(
+    fleets: Callable[..., Fleet], records: Records
+) -> None:
+    """``stoker_min_replicas`` above the replicas a Redis has: every commit fails
+    (documented).  "Said once until a commit is replicated again" must hold for
+    the worker, not for each pool process: under ``--max-tasks-per-child 1``
+    each event runs in a new one."""
+    fleet = fleets("prefork", STOKER_TEST_TIMER="0.2", STOKER_TEST_MIN_REPLICAS="1")
+    w1 = fleet.start("w1@%h", extra_args=("--max-tasks-per-child", "1"))
+    wait_for(lambda: len(records.events()) >= 10 and records.events(), 90, what="10 failed events")
+    said = [
+        line
+        for line in w1.log().splitlines()
+        if "does not count as stored" in line and "WARNING" in line
+    ]
+    assert 1 <= len(said) <= 2, said
