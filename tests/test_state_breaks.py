@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.redis_server import RedisServer
+from support.tcp_proxy import TcpProxy
 from support.workers import Fleet, Records, wait_for
 
 from celery_stoker import copies as module
@@ -113,3 +115,43 @@ def test_unreplicated_commits_under_one_task_per_child_are_said_once_not_per_eve
         if "does not count as stored" in line and "WARNING" in line
     ]
     assert 1 <= len(said) <= 2, said
+
+
+@pytest.mark.workers
+@pytest.mark.parametrize("pool", ["solo", "gevent", "prefork-one-task-per-child"])
+def test_a_10_mb_state_cut_off_leader_runs_shutdown_from_its_last_commit(
+    pool: str,
+    redis_server: RedisServer,
+    records: Records,
+    fleets: Callable[..., Fleet],
+    tcp_proxy: Callable[[int], TcpProxy],
+) -> None:
+    """With a 10 MB state the cut-off leader's shutdown starts from the last commit:
+    kept in memory (solo, gevent), or in the file of a pool process that is gone
+    by then (each event in a new process)."""
+    if pool == "gevent":
+        pytest.importorskip("gevent")
+    extra: tuple[str, ...] = ()
+    if pool == "prefork-one-task-per-child":
+        pool, extra = "prefork", ("--max-tasks-per-child", "1")
+    proxy = tcp_proxy(redis_server.port)
+    fleet = fleets(
+        pool, ttl=3.0, STOKER_TEST_TIMER="0.3", STOKER_TEST_STATE_BYTES=str(10 * 1024 * 1024)
+    )
+    w1 = fleet.start(
+        "w1@%h",
+        env={"STOKER_TEST_BROKER": f"redis://127.0.0.1:{proxy.port}/0"},
+        extra_args=extra,
+    )
+    wait_for(lambda: len(records.of("timer")) >= 3, 90, what="timers on w1")
+    proxy.blackhole()
+    lost = wait_for(
+        lambda: [r for r in records.of("shutdown") if r.reason == "lease_lost"],
+        30,
+        what="shutdown(lease_lost) on the cut-off leader",
+    )[0]
+    ran = [r for r in records.events() if r.host == w1.node and r.event != "shutdown"]
+    last = max(ran, key=lambda r: r.started)
+    assert last.events >= 3
+    assert last.events <= lost.events <= last.events + 1, (lost.events, last.events)
+    proxy.heal()
