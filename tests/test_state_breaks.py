@@ -155,3 +155,47 @@ def test_a_10_mb_state_cut_off_leader_runs_shutdown_from_its_last_commit(
     assert last.events >= 3
     assert last.events <= lost.events <= last.events + 1, (lost.events, last.events)
     proxy.heal()
+
+
+#: A state as the json serializer writes it; a worker set to yaml cannot read it.
+JSON_STATE = {
+    b"body": b'{"events": 7, "timers": 0}',
+    b"content_type": b"application/json",
+    b"content_encoding": b"utf-8",
+    b"token": b"1",
+    b"version": b"3",
+}
+
+
+@pytest.mark.workers
+def test_a_leader_cut_off_while_its_state_is_unreadable_stops_cleanly(
+    redis_server: RedisServer,
+    records: Records,
+    fleets: Callable[..., Fleet],
+    tcp_proxy: Callable[[int], TcpProxy],
+) -> None:
+    """A term retrying an unreadable state loses its lease (a partition): its
+    shutdown must neither hang nor crash the worker, and the unreadable state
+    stays untouched."""
+    client = redis_server.client()
+    client.hset("stoker:{recorder}:state", mapping=JSON_STATE)
+    proxy = tcp_proxy(redis_server.port)
+    fleet = fleets("prefork", ttl=2.0, STOKER_TEST_STATE_SERIALIZER="yaml")
+    w1 = fleet.start("w1@%h", env={"STOKER_TEST_BROKER": f"redis://127.0.0.1:{proxy.port}/0"})
+    wait_for(lambda: "cannot be read" in w1.log(), 60, what="the unreadable-state ERROR")
+    proxy.blackhole()
+    wait_for(lambda: "steps down (lease_lost)" in w1.log(), 30, what="the term cut off")
+    # No callback of the term ran (no shutdown to send), or its shutdown starts from the
+    # worker's copy, as unreadable as the key: no callback either way.
+    wait_for(
+        lambda: any(
+            said in w1.log() for said in ("no shutdown to send", "as this worker copied it")
+        ),
+        30,
+        what="the cut-off term's shutdown skipped",
+    )
+    assert not records.of("shutdown"), "shutdown ran on a state it could not read"
+    proxy.heal()
+    assert w1.stop(timeout=30) is not None, "the worker did not stop"
+    assert "Traceback" not in w1.log(), w1.log_tail()
+    assert client.hgetall("stoker:{recorder}:state") == JSON_STATE
