@@ -29,6 +29,7 @@ new as that event's commit.  Each copy carries the event's sequence number
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -51,6 +52,8 @@ _owner_pid = os.getpid()
 _secret = secrets.token_hex(8)
 #: Directories of workers that are gone are removed when a worker starts.
 PREFIX = "celery-stoker-"
+#: The file in a worker's directory whose lock it holds while it lives.
+LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class StateCopies:
         #: page shared with the pool processes forked after this (``MAP_SHARED``):
         #: under ``--max-tasks-per-child 1`` each event runs in a new process.
         self._write_failed = mmap.mmap(-1, 1)
+        #: The lock on this worker's directory (``claim``): held while the worker lives.
+        self._lock_fd: int | None = None
 
     # --------------------------------------------------------------- main process
 
@@ -90,6 +95,30 @@ class StateCopies:
         global _owner_pid
         _owner_pid = os.getpid()
         _sweep(Path(tempfile.gettempdir()), directory().name)
+        self._hold()
+
+    def _hold(self) -> None:
+        """Create this worker's directory and hold its lock while the worker lives.
+
+        The lock, not the pid, tells a starting worker whether a directory's worker
+        is alive: workers in other pid namespaces (containers sharing a TMPDIR) have
+        pids this one cannot see.  Best effort: without it the sweep falls back to
+        the pid.
+        """
+        try:
+            folder = directory()
+            _private(folder)
+            fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            self._lock_fd = fd
+        except OSError as exc:
+            logger.debug("celery-stoker: no lock on %s (%s)", directory(), exc)
 
     def close(self) -> None:
         """The worker stops: its copies go with it."""
@@ -97,6 +126,9 @@ class StateCopies:
             self._memory.clear()
         if os.getpid() == _owner_pid:
             shutil.rmtree(directory(), ignore_errors=True)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     def begin_term(self, hostname: str, name: str, seq: int, copy: StateCopy | None) -> None:
         """A term starts from ``copy`` (the stored state, or None): older copies are void.
@@ -158,7 +190,7 @@ copies = StateCopies()
 
 
 def directory() -> Path:
-    """This worker's directory of copies (created by the first pool process that writes)."""
+    """This worker's directory of copies (created by ``claim``, or by the first write)."""
     return Path(tempfile.gettempdir()) / f"{PREFIX}{_owner_pid}-{_secret}"
 
 
@@ -167,14 +199,18 @@ def _path(hostname: str, name: str) -> Path:
     return directory() / f"{digest}.state"
 
 
-def _write(path: Path, copy: StateCopy) -> None:
-    folder = path.parent
+def _private(folder: Path) -> None:
+    """Create ``folder`` (mode 0700), or check that it is a private directory of ours."""
     try:
         folder.mkdir(mode=0o700)
     except FileExistsError:
         info = folder.lstat()
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
             raise PermissionError(f"{folder} is not a private directory of this user") from None
+
+
+def _write(path: Path, copy: StateCopy) -> None:
+    _private(path.parent)
     header = {
         "content_type": copy.content_type,
         "encoding": copy.encoding,
@@ -228,8 +264,26 @@ def _sweep(base: Path, own: str) -> None:
                 pid = int(entry.name[len(PREFIX) :].split("-", 1)[0])
                 if entry.lstat().st_uid != os.getuid() or entry.name == own:
                     continue
-                if pid == os.getpid() or not _alive(pid):
+                held = _held(entry / LOCK)
+                if held is None:  # no lock file (a worker that could not take it): its pid
+                    held = pid != os.getpid() and _alive(pid)
+                if not held:
                     shutil.rmtree(entry, ignore_errors=True)
+
+
+def _held(lock: Path) -> bool | None:
+    """Whether a live worker holds ``lock``; None when there is no lock file."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if it was taken
+    return False
 
 
 def _alive(pid: int) -> bool:

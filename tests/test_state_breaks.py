@@ -9,6 +9,8 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,6 +48,47 @@ def test_a_killed_worker_s_copies_are_swept_when_its_pid_comes_back(tmpdir_base:
         assert not leftover.exists(), "a dead worker's copies kept because its pid came back"
     finally:
         kept.close()
+
+
+#: A pid no process has here (above the kernel's pid_max).
+UNSEEN_PID = 4_194_305
+
+
+def test_a_live_worker_in_another_pid_namespace_keeps_its_copies(tmpdir_base: Path) -> None:
+    """Two containers sharing a TMPDIR (a pod's emptyDir mounted at /tmp): the other
+    worker's pid is not a process here, yet it is alive and its copies are in use.
+    A starting worker must not sweep them; once that worker is gone, it may."""
+    other = tmpdir_base / f"{module.PREFIX}{UNSEEN_PID}-fedcba9876543210"
+    other.mkdir(mode=0o700)
+    (other / "x.state").write_bytes(b"{}\n{}")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys\n"
+            f"fd = os.open({str(other / module.LOCK)!r}, os.O_RDWR | os.O_CREAT, 0o600)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        kept = StateCopies()
+        kept.claim()
+        kept.close()
+        assert (other / "x.state").exists(), "a live worker's copies were swept"
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(timeout=10)
+    again = StateCopies()
+    again.claim()
+    again.close()
+    assert not other.exists(), "a gone worker's copies were kept"
 
 
 def test_a_copy_that_cannot_be_written_leaves_no_partial_file(tmpdir_base: Path) -> None:
