@@ -5,6 +5,7 @@ Real forked processes and a real TMPDIR; no mocks.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -14,14 +15,16 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
-from support.workers import Fleet, Records, wait_for
+from support.workers import ROOT, Fleet, Records, wait_for
 
 from celery_stoker import copies as module
 from celery_stoker.copies import StateCopies, StateCopy
+from celery_stoker.keys import lease_key
 
 
 @pytest.fixture
@@ -242,3 +245,52 @@ def test_a_leader_cut_off_while_its_state_is_unreadable_stops_cleanly(
     assert w1.stop(timeout=30) is not None, "the worker did not stop"
     assert "Traceback" not in w1.log(), w1.log_tail()
     assert client.hgetall("stoker:{recorder}:state") == JSON_STATE
+
+
+STATUS = ("status", "--json", "--timeout", "2")
+
+
+def status_views(env: dict[str, str]) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "tests.apps.recorder", "stoker", *STATUS],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    views: list[dict[str, Any]] = json.loads(out.stdout)
+    return views
+
+
+@pytest.mark.workers
+@pytest.mark.parametrize(
+    "lost",
+    ['"lost"', '{"seen":true,"held":false}', '{"seen":[1],"held":{}}', '{"seen":1e999}'],
+)
+def test_garbage_in_a_lease_value_s_lost_field_never_crashes_and_is_not_shown(
+    lost: str, redis_server: RedisServer, records: Records, fleets: Callable[..., Fleet]
+) -> None:
+    """A lease value of another making (by hand, another version) with a ``lost``
+    field that is not two integers: the worker waits it out, status shows no
+    history_lost, and the next term is the worker's own."""
+    client = redis_server.client()
+    value = (
+        '{"v":1,"token":5,"since":1,"holder":"ghost","host":"ghost@h",'
+        f'"app":"tests.apps.recorder","lost":{lost}}}'
+    )
+    client.set(lease_key("stoker", "recorder"), value, px=4000)
+    fleet = fleets("solo", STOKER_TEST_TIMER="0.3")
+    w1 = fleet.start("w1@%h")
+    view = wait_for(
+        lambda: next(
+            (v for v in status_views(fleet.env) if v["name"] == "recorder" and v.get("leader")),
+            None,
+        ),
+        30,
+        what="status naming the ghost leader",
+    )
+    assert view.get("history_lost") is None, view
+    wait_for(lambda: records.of("now_leader"), 30, what="w1 leads once the ghost's lease ends")
+    assert "Traceback" not in w1.log(), w1.log_tail()
