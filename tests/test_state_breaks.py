@@ -294,3 +294,34 @@ def test_garbage_in_a_lease_value_s_lost_field_never_crashes_and_is_not_shown(
     assert view.get("history_lost") is None, view
     wait_for(lambda: records.of("now_leader"), 30, what="w1 leads once the ghost's lease ends")
     assert "Traceback" not in w1.log(), w1.log_tail()
+
+
+@pytest.mark.workers
+def test_a_stoker_redis_restarted_empty_waits_one_ttl_said_once(
+    records: Records,
+    fleets: Callable[..., Fleet],
+    make_redis_server: Callable[..., RedisServer],
+) -> None:
+    """Redis restarted empty is now "history lost" too (the fleet saw tokens the
+    missing counter cannot account for): the term waits one TTL, once, and says
+    one thing, not also the "no record of earlier terms" quarantine."""
+    ttl = 3.0
+    store = make_redis_server()
+    fleet = fleets(ttl=ttl, STOKER_TEST_URL=store.url_for(0), STOKER_TEST_TIMER="0.3")
+    workers = [fleet.start(f"w{i}@%h") for i in (1, 2)]
+    first = wait_for(lambda: records.of("now_leader"), 30, what="a leader")[0]
+    wait_for(lambda: len(records.of("timer")) >= 3, 30, what="timers")
+    before = [len(w.log()) for w in workers]
+    store.restart(empty=True)
+    again = wait_for(
+        lambda: [r for r in records.of("now_leader") if r.token > first.token],
+        60,
+        what="now_leader after the restart",
+    )[0]
+    told = [e for e in records.raw("event") if int(e["token"]) == again.token]
+    assert told and all(e["history_lost"] is True for e in told), told
+    logs = "".join(w.log()[n:] for w, n in zip(workers, before, strict=True))
+    said = [line for line in logs.splitlines() if "holds less history than the fleet" in line]
+    assert len(said) == 1, said
+    assert f"acts in {ttl:.1f} s" in said[0], said
+    assert "holds no record of earlier terms" not in logs
