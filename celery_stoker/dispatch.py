@@ -67,8 +67,6 @@ WARM_UP_TOKEN = 0
 REPORTS_KEY_TTL_MS = 3_600_000
 #: Tries to push a report before leaving it to the pump to notice the finished task.
 REPORT_ATTEMPTS = 3
-#: The Stokers whose last report this process could not push (logged once per outage).
-_REPORT_REFUSED: set[str] = set()
 #: The request field the pump's gate sets on an admitted event, and its value: a
 #: secret of this worker's processes (pool processes are forked from the main one,
 #: and requests reach them over the pool's pipe), never sent through the broker.
@@ -107,6 +105,8 @@ class _WorkerFlags:
 #: The Stokers whose last commit missed ``stoker_min_replicas`` on this worker (any of
 #: its processes: with prefork each event may run in another one).
 _UNREPLICATED = _WorkerFlags()
+#: The Stokers whose last report this worker could not push (logged once per outage).
+_REPORT_REFUSED = _WorkerFlags()
 #: Said once per process: dispatch messages refused where no pump runs, or in the pool.
 _SAID: set[str] = set()
 
@@ -808,7 +808,7 @@ def register_dispatch_task(app: Celery) -> None:
                     break
                 except redis.RedisError as exc:
                     if attempt + 1 == REPORT_ATTEMPTS:
-                        # Once per outage in this process: every event of it fails so.
+                        # Once per outage on this worker: every event of it fails so.
                         log = logger.debug if name in _REPORT_REFUSED else logger.warning
                         _REPORT_REFUSED.add(name)
                         log(

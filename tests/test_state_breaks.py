@@ -325,3 +325,28 @@ def test_a_stoker_redis_restarted_empty_waits_one_ttl_said_once(
     assert len(said) == 1, said
     assert f"acts in {ttl:.1f} s" in said[0], said
     assert "holds no record of earlier terms" not in logs
+
+
+@pytest.mark.workers
+def test_reports_refused_by_a_full_redis_under_one_task_per_child_are_said_once(
+    records: Records,
+    fleets: Callable[..., Fleet],
+    make_redis_server: Callable[..., RedisServer],
+) -> None:
+    """A full Stoker Redis (maxmemory, noeviction) refuses each event's report:
+    "said once until a report goes through" must hold for the worker, not for
+    each pool process (under ``--max-tasks-per-child 1``, one per event)."""
+    store = make_redis_server()
+    fleet = fleets("prefork", STOKER_TEST_URL=store.url_for(0), STOKER_TEST_TIMER="0.3")
+    w1 = fleet.start("w1@%h", extra_args=("--max-tasks-per-child", "1"))
+    wait_for(lambda: len(records.of("timer")) >= 3, 60, what="timers on w1")
+    client = store.client()
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1")
+    seen = len(records.of("timer"))
+    try:
+        wait_for(lambda: len(records.of("timer")) >= seen + 6, 60, what="6 timers more")
+    finally:
+        client.config_set("maxmemory", "0")
+    said = [x for x in w1.log().splitlines() if "could not report the end of" in x]
+    assert 1 <= len(said) <= 2, said
