@@ -29,9 +29,11 @@ new as that event's commit.  Each copy carries the event's sequence number
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import secrets
 import shutil
@@ -50,6 +52,8 @@ _owner_pid = os.getpid()
 _secret = secrets.token_hex(8)
 #: Directories of workers that are gone are removed when a worker starts.
 PREFIX = "celery-stoker-"
+#: The file in a worker's directory whose lock it holds while it lives.
+LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -77,8 +81,12 @@ class StateCopies:
         self._memory: dict[tuple[str, str], StateCopy] = {}
         #: Copies from events before this sequence number are of an earlier term: ignored.
         self._floor: dict[tuple[str, str], int] = {}
-        #: Said once per process: a copy that could not be written.
-        self._write_failed = False
+        #: Said once per worker, not per process: a copy that could not be written.  A
+        #: page shared with the pool processes forked after this (``MAP_SHARED``):
+        #: under ``--max-tasks-per-child 1`` each event runs in a new process.
+        self._write_failed = mmap.mmap(-1, 1)
+        #: The lock on this worker's directory (``claim``): held while the worker lives.
+        self._lock_fd: int | None = None
 
     # --------------------------------------------------------------- main process
 
@@ -86,7 +94,31 @@ class StateCopies:
         """The worker's main process, before its pool forks: own the copies, sweep old ones."""
         global _owner_pid
         _owner_pid = os.getpid()
-        _sweep(Path(tempfile.gettempdir()))
+        _sweep(Path(tempfile.gettempdir()), directory().name)
+        self._hold()
+
+    def _hold(self) -> None:
+        """Create this worker's directory and hold its lock while the worker lives.
+
+        The lock, not the pid, tells a starting worker whether a directory's worker
+        is alive: workers in other pid namespaces (containers sharing a TMPDIR) have
+        pids this one cannot see.  Best effort: without it the sweep falls back to
+        the pid.
+        """
+        try:
+            folder = directory()
+            _private(folder)
+            fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            self._lock_fd = fd
+        except OSError as exc:
+            logger.debug("celery-stoker: no lock on %s (%s)", directory(), exc)
 
     def close(self) -> None:
         """The worker stops: its copies go with it."""
@@ -94,6 +126,9 @@ class StateCopies:
             self._memory.clear()
         if os.getpid() == _owner_pid:
             shutil.rmtree(directory(), ignore_errors=True)
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
 
     def begin_term(self, hostname: str, name: str, seq: int, copy: StateCopy | None) -> None:
         """A term starts from ``copy`` (the stored state, or None): older copies are void.
@@ -137,22 +172,25 @@ class StateCopies:
         try:
             _write(_path(hostname, name), copy)
         except OSError as exc:
-            log = logger.debug if self._write_failed else logger.warning
-            self._write_failed = True
+            log = logger.debug if self._write_failed[0] else logger.warning
+            self._write_failed[0] = 1
             log(
                 "Stoker %s: could not keep a copy of its state in %s (%s); a shutdown "
-                "after a lost lease starts from an older one (said once per process)",
+                "after a lost lease starts from an older one (said once until a copy "
+                "is kept again)",
                 name,
                 directory(),
                 exc,
             )
+        else:
+            self._write_failed[0] = 0
 
 
 copies = StateCopies()
 
 
 def directory() -> Path:
-    """This worker's directory of copies (created by the first pool process that writes)."""
+    """This worker's directory of copies (created by ``claim``, or by the first write)."""
     return Path(tempfile.gettempdir()) / f"{PREFIX}{_owner_pid}-{_secret}"
 
 
@@ -161,14 +199,18 @@ def _path(hostname: str, name: str) -> Path:
     return directory() / f"{digest}.state"
 
 
-def _write(path: Path, copy: StateCopy) -> None:
-    folder = path.parent
+def _private(folder: Path) -> None:
+    """Create ``folder`` (mode 0700), or check that it is a private directory of ours."""
     try:
         folder.mkdir(mode=0o700)
     except FileExistsError:
         info = folder.lstat()
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
             raise PermissionError(f"{folder} is not a private directory of this user") from None
+
+
+def _write(path: Path, copy: StateCopy) -> None:
+    _private(path.parent)
     header = {
         "content_type": copy.content_type,
         "encoding": copy.encoding,
@@ -177,10 +219,17 @@ def _write(path: Path, copy: StateCopy) -> None:
     }
     partial = path.with_suffix(f".{os.getpid()}.part")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(json.dumps(header).encode() + b"\n")
-        out.write(copy.body)
-    os.replace(partial, path)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(json.dumps(header).encode() + b"\n")
+            out.write(copy.body)
+        os.replace(partial, path)
+    except BaseException:
+        # A full TMPDIR fails the write part way: the half-written file must not
+        # keep the space a later copy needs (each pool process has its own name).
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
 
 
 def _read(path: Path) -> StateCopy | None:
@@ -202,16 +251,39 @@ def _read(path: Path) -> StateCopy | None:
         return None
 
 
-def _sweep(base: Path) -> None:
-    """Remove the copies of this user's workers that are gone (killed, not stopped)."""
+def _sweep(base: Path, own: str) -> None:
+    """Remove the copies of this user's workers that are gone (killed, not stopped).
+
+    A directory with this process's pid but not its name (``own``) is of a worker
+    that had this pid before: a container restarted in place keeps its TMPDIR and
+    gives its worker the same pid every time.
+    """
     with contextlib.suppress(OSError):
         for entry in base.glob(f"{PREFIX}*-*"):
             with contextlib.suppress(OSError, ValueError):
                 pid = int(entry.name[len(PREFIX) :].split("-", 1)[0])
-                if entry.lstat().st_uid != os.getuid() or pid == os.getpid():
+                if entry.lstat().st_uid != os.getuid() or entry.name == own:
                     continue
-                if not _alive(pid):
+                held = _held(entry / LOCK)
+                if held is None:  # no lock file (a worker that could not take it): its pid
+                    held = pid != os.getpid() and _alive(pid)
+                if not held:
                     shutil.rmtree(entry, ignore_errors=True)
+
+
+def _held(lock: Path) -> bool | None:
+    """Whether a live worker holds ``lock``; None when there is no lock file."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the lock if it was taken
+    return False
 
 
 def _alive(pid: int) -> bool:

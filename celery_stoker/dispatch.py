@@ -27,11 +27,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import os
 import secrets
 import threading
 import time
 import traceback
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -65,15 +67,46 @@ WARM_UP_TOKEN = 0
 REPORTS_KEY_TTL_MS = 3_600_000
 #: Tries to push a report before leaving it to the pump to notice the finished task.
 REPORT_ATTEMPTS = 3
-#: The Stokers whose last report this process could not push (logged once per outage).
-_REPORT_REFUSED: set[str] = set()
 #: The request field the pump's gate sets on an admitted event, and its value: a
 #: secret of this worker's processes (pool processes are forked from the main one,
 #: and requests reach them over the pool's pipe), never sent through the broker.
 PERMIT_FIELD = "stoker_permit"
 PERMIT = secrets.token_hex(16)
-#: The Stokers whose last commit missed ``stoker_min_replicas`` in this process.
-_UNREPLICATED: set[str] = set()
+
+
+class _WorkerFlags:
+    """Stoker names flagged across a worker's processes, for "said once per worker".
+
+    A page shared (``MAP_SHARED``) with the pool processes forked after this
+    module is imported (the worker's main process imports it before its pool
+    starts): a flag a pool process sets is seen by its siblings and by the
+    processes that replace it (``--max-tasks-per-child``).  Names share 4096
+    slots: two Stokers that collide only share when they are said.
+    """
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._page = mmap.mmap(-1, self.SIZE)
+
+    def _slot(self, name: str) -> int:
+        return zlib.crc32(name.encode("utf-8", "surrogatepass")) % self.SIZE
+
+    def __contains__(self, name: str) -> bool:
+        return self._page[self._slot(name)] != 0
+
+    def add(self, name: str) -> None:
+        self._page[self._slot(name)] = 1
+
+    def discard(self, name: str) -> None:
+        self._page[self._slot(name)] = 0
+
+
+#: The Stokers whose last commit missed ``stoker_min_replicas`` on this worker (any of
+#: its processes: with prefork each event may run in another one).
+_UNREPLICATED = _WorkerFlags()
+#: The Stokers whose last report this worker could not push (logged once per outage).
+_REPORT_REFUSED = _WorkerFlags()
 #: Said once per process: dispatch messages refused where no pump runs, or in the pool.
 _SAID: set[str] = set()
 
@@ -476,7 +509,7 @@ def run_callbacks(
         )
         outcome.kind = "error"
         outcome.error = outcome.error or f"state not counted as stored: {short}"
-        # Once per outage in this process (every event fails so until replicas catch up).
+        # Once per outage on this worker (every event fails so until replicas catch up).
         log = logger.debug if spec.name in _UNREPLICATED else logger.warning
         _UNREPLICATED.add(spec.name)
         log(
@@ -775,7 +808,7 @@ def register_dispatch_task(app: Celery) -> None:
                     break
                 except redis.RedisError as exc:
                     if attempt + 1 == REPORT_ATTEMPTS:
-                        # Once per outage in this process: every event of it fails so.
+                        # Once per outage on this worker: every event of it fails so.
                         log = logger.debug if name in _REPORT_REFUSED else logger.warning
                         _REPORT_REFUSED.add(name)
                         log(

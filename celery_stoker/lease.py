@@ -160,7 +160,8 @@ def _lost(value: object) -> tuple[int, int] | None:
     if not isinstance(value, dict):
         return None
     seen, held = value.get("seen"), value.get("held")
-    if isinstance(seen, int) and isinstance(held, int):
+    # type() is int, not isinstance: JSON true/false are bools, and bools are ints.
+    if type(seen) is int and type(held) is int:
         return (seen, held)
     return None
 
