@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
-from support.workers import ROOT, Fleet, Records, check_terms, wait_for
+from support.workers import ROOT, Fleet, Records, check_terms, shutdown_after_cut, wait_for
 
 from celery_stoker.pump import STATE_RETRY_START
 
@@ -275,15 +275,5 @@ def test_a_leader_cut_off_from_redis_runs_shutdown_from_its_last_committed_state
     w1 = fleet.start("w1@%h", env={"STOKER_TEST_BROKER": f"redis://127.0.0.1:{proxy.port}/0"})
     wait_for(lambda: len(records.of("timer")) >= 5, 30, what="timers on w1")
     proxy.blackhole()
-    lost = wait_for(
-        lambda: [r for r in records.of("shutdown") if r.reason == "lease_lost"],
-        15,
-        what="shutdown(lease_lost) on the cut-off leader",
-    )[0]
-    ran = [r for r in records.events() if r.host == w1.node and r.event != "shutdown"]
-    last = max(ran, key=lambda r: r.started)
-    # From the state its last event committed (or the one before, if the cut caught that
-    # event's commit): not from init(), nor from the copy taken when the term began.
-    assert last.events >= 5
-    assert last.events <= lost.events <= last.events + 1, (lost.events, last.events)
+    shutdown_after_cut(records, w1.node, least=5, timeout=15)
     proxy.heal()

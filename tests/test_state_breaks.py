@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
-from support.workers import ROOT, Fleet, Records, wait_for
+from support.workers import ROOT, Fleet, Records, shutdown_after_cut, wait_for
 
 from celery_stoker import copies as module
 from celery_stoker.copies import StateCopies, StateCopy
@@ -191,15 +191,7 @@ def test_a_10_mb_state_cut_off_leader_runs_shutdown_from_its_last_commit(
     )
     wait_for(lambda: len(records.of("timer")) >= 3, 90, what="timers on w1")
     proxy.blackhole()
-    lost = wait_for(
-        lambda: [r for r in records.of("shutdown") if r.reason == "lease_lost"],
-        30,
-        what="shutdown(lease_lost) on the cut-off leader",
-    )[0]
-    ran = [r for r in records.events() if r.host == w1.node and r.event != "shutdown"]
-    last = max(ran, key=lambda r: r.started)
-    assert last.events >= 3
-    assert last.events <= lost.events <= last.events + 1, (lost.events, last.events)
+    shutdown_after_cut(records, w1.node, least=3, timeout=30)
     proxy.heal()
 
 

@@ -20,7 +20,7 @@ import pytest
 from celery import Celery
 from support.metrics import refused
 from support.redis_server import RedisServer
-from support.workers import Fleet, Records, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms, running_request, wait_for
 
 from celery_stoker import Stoker, stoker
 from celery_stoker.dispatch import DISPATCH_TASK, register_dispatch_task
@@ -31,21 +31,6 @@ prometheus_client = pytest.importorskip("prometheus_client")
 
 #: A callback long enough to send a copy of its message while it runs.
 EVENT_SECONDS = 1.5
-
-
-def _running_request(records: Records, after: int) -> dict[str, Any]:
-    """A timer event's message whose callback has started and not yet ended."""
-
-    def find() -> dict[str, Any] | None:
-        ended = {r["task_id"] for r in records.raw("event")}
-        for request in records.raw("request")[after:]:
-            if request["event"] == "timer" and request["id"] not in ended:
-                return request
-        return None
-
-    found = wait_for(find, 20, 0.01, what="a timer event that is running")
-    assert found is not None
-    return found
 
 
 @pytest.mark.parametrize("pool", ["prefork", "gevent"])
@@ -82,7 +67,7 @@ def test_only_the_event_in_flight_runs_a_callback(
     # 1. A copy of the running event, to the leader while it runs (no expiry: the
     # gate runs when the pool would get it), and to the follower (with an expiry:
     # the gate runs as the worker receives it).
-    running = _running_request(records, 0)
+    running = running_request(records, 0)
     send(running, w1.node)
     send(running, w2.node, expires=3600)
     wait_for(lambda: refused(ports["w1"]).get("copy", 0) >= 1, 20, what="w1 refuses the copy")

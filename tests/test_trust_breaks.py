@@ -16,7 +16,15 @@ import pytest
 from celery import Celery
 from support.metrics import refused
 from support.redis_server import RedisServer
-from support.workers import Fleet, Record, Records, WorkerProcess, check_terms, wait_for
+from support.workers import (
+    Fleet,
+    Record,
+    Records,
+    WorkerProcess,
+    check_terms,
+    running_request,
+    wait_for,
+)
 
 from celery_stoker.dispatch import DISPATCH_TASK
 from celery_stoker.testing import free_port
@@ -26,21 +34,6 @@ prometheus_client = pytest.importorskip("prometheus_client")
 
 #: A callback long enough to send a copy of its message while it runs.
 EVENT_SECONDS = 1.0
-
-
-def _running_request(records: Records, after: int = 0) -> dict[str, Any]:
-    """A timer event's message whose callback has started and not yet ended."""
-
-    def find() -> dict[str, Any] | None:
-        ended = {r["task_id"] for r in records.raw("event")}
-        for request in records.raw("request")[after:]:
-            if request["event"] == "timer" and request["id"] not in ended:
-                return request
-        return None
-
-    found = wait_for(find, 20, 0.01, what="a timer event that is running")
-    assert found is not None
-    return found
 
 
 def _no_overlap(events: list[Record]) -> None:
@@ -89,7 +82,7 @@ def test_an_expired_copy_of_the_running_event_does_not_end_it(
     w1 = fleet.start("w1@%h")
     wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
     send = _intruder(redis_server)
-    running = _running_request(records)
+    running = running_request(records)
     past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
     send(running, w1, expires=past)
     wait_for(
@@ -248,7 +241,7 @@ def test_copies_queued_across_a_change_of_term_run_nothing(
     bare.wait_ready(30)
     wait_for(lambda: "following" in w2.log(), 30, what="w2 follows")
     send = _intruder(redis_server)
-    running = _running_request(records)
+    running = running_request(records)
     send(running, w1, countdown=4)
     send(running, w2, countdown=4)
     for n in range(3):

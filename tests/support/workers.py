@@ -27,6 +27,8 @@ __all__ = [
     "WaitTimeout",
     "WorkerProcess",
     "check_terms",
+    "running_request",
+    "shutdown_after_cut",
     "wait_for",
 ]
 
@@ -122,3 +124,36 @@ def check_terms(records: list[Record]) -> dict[int, list[Record]]:
             )
         previous = (token, last)
     return terms
+
+
+def running_request(records: Records, after: int = 0) -> dict[str, Any]:
+    """A timer event's message (``rec:request``) whose callback has started and not yet ended."""
+
+    def find() -> dict[str, Any] | None:
+        ended = {r["task_id"] for r in records.raw("event")}
+        for request in records.raw("request")[after:]:
+            if request["event"] == "timer" and request["id"] not in ended:
+                return request
+        return None
+
+    found = wait_for(find, 20, 0.01, what="a timer event that is running")
+    assert found is not None
+    return found
+
+
+def shutdown_after_cut(records: Records, node: str, *, least: int, timeout: float) -> None:
+    """Assert the cut-off leader ``node`` ran ``shutdown`` from its last committed state.
+
+    Not from ``init()``, nor from the copy taken when the term began: from the
+    state its last event committed (or the one before, if the cut caught that
+    event's commit).  The caller has cut the leader off (a blackholed proxy).
+    """
+    lost = wait_for(
+        lambda: [r for r in records.of("shutdown") if r.reason == "lease_lost"],
+        timeout,
+        what="shutdown(lease_lost) on the cut-off leader",
+    )[0]
+    ran = [r for r in records.events() if r.host == node and r.event != "shutdown"]
+    last = max(ran, key=lambda r: r.started)
+    assert last.events >= least
+    assert last.events <= lost.events <= last.events + 1, (lost.events, last.events)
