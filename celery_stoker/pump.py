@@ -591,17 +591,11 @@ class EventPump:
         now = time.monotonic()
         if outcome.kind == "lost" and not outcome.ran:
             # It never started (dropped or expired before the pool took it): send it again.
-            lane.pending.appendleft(
-                PendingEvent(self.next_seq(), item.token, item.event, item.reason, item.attempt)
-            )
-            self._ready.add(lane.owner.name)
+            self._send_again(lane, item)
             return
         if outcome.kind in ("lost", "timeout"):
             if item.event in REDELIVERED and item.attempt == 1:
-                lane.pending.appendleft(
-                    PendingEvent(self.next_seq(), item.token, item.event, item.reason, 2)
-                )
-                self._ready.add(lane.owner.name)
+                self._send_again(lane, item, attempt=2)
             elif item.event in REDELIVERED:
                 logger.error(
                     "Stoker %s: %s was lost twice; it is dropped (reason was %r)",
@@ -614,10 +608,7 @@ class EventPump:
             return
         if outcome.init_failed:
             # init() raised: send the same event again after a backoff, never idle.
-            lane.pending.appendleft(
-                PendingEvent(self.next_seq(), item.token, item.event, item.reason, item.attempt)
-            )
-            self._hold_lane(lane, now + lane.init_retry)
+            self._send_again(lane, item, until=now + lane.init_retry)
             logger.warning(
                 "Stoker %s: init() failed; %s is sent again in %.0f s",
                 lane.owner.name,
@@ -632,10 +623,7 @@ class EventPump:
             # a term's first event has no interval to fall back on -- so the same event
             # is sent again after a backoff, and a key that is fixed or deleted resumes
             # the Stoker within one interval.  The activator says why, once.
-            lane.pending.appendleft(
-                PendingEvent(self.next_seq(), item.token, item.event, item.reason, item.attempt)
-            )
-            self._hold_lane(lane, now + lane.state_retry)
+            self._send_again(lane, item, until=now + lane.state_retry)
             logger.debug(
                 "Stoker %s: its state is unreadable; %s is sent again in %.0f s",
                 lane.owner.name,
@@ -649,10 +637,7 @@ class EventPump:
             # callbacks ran: the event never happened.  Dropping it would leave the term
             # without events -- no timer is armed after a now_leader that never ran, and a
             # timer that never ran arms no next one -- until something else sends one.
-            lane.pending.appendleft(
-                PendingEvent(self.next_seq(), item.token, item.event, item.reason, item.attempt)
-            )
-            self._hold_lane(lane, now + lane.redis_retry)
+            self._send_again(lane, item, until=now + lane.redis_retry)
             log = logger.warning if lane.redis_retry == REDIS_RETRY_START else logger.debug
             log(
                 "Stoker %s: %s did not run (%s); it is sent again in %.1f s",
@@ -674,6 +659,27 @@ class EventPump:
             lane.timer_due = None
         else:
             self._arm_timer(lane, now + interval)
+
+    def _send_again(
+        self,
+        lane: Lane,
+        item: PendingEvent,
+        *,
+        attempt: int | None = None,
+        until: float | None = None,
+    ) -> None:
+        """Put ``item`` back first on ``lane`` under a new sequence number (lock held).
+
+        Sent as soon as the lane is free, or not before ``until`` (a backoff).
+        """
+        again = PendingEvent(
+            self.next_seq(), item.token, item.event, item.reason, attempt or item.attempt
+        )
+        lane.pending.appendleft(again)
+        if until is None:
+            self._ready.add(lane.owner.name)
+        else:
+            self._hold_lane(lane, until)
 
     def _note_busy(self) -> None:
         """Clear the busy flag once no lane has an event in flight (lock held)."""
