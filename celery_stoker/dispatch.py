@@ -658,7 +658,7 @@ def _admitted(request: Request) -> bool:
     try:
         from .pump import pump_of
 
-        source = _source(request)
+        source = _Source(request)
         pump = pump_of(request.hostname)
         if pump is None:
             _say_once(
@@ -676,18 +676,24 @@ def _admitted(request: Request) -> bool:
         return False
 
 
-def _source(request: Request) -> str:
-    """Where a dispatch message says it came from, for the refusal's log line.
+class _Source:
+    """Where a dispatch message says it came from, for a refusal's log line.
 
-    Both values are what the message says of itself: information for a person,
-    never a reason to trust it.
+    Formatted only when a line is written (``%s``): the admitted events, nearly
+    all of them, pay nothing for it.  Both values are what the message says of
+    itself: information for a person, never a reason to trust it.
     """
-    info = request.delivery_info or {}
-    origin = request._request_dict.get("origin")
-    return (
-        f"through routing key {str(info.get('routing_key'))[:100]!r}, "
-        f"sent by {str(origin)[:100]!r} (as the message says)"
-    )
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    def __str__(self) -> str:
+        info = self._request.delivery_info or {}
+        origin = self._request._request_dict.get("origin")
+        return (
+            f"through routing key {str(info.get('routing_key'))[:100]!r}, "
+            f"sent by {str(origin)[:100]!r} (as the message says)"
+        )
 
 
 def _forget(request: Request) -> None:

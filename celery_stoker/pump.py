@@ -400,7 +400,7 @@ class EventPump:
 
     # ------------------------------------------- who may run the event in flight
 
-    def admit(self, task_id: str, args: Any, request: Any, source: str) -> Refusal | None:
+    def admit(self, task_id: str, args: Any, request: Any, source: object) -> Refusal | None:
         """May the dispatch message ``task_id`` run its callback now?  None if it may.
 
         Only the event this pump has in flight for a Stoker may run, only the
