@@ -33,8 +33,11 @@ WINDOW = 10.0
 #: Timer events expected in WINDOW: 20 at the timer's pace; a process start per event
 #: (about 0.1 s on a loaded 2-CPU machine) leaves about 16.  Before the fix: 4 to 8.
 MIN_EVENTS = 12
-#: A clean handover: 1 s, plus one pool process's start on a loaded machine.
-HANDOVER_BOUND = 2.5
+#: A clean handover: about 1 s, plus pool process starts on a loaded machine (2.7 s
+#: seen in CI beside another test's workers).  The bug this guards against waited for
+#: Celery's pool maintenance, every 5 s, so the bound sits below that and well above
+#: load: it tells the two apart, it does not time the handover (bench/pools does).
+HANDOVER_BOUND = 4.5
 FALSE_BROKER_LOSS = "the broker connection was lost"
 
 
