@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import threading
 import time
 from typing import Any
@@ -52,6 +53,9 @@ PLANS: dict[str, dict[str, Any]] = {
     "smoke": {"window": 5.0, "handovers": 1, "shapes": list(SHAPES)[:2]},
     "quick": {"window": WINDOW, "handovers": 2, "shapes": list(SHAPES)},
     "full": {"window": WINDOW, "handovers": 5, "shapes": list(SHAPES)},
+    # The user's tasks alone, plugin and bare alternating, many rounds: one round
+    # varies by a second or more (a bare worker meets the pool's 5 s race at random).
+    "tasks": {"rounds": 8, "shapes": list(SHAPES)[1:]},
 }
 
 
@@ -243,11 +247,52 @@ def table(results: list[dict[str, Any]]) -> Table:
 
 
 def render(data: dict[str, Any]) -> list[Table]:
-    return [table(data["runs"])]
+    return [tasks_table(data["tasks"])] if "tasks" in data else [table(data["runs"])]
+
+
+def tasks_rounds(shape: str, rounds: int) -> dict[str, list[float]]:
+    """``user_tasks`` with and without the plugin, alternating, ``rounds`` times each."""
+    out: dict[str, list[float]] = {"plugin": [], "bare": []}
+    for i in range(rounds):
+        for plugin in (True, False) if i % 2 == 0 else (False, True):
+            out["plugin" if plugin else "bare"].append(user_tasks(shape, plugin=plugin))
+    return out
+
+
+def tasks_table(results: list[dict[str, Any]]) -> Table:
+    t = Table(
+        f"{TASKS} user tasks on a recycled pool, with and without the plugin",
+        [
+            "recycling",
+            "rounds",
+            "plugin: median (min - max)",
+            "bare: median (min - max)",
+            "plugin / bare (medians)",
+        ],
+    )
+    for r in results:
+        plugin, bare = sorted(r["plugin"]), sorted(r["bare"])
+        p50 = statistics.median(plugin)
+        b50 = statistics.median(bare)
+        t.add(
+            r["shape"],
+            len(plugin),
+            f"{fmt_num(p50, ' s', 2)} ({plugin[0]:.2f} - {plugin[-1]:.2f})",
+            f"{fmt_num(b50, ' s', 2)} ({bare[0]:.2f} - {bare[-1]:.2f})",
+            f"{p50 / b50:.2f}",
+        )
+    t.notes.append(
+        f"{TASKS} x pools.work({TASK_SECONDS}) sent at once, to the last one done; rounds "
+        "alternate which goes first"
+    )
+    return t
 
 
 def run(mode: str) -> tuple[dict[str, Any], list[Table]]:
     plan = PLANS[mode]
+    if "rounds" in plan:
+        runs = [{"shape": s, **tasks_rounds(s, plan["rounds"])} for s in plan["shapes"]]
+        return {"tasks": runs}, [tasks_table(runs)]
     results = []
     for shape in plan["shapes"]:
         print(f"  pools: {shape}", flush=True)
