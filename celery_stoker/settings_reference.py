@@ -95,7 +95,7 @@ SETTINGS: tuple[Setting, ...] = (
         f"``{DEFAULT_KEY_PREFIX}``",
         "Prefix of every Redis key and of the event queues (``stoker.<hostname>``). Give each "
         "app sharing a Redis or a broker its own.",
-        "redis:Redis keys",
+        "guarantees:Apps are kept apart by app name and key prefix",
     ),
     Setting(
         "stoker_state_serializer",
