@@ -50,7 +50,6 @@ autosectionlabel_maxdepth = 2
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented_params"
-autodoc_default_options = {"show-inheritance": False}
 
 html_theme = "furo"
 html_title = f"celery-stoker {release}"
