@@ -33,7 +33,7 @@ class Setting:
     """One ``stoker_*`` setting as the configuration reference shows it."""
 
     name: str
-    #: What it takes (the checks at worker start refuse anything else, naming the setting).
+    #: What it takes (as ``settings.py`` checks it at worker start).
     accepts: str
     #: What applies when it is unset.
     default: str
