@@ -392,17 +392,17 @@ def test_moving_the_slot_while_it_leads_then_operate_it_from_the_cli(
     check_terms(records.events())
 
 
-def test_the_readme_cluster_acl_is_enough_and_a_missing_spublish_is_named(
+def test_the_documented_cluster_acl_is_enough_and_a_missing_spublish_is_named(
     cluster: RedisCluster,
 ) -> None:
-    """README's ACL line plus its cluster commands, on every node, runs leases, shard
+    """The docs' ACL line plus its cluster commands, on every node, runs leases, shard
     announcements and the CLI's token scan; without SPUBLISH the start-up probe names it
     (announcements are best effort, so nothing else would ever say so)."""
-    from test_redis_requirements import readme_acl_line
+    from test_redis_requirements import docs_acl_line
 
     from celery_stoker import access
 
-    line = readme_acl_line().replace("PASSWORD", "pw").split()
+    line = docs_acl_line().replace("PASSWORD", "pw").split()
     for node in cluster.running:
         node.client().execute_command(*line, *(f"+{c}" for c in access.CLUSTER_COMMANDS))
     host, port = cluster.running[0].address

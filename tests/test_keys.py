@@ -1,4 +1,4 @@
-"""The wire protocol: README's list of Redis keys is the code's, and channel messages round-trip."""
+"""The wire protocol: the docs' list of Redis keys is the code's; channel messages round-trip."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _documented_keys() -> set[str]:
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Redis keys") :]
-    section = section[: section.index("\n## ")]
+    page = (ROOT / "docs" / "redis.md").read_text()
+    section = page[page.index("## Redis keys") :]
+    section = section.split("\n## ", 1)[0]
     return set(re.findall(r"^\| `([^`]+)` \|", section, re.M))
 
 
@@ -30,7 +30,7 @@ def _code_keys() -> set[str]:
     return found
 
 
-def test_readme_lists_exactly_the_keys_the_code_builds() -> None:
+def test_the_docs_list_exactly_the_keys_the_code_builds() -> None:
     assert _documented_keys() == _code_keys()
 
 

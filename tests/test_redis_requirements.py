@@ -2,7 +2,7 @@
 
 Real ``redis-server`` processes with real ACL users and memory policies, real
 ``celery worker`` processes and the real ``celery stoker status`` command: the
-README's ``ACL SETUSER`` line is enough for a worker and the CLI; a user that
+the docs' ``ACL SETUSER`` line (docs/redis.md) is enough for a worker and the CLI; a user that
 lacks a command is named at start, shows in health, never flaps, and recovers
 when the ACL is fixed; an election error shows in ``status`` and ``inspect``;
 an eviction policy other than ``noeviction`` and a lease that vanishes are said
@@ -32,11 +32,11 @@ APP = "tests.apps.recorder"
 PASSWORD = "s3cret"
 
 
-def readme_acl_line() -> str:
-    """The ``ACL SETUSER`` line README's "Redis requirements" section tells users to run."""
-    text = (ROOT / "README.md").read_text()
+def docs_acl_line() -> str:
+    """The ``ACL SETUSER`` line docs/redis.md ("Redis requirements") tells users to run."""
+    text = (ROOT / "docs" / "redis.md").read_text()
     found = re.findall(r"^(ACL SETUSER stoker .*)$", text, flags=re.MULTILINE)
-    assert len(found) == 1, f"README should show one ACL SETUSER line, found {found}"
+    assert len(found) == 1, f"docs/redis.md should show one ACL SETUSER line, found {found}"
     return found[0].strip()
 
 
@@ -77,15 +77,15 @@ def recorder_row(env: dict[str, str]) -> str:
 # ------------------------------------------------------------------- the ACL
 
 
-def test_the_readme_acl_line_is_the_one_the_code_needs() -> None:
-    assert readme_acl_line() == access.acl_line("stoker", user="stoker", password="PASSWORD")
+def test_the_documented_acl_line_is_the_one_the_code_needs() -> None:
+    assert docs_acl_line() == access.acl_line("stoker", user="stoker", password="PASSWORD")
 
 
 @pytest.mark.workers
-def test_a_worker_and_status_run_as_the_readme_acl_user(
+def test_a_worker_and_status_run_as_the_documented_acl_user(
     fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
 ) -> None:
-    url = create_user(redis_server, readme_acl_line())
+    url = create_user(redis_server, docs_acl_line())
     fleet = fleets("prefork", STOKER_TEST_URL=url, STOKER_TEST_TIMER="0.25")
     w1 = fleet.start("w1@%h")
     wait_for(lambda: len(records.of("timer")) >= 3, 30, what="timers as the ACL user")
@@ -109,7 +109,7 @@ def test_a_worker_and_status_run_as_the_readme_acl_user(
 
 def test_scripts_do_not_fail_half_way_when_publish_is_refused(redis_server: RedisServer) -> None:
     """Announcements are best effort: the lease is taken, renewed and released all the same."""
-    url = create_user(redis_server, readme_acl_line(), "-publish")
+    url = create_user(redis_server, docs_acl_line(), "-publish")
     import redis
 
     client = redis.Redis.from_url(url)
@@ -132,7 +132,7 @@ def test_a_user_without_a_command_is_told_at_start_and_recovers(
     records: Records,
     missing: str,
 ) -> None:
-    url = create_user(redis_server, readme_acl_line(), f"-{missing}")
+    url = create_user(redis_server, docs_acl_line(), f"-{missing}")
     fleet = fleets("solo", STOKER_TEST_URL=url, STOKER_TEST_ACL_RECHECK="1")
     w1 = fleet.start("w1@%h").wait_ready()
 
@@ -180,7 +180,7 @@ def test_a_command_taken_away_while_leading_steps_down_and_both_recover(
     """EVALSHA revoked under a leader and a follower, then given back: no overlap, and
     both say ``ok`` again at once (the follower, whose wait moves with each of the new
     leader's renewals, kept showing the NOPERM error for as long as that leader led)."""
-    url = create_user(redis_server, readme_acl_line())
+    url = create_user(redis_server, docs_acl_line())
     fleet = fleets(
         "solo", STOKER_TEST_URL=url, STOKER_TEST_ACL_RECHECK="1", STOKER_TEST_TIMER="0.25"
     )
@@ -219,7 +219,7 @@ def test_reports_refused_while_leading_are_said_once(
     fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
 ) -> None:
     """LPUSH taken away: every event's report is refused; said once per end, not per event."""
-    url = create_user(redis_server, readme_acl_line())
+    url = create_user(redis_server, docs_acl_line())
     fleet = fleets("solo", STOKER_TEST_URL=url, STOKER_TEST_TIMER="0.25")
     w1 = fleet.start("w1@%h")
     wait_for(lambda: len(records.of("timer")) >= 2, 30, what="w1 leads")
@@ -249,7 +249,7 @@ def test_a_lease_channel_refused_by_the_acl_is_said_once_without_reconnecting(
     connection, AUTH and a refused SUBSCRIBE) every 0.5 s and at every lease
     command, forever, without a word of NOPERM.
     """
-    url = create_user(redis_server, readme_acl_line())
+    url = create_user(redis_server, docs_acl_line())
     fleet = fleets("solo", STOKER_TEST_URL=url, STOKER_TEST_TIMER="0.25")
     w1 = fleet.start("w1@%h")
     wait_for(lambda: len(records.of("timer")) >= 2, 30, what="w1 leads")
