@@ -292,9 +292,12 @@ def test_blackhole_drop_discards_bytes(redis_server: RedisServer, tcp_proxy: Mak
     with socket.create_connection(proxy.address, timeout=5) as raw:
         _wait_until(lambda: proxy.connection_count == 1)
         proxy.blackhole(drop=True)
-        raw.sendall(b"SET dropped 1\r\n")
-        # The server must never see the SET; poll its keyspace while the proxy drains it.
-        _wait_until(lambda: redis_server.client().dbsize() == 0)
+        command = b"SET dropped 1\r\n"
+        raw.sendall(command)
+        # Heal only once the proxy has read (and thrown away) the whole SET: waiting on
+        # the keyspace alone was true before the proxy read it, and a heal that came
+        # first let the SET through.
+        _wait_until(lambda: proxy.dropped_bytes >= len(command))
         proxy.heal()
         raw.sendall(b"ECHO after\r\n")
         assert raw.recv(100) == b"$5\r\nafter\r\n"  # first reply is ECHO's, not the SET's

@@ -52,6 +52,8 @@ class TcpProxy:
         self._blackholed = False
         self._drop = False
         self._held = False
+        #: Bytes read and thrown away while blackholed with ``drop=True``.
+        self._dropped = 0
         #: The sockets to the target (the other end of each pair is a client).
         self._upstreams: set[socket.socket] = set()
         self._stopping = False
@@ -68,6 +70,12 @@ class TcpProxy:
         """Live proxied connections (lets tests wait for a client to have connected)."""
         with self._lock:
             return len(self._pairs) // 2
+
+    @property
+    def dropped_bytes(self) -> int:
+        """Bytes discarded by ``blackhole(drop=True)`` so far (lets a test wait for a drop)."""
+        with self._lock:
+            return self._dropped
 
     def start(self) -> TcpProxy:
         self._thread.start()
@@ -217,7 +225,9 @@ class TcpProxy:
             data = b""
         if not data:  # EOF or error on one side: close both, as the proxy is transparent
             self._drop_pair(pair)
-        elif not self._drop:
+        elif self._drop:
+            self._dropped += len(data)
+        else:
             dst = pair.peer[src]
             pair.pending[dst] += data
             self._flush(pair, dst)
