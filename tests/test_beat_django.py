@@ -221,7 +221,8 @@ def test_admin_edits_a_cut_connection_and_a_kill_during_a_sync(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Two workers.  On the leader: an entry added, changed and disabled through the ORM is
-    picked up at its next tick; the server terminating its connections costs no period.
+    picked up at its next tick; the server terminating its connections costs no period,
+    nor does a database that refuses connections for a while (said once, not per tick).
     Then the leader is SIGKILLed while its sync waits for a row lock (the test holds it):
     the period it was about to send goes out once, from the next leader, and the
     follower ran no statement on the schedule tables before it led.
@@ -270,6 +271,23 @@ def test_admin_edits_a_cut_connection_and_a_kill_during_a_sync(
         10,
         what="three heartbeats after the connections were cut",
     )
+
+    # The database refuses connections for a while: beat sends on from memory, and says
+    # so once (django-celery-beat's tracebacks at every tick: once a minute).
+    outage_at = time.time()
+    database.refuse_connections()
+    wait_for(
+        lambda: len([s for s in sends(client, "heartbeat") if s.at > outage_at]) >= 3,
+        10,
+        what="three heartbeats while the database refuses connections",
+    )
+    database.refuse_connections(False)
+    release_orm()  # the test's own connection was ended too
+    wait_for(lambda: "last_run_at stored again" in w1.log(), 10, what="the store back")
+    log = w1.log()
+    assert log.count("could not store last_run_at of heartbeat") == 1, log[-4000:]
+    assert log.count("Database error while sync") <= 1, log[-4000:]
+    assert log.count("Database gave error") <= 1, log[-4000:]
 
     # SIGKILL while the sync before a send waits for a row lock the test holds.
     lock = database.connect()

@@ -18,11 +18,12 @@ What :class:`LeaderScheduler` adds to the chosen class (it is mixed in, so the
 scheduler's own code runs unchanged):
 
 * it stores an entry's new ``last_run_at`` *before* the task is sent
-  (``sync()`` right after ``reserve()``): a leader killed between the two
-  loses that run rather than have its successor send it again.  RedBeat
-  stores it there already; ``DatabaseScheduler`` would otherwise write it
-  every three minutes (``sync_every``), so a crash resent everything sent
-  since;
+  (``sync()`` right after ``reserve()``; for ``DatabaseScheduler`` the
+  entry's row is written there and a failed write is said and kept for the
+  next sync): a leader killed between the two loses that run rather than
+  have its successor send it again.  RedBeat stores it there already;
+  ``DatabaseScheduler`` would otherwise write it every three minutes
+  (``sync_every``), so a crash resent everything sent since;
 * it sends nothing once the term ended and wakes from its wait at once, so a
   stepping-down leader stops in milliseconds; ``close()`` (a last ``sync()``)
   runs on the beat thread before ``leader_stopping`` returns, so before the
@@ -35,6 +36,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -220,6 +222,33 @@ def release_thread_connections() -> None:
         logger.debug("closing the beat thread's database connections: %r", exc)
 
 
+class _OncePerMinute(logging.Filter):
+    """A django-celery-beat warning or error said at most once a minute per beat thread.
+
+    ``DatabaseScheduler`` logs a traceback at every tick and every sync while
+    its database is unreachable (each second or few); on a beat thread of
+    ours the first of each kind passes, and the same kind again a minute
+    later, and :meth:`LeaderScheduler._say_store` says what it means.
+    """
+
+    QUIET_FOR = 60.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        thread = threading.current_thread()
+        if record.levelno < logging.WARNING or not thread.name.startswith("stoker-beat:"):
+            return True
+        said: dict[str, float] = thread.__dict__.setdefault("stoker_said", {})
+        now = time.monotonic()
+        key = str(record.msg)
+        if now - said.get(key, -self.QUIET_FOR) < self.QUIET_FOR:
+            return False
+        said[key] = now
+        return True
+
+
+logging.getLogger("django_celery_beat.schedulers").addFilter(_OncePerMinute())
+
+
 class LeaderScheduler(beat.Scheduler):
     """Mixed in before the chosen scheduler class by :func:`leader_class`; see the module docstring.
 
@@ -273,8 +302,34 @@ class LeaderScheduler(beat.Scheduler):
         if self._term_stopped.is_set():
             raise TermEnded()
         new_entry = super().reserve(entry)
-        self.sync()
+        self._store(new_entry)
         return new_entry
+
+    def _store(self, entry: Any) -> None:
+        """Store what :meth:`reserve` advanced: the scheduler's own ``sync``."""
+        self.sync()
+
+    _store_down = False
+
+    def _say_store(self, unstored: str | None, exc: BaseException | None = None) -> None:
+        """Say once when ``last_run_at`` could not be stored, and once when it is again.
+
+        The send goes ahead from memory, as under ``celery beat``; what that
+        costs is ours to say: a crash before the store answers may send the
+        runs sent meanwhile again.
+        """
+        if unstored is not None and not self._store_down:
+            self._store_down = True
+            logger.warning(
+                "beat: could not store last_run_at of %s (%s: %s); sending from memory until "
+                "the schedule's store answers (a crash before then may send these runs again)",
+                unstored,
+                exc.__class__.__name__,
+                exc,
+            )
+        elif unstored is None and self._store_down:
+            self._store_down = False
+            logger.info("beat: last_run_at stored again; the schedule's store answers")
 
     def close(self) -> None:
         """Sync and close as the scheduler does; then drop django-celery-beat's exit hook.
@@ -291,6 +346,34 @@ class LeaderScheduler(beat.Scheduler):
                 finalize.cancel()
 
 
+class _LeaderDatabaseScheduler(LeaderScheduler):
+    """What django-celery-beat's ``DatabaseScheduler`` needs on top of :class:`LeaderScheduler`.
+
+    Its ``sync`` logs a database error and forgets the entry whose write
+    failed (popped from ``_dirty``, never put back), so the store could not
+    tell a failed write from a done one: the reserved entry is written here,
+    the error caught, and the entry kept dirty for the next ``sync``.
+    """
+
+    _dirty: set[str]
+
+    def _store(self, entry: Any) -> None:
+        from django.core.exceptions import ObjectDoesNotExist
+        from django.db import DatabaseError, InterfaceError, close_old_connections
+
+        try:
+            close_old_connections()  # as sync() does: drop a connection the server ended
+            entry.save()
+        except (DatabaseError, InterfaceError) as exc:
+            self._say_store(entry.name, exc)  # kept in _dirty: the next sync retries it
+            return
+        except ObjectDoesNotExist:
+            pass  # deleted since the schedule was read: nothing to store, the reload drops it
+        self._dirty.discard(entry.name)
+        self.sync()  # what an earlier failure left
+        self._say_store(None)
+
+
 _leader_classes: dict[type[beat.Scheduler], type[LeaderScheduler]] = {}
 _leader_classes_lock = threading.Lock()
 
@@ -299,12 +382,15 @@ def leader_class(cls: type[beat.Scheduler]) -> type[LeaderScheduler]:
     """``cls`` with :class:`LeaderScheduler` mixed in before it (one class per scheduler)."""
     if issubclass(cls, LeaderScheduler):
         return cls
+    leader: type[LeaderScheduler] = (
+        _LeaderDatabaseScheduler if is_django_database(cls) else LeaderScheduler
+    )
     with _leader_classes_lock:
         made = _leader_classes.get(cls)
         if made is None:
             made = type(
                 f"Leader{cls.__name__}",
-                (LeaderScheduler, cls),
+                (leader, cls),
                 {"__module__": __name__, "__doc__": f"{_qualname(cls)} on the leader."},
             )
             _leader_classes[cls] = made

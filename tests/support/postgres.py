@@ -102,6 +102,20 @@ class PostgresDatabase:
         """A connection of the test's own (autocommit), e.g. to hold a row lock."""
         return _connect(self.name)
 
+    def refuse_connections(self, refuse: bool = True) -> None:
+        """The server refuses (or accepts again) connections to this database, ending those open.
+
+        As a database that went away looks to its clients: every query fails,
+        every new connection is refused, and the rest of the server is untouched.
+        """
+        with _connect() as conn:
+            conn.execute(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS {not refuse}')
+            if refuse:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (self.name,),
+                )
+
     def close(self) -> None:
         with contextlib.suppress(Exception), _connect() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
