@@ -64,6 +64,8 @@ DATABASES = {
         # is replaced instead of failing a tick.
         "CONN_MAX_AGE": 60,
         "CONN_HEALTH_CHECKS": True,
+        # A database that stops answering must fail a connect, not hang the beat thread.
+        "OPTIONS": {"connect_timeout": 5},
     }
 }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -7,8 +7,9 @@ top of the example, unchanged, this records:
 
 * ``rec:sent``: every send of ``example_django.heartbeat``, by the process and
   thread that published it, with its django-celery-beat entry;
-* ``rec:schedule_sql``: every SQL statement on django-celery-beat's tables,
-  with the process and thread that ran it (followers must run none);
+* ``rec:sql``: every SQL statement a worker runs, with the thread that ran it,
+  the task it ran in (if any) and whether it touched django-celery-beat's
+  tables: outside a task, only the leader's beat thread may run any;
 * ``rec:other``: the events of a second Stoker, ``tests.other``, so a test can
   see the worker carry on with its other Stokers while beat cannot run.
 
@@ -21,6 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from celery import current_task
 from django.db.backends.signals import connection_created
 
 from celery_stoker import Stoker, stoker
@@ -39,22 +41,24 @@ records = Records(app.conf.broker_url)
 records.record_sends(lambda name: name == TASK)
 
 
-def _record_schedule_sql(
+def _record_sql(
     execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
 ) -> Any:
-    if "django_celery_beat" in sql:
-        records.record(
-            "schedule_sql",
-            host=records.hostname,
-            thread=threading.current_thread().name,
-            sql=sql[:60],
-        )
+    task = current_task.name if current_task else None
+    records.record(
+        "sql",
+        host=records.hostname,
+        thread=threading.current_thread().name,
+        task=task,
+        schedule="django_celery_beat" in sql,
+        sql=sql[:60],
+    )
     return execute(sql, params, many, context)
 
 
 def _watch(sender: Any, connection: Any, **kwargs: Any) -> None:
-    if _record_schedule_sql not in connection.execute_wrappers:
-        connection.execute_wrappers.append(_record_schedule_sql)
+    if _record_sql not in connection.execute_wrappers:
+        connection.execute_wrappers.append(_record_sql)
 
 
 connection_created.connect(_watch, weak=False)
