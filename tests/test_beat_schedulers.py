@@ -163,6 +163,21 @@ def test_nothing_is_sent_or_advanced_once_the_term_ended() -> None:
     assert issubclass(TermEnded, SystemExit)  # Service.start's clean stop
 
 
+def test_a_term_that_ends_while_the_write_waits_sends_nothing() -> None:
+    """A handoff while the store is slow: the worker lives on, the next leader sends."""
+    term = Term()
+    scheduler = leader(term)
+
+    def slow_sync() -> None:
+        scheduler.calls.append("sync")
+        term.ended = True  # the term ends while the write is under way
+
+    scheduler.sync = slow_sync
+    with pytest.raises(TermEnded):
+        scheduler.tick()
+    assert scheduler.calls == ["sync"]
+
+
 def test_leader_classes_put_the_leader_first_once_per_scheduler() -> None:
     cls = leader_class(RedBeatScheduler)
     assert cls.__mro__[1:3] == (LeaderScheduler, RedBeatScheduler)

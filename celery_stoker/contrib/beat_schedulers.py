@@ -303,6 +303,11 @@ class LeaderScheduler(beat.Scheduler):
             raise TermEnded()
         new_entry = super().reserve(entry)
         self._store(new_entry)
+        if self._term_stopped.is_set():
+            # The term ended while the write waited (a lock, a slow store): the worker
+            # may live on (a handoff, a drain) and the next leader may already send.
+            # The run was stored as sent and is skipped; it is never sent twice.
+            raise TermEnded()
         return new_entry
 
     def _store(self, entry: Any) -> None:
