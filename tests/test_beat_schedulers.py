@@ -63,6 +63,20 @@ def test_a_scheduler_that_cannot_be_imported_is_named_with_the_choices() -> None
     assert "beat_scheduler='celery.beat:NoSuchScheduler' cannot be imported" in message
 
 
+def test_the_django_alias_names_django_celery_beats_scheduler() -> None:
+    """``-S django`` works for celery beat through an entry point; the setting does too."""
+    pytest.importorskip("django_celery_beat", reason="pip install -e '.[test]' brings it")
+    from support.postgres import use_orm
+
+    use_orm()  # Django set up in this process (no database is touched)
+    from django_celery_beat.schedulers import DatabaseScheduler
+
+    assert resolve(make_app(beat_scheduler="django")) is DatabaseScheduler
+    assert resolve(make_app(beat_scheduler="django_celery_beat.schedulers:DatabaseScheduler")) is (
+        DatabaseScheduler
+    )
+
+
 def test_something_that_is_not_a_scheduler_is_refused() -> None:
     message = refusal(make_app(beat_scheduler="celery.beat:Service"))
     assert "beat_scheduler='celery.beat:Service' is <class 'celery.beat.Service'>" in message

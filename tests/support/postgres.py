@@ -121,14 +121,17 @@ class PostgresDatabase:
             conn.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
 
 
-def use_orm(db: PostgresDatabase) -> None:
-    """Point this process's Django ORM at ``db`` (set Django up on the first call)."""
+def use_orm(db: PostgresDatabase | None = None) -> None:
+    """Point this process's Django ORM at ``db`` (set Django up on the first call).
+
+    Without ``db``, Django is set up (models importable) and nothing is connected.
+    """
     import django
     from django.conf import settings
 
     database = {
         "ENGINE": "django.db.backends.postgresql",
-        "NAME": db.name,
+        "NAME": db.name if db is not None else "not_connected",
         "HOST": HOST,
         "PORT": str(PORT),
         "USER": USER,
