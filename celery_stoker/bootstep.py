@@ -134,6 +134,7 @@ class StokerStep(bootsteps.StartStopStep):
         for name, spec in self.registry.items():
             try:
                 self.settings[name] = load_settings(self.app.conf, spec.options)
+                spec.cls.check_settings(self.app)
             except StokerConfigurationError as exc:
                 raise StokerConfigurationError(f"Stoker {name!r}: {exc}") from None
         if without_gossip:

@@ -95,18 +95,36 @@ def setting_name(conf: Any, key: str) -> str:
     prefix = _namespace(conf)
     if prefix is None:
         return key
-    prefixed = prefix + key.upper() if prefix.isupper() else prefix + key
-    maps = list(getattr(conf, "maps", None) or [])[:-1]  # the last is Celery's defaults
-
-    def written(name: str) -> bool:
-        try:
-            return any(name in m for m in maps)
-        except Exception:
-            return False
-
-    if written(key) and not written(prefixed):
+    prefixed = _prefixed(prefix, key)
+    if _written(conf, key) and not _written(conf, prefixed):
         return key
     return prefixed
+
+
+def _prefixed(prefix: str, key: str) -> str:
+    return prefix + key.upper() if prefix.isupper() else prefix + key
+
+
+def _written(conf: Any, name: str) -> bool:
+    """Whether the user's configuration holds ``name`` itself (not Celery's default for it)."""
+    maps = getattr(conf, "maps", None)
+    # A finalized Celery conf is a chain whose last map is Celery's defaults.
+    sources = list(maps)[:-1] if maps else [conf]
+    try:
+        return any(name in source for source in sources)
+    except Exception:
+        return False
+
+
+def is_set(conf: Any, key: str) -> bool:
+    """Whether the user set ``key`` (plainly or under the app's namespace), default or not.
+
+    Some of Celery's defaults mean "nothing chosen" to us: ``beat_scheduler``
+    defaults to ``celery.beat:PersistentScheduler``, and beat on the leader reads
+    an unset one as RedBeat, while a written one is the user's choice.
+    """
+    prefix = _namespace(conf)
+    return _written(conf, key) or (prefix is not None and _written(conf, _prefixed(prefix, key)))
 
 
 @dataclass(frozen=True)
@@ -322,12 +340,7 @@ def check_state_serializer(conf: Any) -> str:
             f"{sorted(registry._encoders)}"
         )
     allow_name = setting_name(conf, "stoker_state_allow_unsafe_serializer")
-    allow = conf.get("stoker_state_allow_unsafe_serializer")
-    if allow is not None and not isinstance(allow, bool):
-        raise StokerConfigurationError(
-            f"{allow_name}={allow!r} must be True or False; convert a value read from the "
-            "environment to a bool first (the string 'false' is truthy)"
-        )
+    allow = check_flag(conf, "stoker_state_allow_unsafe_serializer")
     content_type = registry._encoders[serializer][0]
     if content_type in UNSAFE_CONTENT_TYPES and not allow:
         raise StokerConfigurationError(
@@ -337,6 +350,32 @@ def check_state_serializer(conf: Any) -> str:
             "everyone who can write to that Redis"
         )
     return str(serializer)
+
+
+def check_flag(conf: Any, key: str) -> bool:
+    """An opt-in setting: True or False (unset: False), never a string that looks like one."""
+    value = conf.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise StokerConfigurationError(
+            f"{setting_name(conf, key)}={value!r} must be True or False; convert a value read "
+            "from the environment to a bool first (the string 'false' is truthy)"
+        )
+    return value
+
+
+def check_beat_allow_local_scheduler(conf: Any) -> bool:
+    """``stoker_beat_allow_local_scheduler``: beat on the leader may keep its schedule locally.
+
+    Celery's ``PersistentScheduler`` keeps ``last_run_at`` in a file on the
+    leader's disk (and the bare ``celery.beat.Scheduler`` in its memory): after
+    leadership moves, the new leader starts from its own file, or from nothing,
+    and sends again what the old one sent, or skips what it did not.  So
+    ``contrib.beat`` refuses such a scheduler at worker start unless this is
+    True (read by :func:`celery_stoker.contrib.beat_schedulers.resolve`).
+    """
+    return check_flag(conf, "stoker_beat_allow_local_scheduler")
 
 
 def check_min_replicas(conf: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> int:

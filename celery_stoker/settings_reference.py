@@ -118,6 +118,17 @@ SETTINGS: tuple[Setting, ...] = (
         "production:Security",
     ),
     Setting(
+        "stoker_beat_allow_local_scheduler",
+        "a bool",
+        "``False``",
+        "``True`` lets beat on the leader run a scheduler that keeps its state on the "
+        "leader alone (``beat_scheduler`` set to Celery's ``PersistentScheduler``, a file, "
+        "or ``celery.beat.Scheduler``, memory); without it the worker stops at start, "
+        "naming both settings. Each leader then starts from its own copy: after leadership "
+        "moves, runs may be sent again or skipped.",
+        "beat:Beat on the leader",
+    ),
+    Setting(
         "stoker_soft_time_limit",
         "seconds above 0, or ``None``",
         "none",

@@ -65,6 +65,16 @@ class Stoker:
         """Seconds until the next ``timer`` event, or None for no timer."""
         return None
 
+    @classmethod
+    def check_settings(cls, app: Any) -> None:
+        """Check this Stoker's own settings when a worker starts, before any election.
+
+        Raise ``StokerConfigurationError`` naming the setting and the fix: the
+        worker then stops at start, as it does for a bad ``stoker_*`` value.
+        Every worker runs it, followers too, in its main process: read the
+        configuration here, touch no external store.
+        """
+
     # In-process hooks: for work that must live in the worker's main process for
     # the whole term (a thread such as the beat service, a socket), where a pool
     # task cannot keep it.  They run on the activator's thread and must be quick.

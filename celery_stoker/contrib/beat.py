@@ -1,10 +1,12 @@
-"""Beat on the leader: Celery's beat service, with RedBeat, inside the leader worker only.
+"""Beat on the leader: Celery's beat service inside the leader worker only, with any scheduler.
 
 ``install(app)`` registers a ready Stoker (``celery_stoker.beat``).  Whichever
-worker holds its lease runs ``celery.beat.Service`` with
-:class:`redbeat.RedBeatScheduler`, so no separate ``celery beat`` process is
-needed and a crashed scheduler is replaced within one lease TTL plus one renew
-interval instead of RedBeat's lock timeout.
+worker holds its lease runs ``celery.beat.Service`` with the scheduler
+``beat_scheduler`` names (RedBeat when it is unset; django-celery-beat's
+``DatabaseScheduler``; any scheduler whose state lives outside the worker:
+``beat_schedulers.py`` chooses and checks it), so no separate ``celery beat``
+process is needed and a crashed scheduler is replaced within one lease TTL
+plus one renew interval.
 
 Why the in-process hooks: Stoker callbacks (``init``/``event``) run as tasks in
 the pool, which may be a prefork child that can be recycled at any time and
@@ -12,13 +14,16 @@ that a thread cannot outlive.  The beat service is a long-lived thread, so it
 starts in :meth:`BeatStoker.leader_started` and stops in
 :meth:`BeatStoker.leader_stopping`, both run in the worker's main process on
 the activator's thread, the first before ``now_leader`` is sent and the second
-before ``shutdown`` runs and the lease is released.
+before ``shutdown`` runs and the lease is released.  A follower builds no
+scheduler and so never reads or writes the schedule's store.
 
-Why RedBeat: the schedule's ``last_run_at`` must outlive the leader.  RedBeat
-keeps it in Redis and advances it *before* it sends a due task, so a new
-leader carries on from where the old one stopped: across a clean handover no
-run is sent twice or skipped, and after a crash at most the runs due while
-nobody led are folded into one late run.
+Why the scheduler's store matters: the schedule's ``last_run_at`` must outlive
+the leader.  The scheduler stores it before it sends a due task
+(:class:`~celery_stoker.contrib.beat_schedulers.LeaderScheduler`), and the
+term's beat thread closes the scheduler (a last sync) before the lease is
+released, so a new leader carries on from where the old one stopped: across a
+clean handover no run is sent twice or skipped, and after a crash at most the
+runs due while nobody led are folded into one late run.
 
 Why RedBeat's own lock is off: the lease already guarantees one scheduler at a
 time.  RedBeat's lock would only add a second, slower election: after a crash
@@ -29,18 +34,28 @@ the new leader's beat would block on the dead leader's lock until its timeout
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from celery import beat
-from redbeat import RedBeatScheduler
 
 from ..connection import mask_url, url_scheme
 from ..registry import StokerRegistrationError, stoker
 from ..settings import StokerConfigurationError, load_settings
 from ..stoker import Stoker
+from .beat_schedulers import (
+    LeaderScheduler,
+    check_store,
+    hint,
+    is_redbeat,
+    leader_class,
+    release_thread_connections,
+    resolve,
+    store_of,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -50,95 +65,107 @@ logger = logging.getLogger("celery_stoker.beat")
 #: The name :func:`install` registers the Stoker under.
 DEFAULT_NAME = "celery_stoker.beat"
 #: Longest ``leader_stopping`` waits for the beat thread.  It normally stops at
-#: once (its sleep is interruptible); only a Redis or broker call that hangs can
-#: hold it, and then it can no longer send (see :meth:`LeaderScheduler.maybe_due`).
+#: once (its sleep is interruptible); only a store or broker call that hangs can
+#: hold it, and then it can no longer send (see :meth:`LeaderScheduler.reserve`).
 STOP_TIMEOUT = 5.0
-#: Backoff between restarts of a beat service that raised (e.g. Redis went away).
+#: Backoff between restarts of a beat service that raised (e.g. its store went away).
 RESTART_BACKOFF_START = 0.5
 RESTART_BACKOFF_MAX = 10.0
 
 
-class _TermEnded(SystemExit):
-    """Raised inside the beat loop once the term is over.
+class _QuietRestarts(logging.Filter):
+    """Drops Celery's "beat: Starting..." when a runner restarts a failed service.
 
-    ``celery.beat.Service.start`` treats ``SystemExit`` as a clean stop (it
-    closes the scheduler and returns), which is exactly what ending a term is.
+    The runner says a failure and the recovery itself; Celery's line at each
+    restart (every 10 s through an outage) would be noise.  Only on a beat
+    thread whose runner marked it restarting.
     """
 
+    def filter(self, record: logging.LogRecord) -> bool:
+        restarting = getattr(threading.current_thread(), "stoker_restarting", False)
+        return not (restarting and record.msg == "beat: Starting...")
 
-class LeaderScheduler(RedBeatScheduler):
-    """RedBeat without its lock, that sends only during its term and sleeps interruptibly.
 
-    ``stopped`` is set when the term ends.  From then on nothing more is sent
-    (checked before each due entry, before RedBeat advances ``last_run_at``),
-    the wait between ticks returns at once and the next tick ends the service.
-    """
-
-    def __init__(self, app: Any, *, stopped: threading.Event, **kwargs: Any) -> None:
-        self._stopped = stopped
-        super().__init__(app, **kwargs)
-        # The lease is the lock; RedBeat's would block a new leader after a crash.
-        self.lock_key = None
-
-    def tick(self, *args: Any, **kwargs: Any) -> float:
-        """One pass over the due entries, then wait for the next one (or for the term's end).
-
-        ``Service.start`` sleeps with ``time.sleep``, which nothing can
-        interrupt; waiting here on the term's event instead lets a stepping-down
-        leader stop beat in milliseconds, so the next leader starts at once.
-        """
-        if self._stopped.is_set():
-            raise _TermEnded()
-        interval = float(super().tick(*args, **kwargs) or 0.0)
-        if interval > 0:
-            self._stopped.wait(interval)
-        return 0.0
-
-    def maybe_due(self, entry: Any, **kwargs: Any) -> Any:
-        """Send ``entry`` if due, unless the term ended meanwhile."""
-        if self._stopped.is_set():
-            return None
-        return super().maybe_due(entry, **kwargs)
+logging.getLogger("celery.beat").addFilter(_QuietRestarts())
 
 
 class _LeaderService(beat.Service):
-    """``celery.beat.Service`` built around a :class:`LeaderScheduler` for one term."""
+    """``celery.beat.Service`` built around the term's :class:`LeaderScheduler`."""
 
-    def __init__(self, app: Celery, stopped: threading.Event, max_interval: float | None) -> None:
-        super().__init__(app, max_interval=max_interval)
+    def __init__(
+        self,
+        app: Celery,
+        scheduler_cls: type[LeaderScheduler],
+        stopped: threading.Event,
+        on_tick: Any,
+        max_interval: float | None,
+    ) -> None:
+        super().__init__(app, max_interval=max_interval, scheduler_cls=scheduler_cls)
         # The worker answers remote control itself (Celery's EmbeddedService does the same).
         self.remote_control = False
         self._term_stopped = stopped
+        self._on_tick = on_tick
 
     def get_scheduler(self, lazy: bool = False, extension_namespace: str = "") -> LeaderScheduler:
-        return LeaderScheduler(
-            self.app, stopped=self._term_stopped, max_interval=self.max_interval, lazy=lazy
+        cls: type[LeaderScheduler] = self.scheduler_cls
+        return cls(
+            self.app,
+            stopped=self._term_stopped,
+            on_tick=self._on_tick,
+            max_interval=self.max_interval,
+            schedule_filename=self.schedule_filename,
+            lazy=lazy,
         )
 
 
 class BeatRunner:
-    """The beat service of one leadership term, on a named thread of the worker's main process."""
+    """The beat service of one leadership term, on a named thread of the worker's main process.
 
-    def __init__(self, app: Celery, name: str, token: int) -> None:
+    A service that raises is started again with backoff (0.5 s doubling to
+    10 s) for as long as the term lasts.  A new cause of failure is said at
+    once (WARNING, with what to do when it is known, e.g. a database that was
+    never migrated), the same one again at 2, 4, 8... failed starts (INFO,
+    so an hour-long outage costs a handful of lines), and the first tick that
+    works again at INFO.
+    """
+
+    def __init__(
+        self, app: Celery, name: str, token: int, scheduler_cls: type[LeaderScheduler]
+    ) -> None:
         self.app = app
+        self.scheduler_cls = scheduler_cls
         self.stopped = threading.Event()
         self.service: _LeaderService | None = None
         self.thread = threading.Thread(target=self._run, name=f"stoker-beat:{name}", daemon=True)
         self.token = token
+        self._failures = 0
+        self._cause: tuple[str, str] | None = None
 
     def start(self) -> None:
         self.thread.start()
 
     def _run(self) -> None:
         self.app.set_current()
+        try:
+            self._serve()
+        finally:
+            release_thread_connections()
+
+    def _serve(self) -> None:
         backoff = RESTART_BACKOFF_START
         while not self.stopped.is_set():
             service = _LeaderService(
-                self.app, self.stopped, self.app.conf.get("beat_max_loop_interval")
+                self.app,
+                self.scheduler_cls,
+                self.stopped,
+                self._ticked,
+                self.app.conf.get("beat_max_loop_interval"),
             )
             self.service = service
             started = time.monotonic()
             try:
+                check_store(self.scheduler_cls)
+                self.thread.stoker_restarting = self._failures > 0  # type: ignore[attr-defined]
                 service.start()
                 return  # a clean stop: the term ended
             except Exception as exc:
@@ -146,15 +173,50 @@ class BeatRunner:
                     return
                 if time.monotonic() - started > 60:
                     backoff = RESTART_BACKOFF_START
-                logger.warning(
-                    "beat (token %d) stopped on %s: %s; restarting in %.1f s",
-                    self.token,
-                    exc.__class__.__name__,
-                    exc,
-                    backoff,
-                )
+                self._failed(exc, backoff)
                 self.stopped.wait(backoff)
                 backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
+
+    def _failed(self, exc: Exception, backoff: float) -> None:
+        """Say a failed start: a new cause at once, a repeat at 2, 4, 8... failed starts.
+
+        Two failures are the same cause when they differ only in numbers (a
+        timestamp, a port, a pid in the message).
+        """
+        self._failures += 1
+        cause = (exc.__class__.__name__, re.sub(r"\d+", "#", str(exc)))
+        if cause != self._cause:
+            self._cause = cause
+            logger.warning(
+                "beat (token %d) stopped on %s: %s%s; restarting in %.1f s, with backoff "
+                "while it fails",
+                self.token,
+                cause[0],
+                exc,
+                hint(exc),
+                backoff,
+            )
+            return
+        failures = self._failures
+        log = logger.info if failures & (failures - 1) == 0 else logger.debug
+        log(
+            "beat (token %d) still failing after %d starts (%s); next start in %.1f s",
+            self.token,
+            failures,
+            cause[0],
+            backoff,
+        )
+
+    def _ticked(self) -> None:
+        """A tick went through: say so once if the service had been failing."""
+        if self._failures:
+            logger.info(
+                "beat (token %d) running again after %d failed start(s)",
+                self.token,
+                self._failures,
+            )
+            self._failures = 0
+            self._cause = None
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
         """End the term's beat and wait for its thread; False if it did not stop in time."""
@@ -191,7 +253,7 @@ def default_redbeat_url(app: Celery, options: Mapping[str, Any] | None = None) -
 
 
 class BeatStoker(Stoker):
-    """Runs Celery's beat (with RedBeat) on the leader worker; see the module docstring.
+    """Runs Celery's beat on the leader worker, with ``beat_scheduler``'s scheduler; see above.
 
     The stored state says which worker ran beat in which term, so
     ``celery stoker status`` and ``dump()`` show it.
@@ -203,6 +265,11 @@ class BeatStoker(Stoker):
     options: ClassVar[Mapping[str, Any]] = {}
 
     _runner: BeatRunner | None = None
+
+    @classmethod
+    def check_settings(cls, app: Any) -> None:
+        """At worker start: ``beat_scheduler`` names a scheduler that can move with the lease."""
+        resolve(app)
 
     def init(self) -> dict[str, Any]:
         return {"terms": 0, "host": None, "token": None, "since": None}
@@ -220,19 +287,28 @@ class BeatStoker(Stoker):
     def leader_started(self) -> None:
         """Start this term's beat thread (quick: the scheduler is built on that thread)."""
         self._stop_runner("a new term began")
-        default_redbeat_url(self.app, self.options)
-        runner = BeatRunner(self.app, self.context.name, self.context.token)
+        scheduler = resolve(self.app)
+        if is_redbeat(scheduler):
+            default_redbeat_url(self.app, self.options)
+        runner = BeatRunner(
+            self.app, self.context.name, self.context.token, leader_class(scheduler)
+        )
         self._runner = runner
         runner.start()
         logger.info(
-            "beat started on %s (token %d), schedule in %s",
+            "beat started on %s (token %d) with %s",
             self.context.hostname,
             self.context.token,
-            mask_url(self.app.conf.get("redbeat_redis_url")),
+            store_of(self.app, scheduler),
         )
 
     def leader_stopping(self, reason: str) -> None:
-        """Stop this term's beat and return only once it can send nothing more."""
+        """Stop this term's beat and return only once it can send nothing more.
+
+        The beat thread closes its scheduler on the way out, which stores the
+        last ``last_run_at`` (a sync): this returns before ``shutdown`` and the
+        release of the lease, so the next leader reads it.
+        """
         self._stop_runner(reason)
 
     def _stop_runner(self, reason: str) -> None:
@@ -243,7 +319,7 @@ class BeatStoker(Stoker):
             logger.info("beat stopped (token %d, %s)", runner.token, reason)
         else:
             logger.error(
-                "beat thread of token %d still busy after %.0f s (a Redis or broker call "
+                "beat thread of token %d still busy after %.0f s (a store or broker call "
                 "hangs); it sends nothing more",
                 runner.token,
                 STOP_TIMEOUT,
@@ -254,11 +330,13 @@ def install(app: Celery, name: str = DEFAULT_NAME, **options: Any) -> type[BeatS
     """Run ``app``'s beat schedule on the leader of the fleet; returns the registered Stoker.
 
     ``options`` may override ``lease_ttl``, ``renew_interval`` and
-    ``key_prefix`` for this Stoker, as with ``@stoker``.  The schedule comes
-    from ``app.conf.beat_schedule`` and RedBeat's dynamic entries; RedBeat
-    settings (``redbeat_key_prefix`` ...) apply as usual, except its lock,
-    which the lease replaces.  Do not also run ``celery beat`` or ``worker -B``
-    for this app: they would send every entry a second time.
+    ``key_prefix`` for this Stoker, as with ``@stoker``.  The scheduler is the
+    one ``beat_scheduler`` names (RedBeat when unset), checked when a worker
+    starts; the schedule is ``app.conf.beat_schedule`` plus the scheduler's
+    own entries (RedBeat's dynamic ones, django-celery-beat's rows), and the
+    scheduler's settings apply as usual, except RedBeat's lock, which the
+    lease replaces.  Do not also run ``celery beat`` or ``worker -B`` for this
+    app: they would send every entry a second time.
     """
     if not hasattr(app, "conf"):
         raise StokerRegistrationError(f"install() takes a Celery app, got {app!r}")
@@ -279,7 +357,9 @@ def install(app: Celery, name: str = DEFAULT_NAME, **options: Any) -> type[BeatS
         default_redbeat_url(app, options)
 
     # Client processes (that add RedBeat entries) should find the same Redis as
-    # the workers: set the default once the app is configured and finalized.
+    # the workers: set the default once the app is configured and finalized (a
+    # RedBeat setting only: harmless with another scheduler, and reading
+    # beat_scheduler here could import a Django model before Django is set up).
     if app.finalized:
         default_redbeat_url(app, options)
     else:
