@@ -23,11 +23,12 @@ import redis
 from .access import AccessCheck
 from .copies import StateCopy, copies
 from .delivery import EventDelivery
-from .dispatch import EventCall, Outcome, run_event
+from .dispatch import EventCall, run_event
 from .election import REDIS_DOWN, Election
 from .lease import RedisLease, Term
 from .listener import LeaseListener
 from .metrics import NO_METRICS, MetricsHooks
+from .outcome import Outcome
 from .pump import EventPump, PendingEvent
 from .registry import StokerSpec, app_name
 from .settings import StokerSettings

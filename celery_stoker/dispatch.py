@@ -24,7 +24,6 @@ runs only a request that was admitted so (:data:`PERMIT_FIELD`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import mmap
@@ -35,7 +34,7 @@ import time
 import traceback
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import redis
@@ -47,6 +46,7 @@ from . import scripts
 from .connection import redis_client
 from .copies import StateCopy, copies
 from .keys import reports_key
+from .outcome import DISPATCH_TASK, Outcome
 from .registry import StokerSpec, registry_of
 from .settings import StokerSettings, load_settings
 from .stoker import Stoker, StokerContext
@@ -57,7 +57,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("celery_stoker.dispatch")
 
-DISPATCH_TASK = "celery_stoker.dispatch"
 #: How long an unconsumed event message may wait before Celery drops it; by then
 #: its term is long over and it would only be skipped.
 EVENT_MESSAGE_EXPIRES = 3600
@@ -109,59 +108,6 @@ _UNREPLICATED = _WorkerFlags()
 _REPORT_REFUSED = _WorkerFlags()
 #: Said once per process: dispatch messages refused where no pump runs, or in the pool.
 _SAID: set[str] = set()
-
-
-#: What became of an event: ``ok`` (ran, no error), ``error`` (a callback raised,
-#: or its state could not be stored), ``lost`` (the pool process running it died)
-#: and ``timeout`` (a hard time limit killed it).
-OUTCOMES = ("ok", "error", "lost", "timeout")
-
-
-@dataclass
-class Outcome:
-    """What running one event did; sent back to the leader's pump as JSON."""
-
-    seq: int
-    token: int
-    ran: bool
-    name: str = ""
-    committed: bool = False
-    #: The commit was refused because another commit came after this event read
-    #: the state (a late event): nothing was written.
-    stale: bool = False
-    next_timer: float | None = None
-    timer_error: bool = False
-    error: str | None = None
-    #: ``init()`` raised: the event never reached the Stoker and is sent again later.
-    init_failed: bool = False
-    #: The stored state could not be read (another serializer wrote it, or foreign
-    #: bytes): no callback ran, nothing was written, and the same event is sent again
-    #: with backoff (``error`` says why and what to do).
-    unreadable: bool = False
-    #: One of :data:`OUTCOMES`.
-    kind: str = "ok"
-    #: Seconds the callbacks took, measured where they ran.
-    runtime: float | None = None
-    # No copy of the state: the worker keeps its own (``copies.py``), so a state costs
-    # one read and one write in Redis per event, not two of each.
-
-    @property
-    def failed(self) -> bool:
-        """True for an event that counts toward ``max_failures``."""
-        return self.kind != "ok"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, raw: bytes | str) -> Outcome | None:
-        """Parse a report; None for anything that is not one."""
-        try:
-            data = json.loads(raw)
-            fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-            return cls(**fields)
-        except (ValueError, TypeError, KeyError):
-            return None
 
 
 class _ProcessResources:

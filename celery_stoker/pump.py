@@ -50,7 +50,7 @@ from typing import Any, Protocol
 
 import redis
 
-from .dispatch import DISPATCH_TASK, Outcome
+from .outcome import DISPATCH_TASK, Outcome
 
 logger = logging.getLogger("celery_stoker.pump")
 

@@ -24,8 +24,8 @@ from support.redis_server import RedisServer
 from support.workers import ROOT, Fleet, Records, check_terms, wait_for
 
 from celery_stoker import handoff
-from celery_stoker.dispatch import Outcome
 from celery_stoker.metrics import INSTALL_HINT, outcome_label
+from celery_stoker.outcome import Outcome
 from celery_stoker.settings import (
     StokerConfigurationError,
     check_metrics_address,

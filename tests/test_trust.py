@@ -23,7 +23,8 @@ from support.redis_server import RedisServer
 from support.workers import Fleet, Records, check_terms, running_request, wait_for
 
 from celery_stoker import Stoker, stoker
-from celery_stoker.dispatch import DISPATCH_TASK, register_dispatch_task
+from celery_stoker.dispatch import register_dispatch_task
+from celery_stoker.outcome import DISPATCH_TASK
 from celery_stoker.testing import free_port
 
 pytestmark = pytest.mark.workers

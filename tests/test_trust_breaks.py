@@ -26,7 +26,7 @@ from support.workers import (
     wait_for,
 )
 
-from celery_stoker.dispatch import DISPATCH_TASK
+from celery_stoker.outcome import DISPATCH_TASK
 from celery_stoker.testing import free_port
 
 pytestmark = pytest.mark.workers

@@ -22,7 +22,8 @@ import itertools
 from collections.abc import Iterable
 from typing import Any
 
-from ..dispatch import EventCall, Outcome, run_callbacks
+from ..dispatch import EventCall, run_callbacks
+from ..outcome import Outcome
 from ..registry import StokerSpec
 from ..stoker import Stoker, StokerContext
 from ..store import Commit, StoredState, decode_state, encode_state
