@@ -149,7 +149,7 @@ class StokerStep(bootsteps.StartStopStep):
             # per worker name that outlives it): set the nameless one after it is added.
             self.app.amqp.queues.select_add(queue).exchange = Exchange("")
         self.metrics = self._metrics()
-        self.pump.on_refused = self.metrics.event_refused
+        self.pump.watch.on_refused = self.metrics.event_refused
         worker.stoker = self
 
     def _declare_event_queue(self) -> None:
@@ -278,7 +278,7 @@ class StokerStep(bootsteps.StartStopStep):
         self._add_report_readers()
         # Each restart of the consumer is a lost broker connection (it drops what the pool
         # has not started): the pump says a broker loss only when there was one.
-        self.pump.consumer_restarts = lambda: getattr(worker.consumer, "restart_count", None)
+        self.pump.watch.consumer_restarts = lambda: getattr(worker.consumer, "restart_count", None)
         self.pump.start(warm_up=self._warm_main_process)
         signals.worker_shutting_down.connect(self._on_shutting_down, weak=False)
         logger.info(
@@ -326,7 +326,7 @@ class StokerStep(bootsteps.StartStopStep):
                     socket_timeout=settings.socket_timeout + 2.0,
                 )
 
-            self.pump.add_reports(factory, keys)
+            self.pump.watch.add_reports(factory, keys)
 
     def _warn_unenforced_limits(self, worker: Any) -> None:
         """Say once at start which Stoker's time limit this worker's pool cannot enforce."""

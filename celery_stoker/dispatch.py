@@ -18,7 +18,7 @@ message, with a term's real token (it is no secret: events and ``inspect``
 show it).  So the token is not what lets a callback run: the dispatch
 request (:class:`EventRequest`) asks the worker's pump, in the worker's main
 process and before the pool gets the request, whether this is the very
-message it has in flight (:meth:`EventPump.admit`), and the task in the pool
+message it has in flight (:meth:`~celery_stoker.watch.EventWatch.admit`), and the task in the pool
 runs only a request that was admitted so (:data:`PERMIT_FIELD`).
 """
 
@@ -51,6 +51,7 @@ from .registry import StokerSpec, registry_of
 from .settings import StokerSettings, load_settings
 from .stoker import Stoker, StokerContext
 from .store import Commit, StateError, StokerStore, StoredState, decode_state
+from .watch import watch_of
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -562,7 +563,7 @@ class EventRequest(Request):
         event out of its table of requests if the message is a copy of it; the
         pump's watchdog would then count that event as over while it runs, and
         send the next one beside it.  A message whose id Celery has revoked (the
-        pump's own :func:`~celery_stoker.pump._revoke_locally`, or ``revoke``) is
+        pump's own :func:`~celery_stoker.watch._revoke_locally`, or ``revoke``) is
         Celery's to discard, quietly: a broker's redelivery of a dropped event.
         """
         if self._stoker_refused:
@@ -602,11 +603,9 @@ class EventRequest(Request):
 def _admitted(request: Request) -> bool:
     """True if this worker's pump admits ``request`` as its event in flight; never raises."""
     try:
-        from .pump import pump_of
-
         source = _Source(request)
-        pump = pump_of(request.hostname)
-        if pump is None:
+        watch = watch_of(request.hostname)
+        if watch is None:
             _say_once(
                 "no-pump",
                 "celery-stoker: refused a dispatch message (task %s) that came %s: this "
@@ -616,7 +615,7 @@ def _admitted(request: Request) -> bool:
                 source,
             )
             return False
-        return pump.admit(request.id, request.args, request, source) is None
+        return watch.admit(request.id, request.args, request, source) is None
     except Exception:  # a hook of Celery's must not fail the worker; refuse
         logger.exception("celery-stoker: could not judge dispatch message %s", request.id)
         return False
@@ -671,13 +670,11 @@ def _say_once(key: str, message: str, *args: Any) -> None:
 def _tell_pump(request: Request, what: str, cause: str | None) -> None:
     """Pass what Celery saw of a dispatch request to this worker's pump; never raises."""
     try:
-        from .pump import pump_of
-
-        pump = pump_of(request.hostname)
-        if pump is None:
+        watch = watch_of(request.hostname)
+        if watch is None:
             return
         name, token, seq = request.args[0], int(request.args[1]), int(request.args[2])
-        pump.celery_saw(name, token, seq, what, cause, request.id, request.worker_pid)
+        watch.celery_saw(name, token, seq, what, cause, request.id, request.worker_pid)
     except Exception:  # a hook of Celery's must not fail the worker
         logger.exception("celery-stoker: could not pass %s of %s to the pump", what, request.id)
 

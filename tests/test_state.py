@@ -24,7 +24,7 @@ from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
 from support.workers import ROOT, Fleet, Records, check_terms, shutdown_after_cut, wait_for
 
-from celery_stoker.pump import STATE_RETRY_START
+from celery_stoker.lanes import STATE_RETRY_START
 
 pytestmark = pytest.mark.workers
 

@@ -22,7 +22,7 @@ from celery_stoker.delivery import WARM_UP_TASK_ID, EventDelivery
 from celery_stoker.dispatch import warm_process
 from celery_stoker.keys import reports_key, state_key
 from celery_stoker.lease import RedisLease
-from celery_stoker.pump import ReportReader
+from celery_stoker.reports import ReportReader
 from celery_stoker.testing import RedisServer, wait_for
 
 
