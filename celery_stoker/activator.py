@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from .access import AccessCheck
+from .callbacks import EventCall
 from .copies import StateCopy, copies
 from .delivery import EventDelivery
-from .dispatch import EventCall, run_event
+from .dispatch import run_event
 from .election import REDIS_DOWN, Election
 from .lease import RedisLease, Term
 from .listener import LeaseListener

@@ -2,9 +2,9 @@
 
 An event travels from the pump (``pump.py``) to the pool as the task
 :data:`DISPATCH_TASK` (``dispatch.py``), and its :class:`Outcome` comes back
-as a report, or is told by Celery or the pump's watchdog.  Both sides need
-these two names, so they live here, below both: neither side imports the
-other for them.
+as a report (``reports.py``), or is told by Celery or the watchdog
+(``watch.py``).  Both sides need these two names, so they live here, below
+both: neither side imports the other for them.
 """
 
 from __future__ import annotations

@@ -1,10 +1,12 @@
 """The worker's report list: how the end of each event comes back to the leader's pump.
 
 The dispatch task, wherever it ran, pushes its :class:`~celery_stoker.outcome.Outcome`
-to the report list of the worker that sent the event (``keys.reports_key``).  In
-that worker's main process one ``stoker-reports`` thread per Redis reads every
-Stoker's reports with a single BLPOP and hands each to the pump's watch
-(``watch.py``); it asks Redis only while an event is in flight.
+to the report list of the worker that sent the event (``keys.reports_key``):
+:func:`push_report`, briefly retried, said once per worker while Redis refuses.
+In that worker's main process one ``stoker-reports`` thread per Redis
+(:class:`ReportReader`) reads every Stoker's reports with a single BLPOP and
+hands each to the pump's watch (``watch.py``); it asks Redis only while an
+event is in flight.  A report that never comes is noticed by the watchdog.
 """
 
 from __future__ import annotations
@@ -12,14 +14,62 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import redis
 
+from .flags import WorkerFlags
 from .outcome import Outcome
 
-# The pump's logger: these lines were the pump's, and users filter by its name.
+# The loggers these lines had: the reader's were the pump's, the push the dispatch
+# task's, and users filter by those names.
 logger = logging.getLogger("celery_stoker.pump")
+push_logger = logging.getLogger("celery_stoker.dispatch")
+
+#: How long a report stays in Redis if its pump never reads it.
+REPORTS_KEY_TTL_MS = 3_600_000
+#: Tries to push a report before leaving it to the pump to notice the finished task.
+REPORT_ATTEMPTS = 3
+#: The Stokers whose last report this worker could not push (logged once per outage).
+_REPORT_REFUSED = WorkerFlags()
+
+
+def report(client: redis.Redis, key: str, outcome: Outcome) -> None:
+    """Tell the leader's pump this event is finished (it waits on ``key`` with BLPOP)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.lpush(key, outcome.to_json())
+    pipe.pexpire(key, REPORTS_KEY_TTL_MS)
+    pipe.execute()
+
+
+def push_report(client: redis.Redis, key: str, outcome: Outcome, event: str) -> None:
+    """Report ``outcome`` (of ``event``) on ``key``, so the pump sends the next event.
+
+    Briefly retried; if Redis keeps refusing (full, down), the pump notices the
+    finished request without a report and carries on, so no pool slot is held
+    for long here.  Said once per outage on this worker: every event of it
+    fails so.  Never raises for Redis.
+    """
+    name = outcome.name
+    for attempt in range(REPORT_ATTEMPTS):
+        try:
+            report(client, key, outcome)
+            _REPORT_REFUSED.discard(name)
+            return
+        except redis.RedisError as exc:
+            if attempt + 1 < REPORT_ATTEMPTS:
+                time.sleep(0.05)
+                continue
+            log = push_logger.debug if name in _REPORT_REFUSED else push_logger.warning
+            _REPORT_REFUSED.add(name)
+            log(
+                "Stoker %s: could not report the end of %s: Redis refused (%s); "
+                "said once until a report goes through",
+                name,
+                event,
+                exc,
+            )
 
 
 class ReportReader:
