@@ -21,8 +21,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, wait_for
+from support.workers import ROOT, Fleet
 
 from celery_stoker import Stoker
 from celery_stoker.activator import Activator
@@ -32,6 +31,7 @@ from celery_stoker.membership import Membership, Scope
 from celery_stoker.pump import EventPump
 from celery_stoker.registry import StokerSpec
 from celery_stoker.settings import StokerSettings
+from celery_stoker.testing import RedisServer, wait_for
 
 A, B = "tests.apps.tenant_a", "tests.apps.tenant_b"
 

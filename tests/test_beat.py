@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 import pytest
 import redis
-from support.redis_server import RedisServer
-from support.workers import Fleet, WorkerProcess, wait_for
+from support.workers import Fleet
+
+from celery_stoker.testing import RedisServer, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.workers
 

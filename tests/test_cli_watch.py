@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, Records, wait_for
+from support.workers import ROOT, Fleet, Records
 
 from celery_stoker.keys import draining_key, info_key, lease_key, transitions_key
+from celery_stoker.testing import RedisServer, wait_for
 
 APP = "tests.apps.recorder"
 STAMP = re.compile(r"updated (\d\d:\d\d:\d\d)")

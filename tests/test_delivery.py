@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import Fleet, Records, wait_for
+from support.workers import Fleet, Records
+
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, Records, check_terms, wait_for
+from support.workers import ROOT, Fleet, Records, check_terms
+
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 
@@ -249,7 +250,7 @@ def test_with_min_replicas_sentinel_failovers_lose_no_commit_reported_stored(
     (commits meanwhile must fail, not count) and resumed right after it, so
     Sentinel promotes a replica without the last writes.
     """
-    from support.redis_server import RedisSentinel
+    from celery_stoker.testing import RedisSentinel
 
     servers = [make_redis_server()]
     servers.append(make_redis_server(replica_of=servers[0].address))

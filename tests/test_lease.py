@@ -21,8 +21,6 @@ from pathlib import Path
 
 import pytest
 import redis
-from support.redis_server import RedisServer
-from support.workers import wait_for
 
 from celery_stoker import lease as lease_module
 from celery_stoker import scripts
@@ -36,6 +34,7 @@ from celery_stoker.lease import (
     validity,
 )
 from celery_stoker.listener import LeaseListener
+from celery_stoker.testing import RedisServer, wait_for
 
 PREFIX = "stoker-test"
 

@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import Fleet, Record, Records, check_terms, wait_for
+from support.workers import Fleet, Record, Records, check_terms
+
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 

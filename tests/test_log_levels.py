@@ -14,7 +14,9 @@ import re
 from collections.abc import Callable
 
 import pytest
-from support.workers import Fleet, Records, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms
+
+from celery_stoker.testing import wait_for
 
 pytestmark = pytest.mark.workers
 

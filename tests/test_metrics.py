@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 from celery import Celery
 from support.metrics import Samples, scrape
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, Records, check_terms, wait_for
+from support.workers import ROOT, Fleet, Records, check_terms
 
 from celery_stoker import handoff
 from celery_stoker.metrics import INSTALL_HINT, outcome_label
@@ -31,7 +30,7 @@ from celery_stoker.settings import (
     check_metrics_address,
     check_metrics_port,
 )
-from celery_stoker.testing import free_port
+from celery_stoker.testing import RedisServer, free_port, wait_for
 
 prometheus_client = pytest.importorskip("prometheus_client")
 

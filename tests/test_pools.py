@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from support.workers import Fleet, Records, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms
+
+from celery_stoker.testing import wait_for
 
 pytestmark = pytest.mark.workers
 

@@ -22,11 +22,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, Records, check_terms, wait_for
+from support.workers import ROOT, Fleet, Records, check_terms
 
 from celery_stoker import access
 from celery_stoker.lease import RedisLease
+from celery_stoker.testing import RedisServer, wait_for
 
 APP = "tests.apps.recorder"
 PASSWORD = "s3cret"

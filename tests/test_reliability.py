@@ -11,9 +11,10 @@ import time
 from collections.abc import Callable
 
 import pytest
-from support.redis_server import RedisServer, free_port
 from support.tcp_proxy import TcpProxy
-from support.workers import Fleet, Records, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms
+
+from celery_stoker.testing import RedisServer, free_port, wait_for
 
 pytestmark = pytest.mark.workers
 

@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import Fleet, wait_for
+from support.workers import Fleet
 
 from celery_stoker.keys import reports_key
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 

@@ -20,11 +20,11 @@ from datetime import datetime
 from typing import Any
 
 import pytest
-from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
-from support.workers import ROOT, Fleet, Records, check_terms, shutdown_after_cut, wait_for
+from support.workers import ROOT, Fleet, Records, check_terms, shutdown_after_cut
 
 from celery_stoker.lanes import STATE_RETRY_START
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
-from support.workers import ROOT, Fleet, Records, shutdown_after_cut, wait_for
+from support.workers import ROOT, Fleet, Records, shutdown_after_cut
 
 from celery_stoker import copies as module
 from celery_stoker.copies import StateCopies, StateCopy
 from celery_stoker.keys import lease_key
+from celery_stoker.testing import RedisServer, wait_for
 
 
 @pytest.fixture

@@ -1,9 +1,9 @@
 """Workers for the tests, and readers for what their Stokers recorded.
 
 The process helpers are :mod:`celery_stoker.testing`'s (one copy for tests, benchmarks and
-the demo); what stays here is the tests' own: workers run from the repository root (so
-``tests.apps.*`` import), and the readers of the recorder app's ``rec:*`` lists with the
-safety check every worker test ends with.
+the demo), and tests import them from there; what stays here is the tests' own: workers run
+from the repository root (so ``tests.apps.*`` import), and the readers of the recorder app's
+``rec:*`` lists with the safety check every worker test ends with.
 """
 
 from __future__ import annotations
@@ -17,19 +17,16 @@ from typing import Any
 import redis
 
 from celery_stoker import testing
-from celery_stoker.testing import WaitTimeout, WorkerProcess, wait_for
+from celery_stoker.testing import wait_for
 
 __all__ = [
     "ROOT",
     "Fleet",
     "Record",
     "Records",
-    "WaitTimeout",
-    "WorkerProcess",
     "check_terms",
     "running_request",
     "shutdown_after_cut",
-    "wait_for",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
