@@ -151,19 +151,25 @@ def run_callbacks(
     version: int | None = None
     have_state = from_init = False
     try:
-        if call.prefer_cached:
-            # A lost term: ask Redis nothing (it may be the thing that is gone).  With no
-            # copy (the term's first report never came back) the Stoker starts from
-            # init(); the commit is fenced like any other.
-            if cached is not None:
-                version = cached.version
-                state, have_state = _decode_copy(store, spec, cached), True
-        else:
-            stored = store.load()
-            version = stored.version
-            if stored.found:
-                state, have_state = stored.value, True
-    except StateError as exc:
+        try:
+            if call.prefer_cached:
+                # A lost term: ask Redis nothing (it may be the thing that is gone).  With
+                # no copy (the term's first report never came back) the Stoker starts from
+                # init(); the commit is fenced like any other.
+                if cached is not None:
+                    version = cached.version
+                    state, have_state = _decode_copy(store, spec, cached), True
+            else:
+                stored = store.load()
+                version = stored.version
+                if stored.found:
+                    state, have_state = stored.value, True
+        except redis.RedisError:
+            if cached is None:
+                raise
+            version = cached.version  # Redis is out of reach: the worker's copy, if any
+            state, have_state = _decode_copy(store, spec, cached), True
+    except StateError as exc:  # the stored state, or the worker's copy of it
         if reraise:
             raise
         # Said once, by the leader's main process (Activator), not here: every retry
@@ -173,19 +179,6 @@ def run_callbacks(
         outcome.ran, outcome.unreadable = False, True
         have_state = True  # nothing to start from, and init() must not replace it
         state = _UNREADABLE
-    except redis.RedisError:
-        if cached is None:
-            raise
-        version = cached.version
-        try:
-            state, have_state = _decode_copy(store, spec, cached), True
-        except StateError as exc:
-            if reraise:
-                raise
-            logger.debug("%s", exc)
-            errors.append(str(exc))
-            outcome.ran, outcome.unreadable = False, True
-            have_state, state = True, _UNREADABLE
     if not have_state:
         state, have_state = _call(spec, "init", errors, reraise, instance.init)
         from_init = have_state

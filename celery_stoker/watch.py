@@ -48,6 +48,7 @@ import redis
 
 from .lanes import InFlight, Lane
 from .outcome import DISPATCH_TASK, Outcome
+from .pids import process_exists
 from .reports import ReportReader
 
 # The pump's logger: these lines were the pump's, and users filter by its name.
@@ -309,7 +310,7 @@ class EventWatch:
                 lane.started.set()
                 return
             pid = pid or inflight.pid
-            if pid and pid != os.getpid() and _process_exists(pid):
+            if pid and pid != os.getpid() and process_exists(pid):
                 # A hard time limit: Celery tells us just before it kills the pool
                 # process.  The next event waits until it is gone, so two never run at
                 # once (the watchdog ends this one then).
@@ -376,7 +377,7 @@ class EventWatch:
             )
 
         if inflight.killed_outcome is not None:
-            gone = not _process_exists(inflight.killing_pid or 0)
+            gone = not process_exists(inflight.killing_pid or 0)
             if gone or now - inflight.killing_since > KILL_WAIT:
                 return inflight.killed_outcome
             return None
@@ -386,7 +387,7 @@ class EventWatch:
             and inflight.pid is not None
             and inflight.started_at is not None
             and time.time() - inflight.started_at > limit + LIMIT_GRACE
-            and _process_exists(inflight.pid)
+            and process_exists(inflight.pid)
         ):
             # Past its hard limit and Celery has not killed it: its timers run on the
             # event loop, which stops during a warm shutdown.  Kill it here.
@@ -395,7 +396,7 @@ class EventWatch:
             inflight.killing_pid, inflight.killing_since = inflight.pid, now
             inflight.killed_outcome = ended("timeout", f"hard time limit ({limit:g} s) exceeded")
             return None
-        if inflight.pid is not None and not _process_exists(inflight.pid):
+        if inflight.pid is not None and not process_exists(inflight.pid):
             # Killed from outside (SIGKILL, the OOM killer): Celery's own WorkerLostError
             # may come seconds later; the process is gone now.
             return ended("lost", f"its pool process (pid {inflight.pid}) died")
@@ -496,26 +497,9 @@ def _pool_process(pid: int | None) -> int | None:
     moment the watchdog looks, and every callback longer than a watch interval
     would be counted as lost.
     """
-    if not pid or pid == os.getpid() or pid > PID_MAX_LIMIT or not _process_exists(pid):
+    if not pid or pid == os.getpid() or pid > PID_MAX_LIMIT or not process_exists(pid):
         return None
     return pid
-
-
-def _process_exists(pid: int) -> bool:
-    """True while ``pid`` is a live process (a zombie, killed but not reaped, is not)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (macOS): ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 def _revoke_locally(task_id: str) -> None:
