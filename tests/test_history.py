@@ -8,17 +8,13 @@ their own that is never touched, so what the callbacks did stays readable.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.workers import ROOT, Fleet, Records, check_terms
+from support.workers import Fleet, Records, check_terms, status_views
 
 from celery_stoker.testing import RedisServer, wait_for
 
@@ -40,17 +36,7 @@ def events(records: Records) -> list[dict[str, Any]]:
 
 
 def status_json(fleet: Fleet) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", fleet.app, "stoker", "status", "--json"],
-        cwd=ROOT,
-        env={**os.environ, **fleet.env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    views: list[dict[str, Any]] = json.loads(out.stdout)
-    return views
+    return status_views(fleet.app, fleet.env)
 
 
 def test_a_redis_restored_from_an_older_snapshot_is_noticed_said_and_waited_out(
