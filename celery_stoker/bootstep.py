@@ -7,8 +7,9 @@ pool drains.  Because it starts before the consumer, it also makes the worker
 consume its own event queue, ``<stoker_key_prefix>.<hostname>``, from the
 first message on.
 
-It owns the worker's pieces: one event pump (``pump.py``) with one report
-reader per Redis, one pub/sub listener per key prefix, one Redis client per
+It owns the worker's pieces: one event pump (``pump.py``) and its watch over
+events in flight (``watch.py``) with one report reader per Redis
+(``reports.py``), one pub/sub listener per key prefix, one Redis client per
 URL shared by every activator, one election thread per Stoker, and, with
 ``stoker_metrics_port``, the Prometheus endpoint (``metrics.py``).
 
