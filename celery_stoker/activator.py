@@ -26,11 +26,12 @@ from .copies import StateCopy, copies
 from .delivery import EventDelivery
 from .dispatch import run_event
 from .election import REDIS_DOWN, Election
+from .lanes import PendingEvent
 from .lease import RedisLease, Term
 from .listener import LeaseListener
 from .metrics import NO_METRICS, MetricsHooks
 from .outcome import Outcome
-from .pump import EventPump, PendingEvent
+from .pump import EventPump
 from .registry import StokerSpec, app_name
 from .settings import StokerSettings
 from .stoker import Stoker, StokerContext
