@@ -21,14 +21,17 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from .access import AccessCheck
+from .callbacks import EventCall
 from .copies import StateCopy, copies
 from .delivery import EventDelivery
-from .dispatch import EventCall, Outcome, run_event
+from .dispatch import run_event
 from .election import REDIS_DOWN, Election
+from .lanes import PendingEvent
 from .lease import RedisLease, Term
 from .listener import LeaseListener
 from .metrics import NO_METRICS, MetricsHooks
-from .pump import EventPump, PendingEvent
+from .outcome import Outcome
+from .pump import EventPump
 from .registry import StokerSpec, app_name
 from .settings import StokerSettings
 from .stoker import Stoker, StokerContext

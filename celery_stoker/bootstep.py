@@ -7,8 +7,9 @@ pool drains.  Because it starts before the consumer, it also makes the worker
 consume its own event queue, ``<stoker_key_prefix>.<hostname>``, from the
 first message on.
 
-It owns the worker's pieces: one event pump (``pump.py``) with one report
-reader per Redis, one pub/sub listener per key prefix, one Redis client per
+It owns the worker's pieces: one event pump (``pump.py``) and its watch over
+events in flight (``watch.py``) with one report reader per Redis
+(``reports.py``), one pub/sub listener per key prefix, one Redis client per
 URL shared by every activator, one election thread per Stoker, and, with
 ``stoker_metrics_port``, the Prometheus endpoint (``metrics.py``).
 
@@ -150,7 +151,7 @@ class StokerStep(bootsteps.StartStopStep):
             # per worker name that outlives it): set the nameless one after it is added.
             self.app.amqp.queues.select_add(queue).exchange = Exchange("")
         self.metrics = self._metrics()
-        self.pump.on_refused = self.metrics.event_refused
+        self.pump.watch.on_refused = self.metrics.event_refused
         worker.stoker = self
 
     def _declare_event_queue(self) -> None:
@@ -279,7 +280,7 @@ class StokerStep(bootsteps.StartStopStep):
         self._add_report_readers()
         # Each restart of the consumer is a lost broker connection (it drops what the pool
         # has not started): the pump says a broker loss only when there was one.
-        self.pump.consumer_restarts = lambda: getattr(worker.consumer, "restart_count", None)
+        self.pump.watch.consumer_restarts = lambda: getattr(worker.consumer, "restart_count", None)
         self.pump.start(warm_up=self._warm_main_process)
         signals.worker_shutting_down.connect(self._on_shutting_down, weak=False)
         logger.info(
@@ -327,7 +328,7 @@ class StokerStep(bootsteps.StartStopStep):
                     socket_timeout=settings.socket_timeout + 2.0,
                 )
 
-            self.pump.add_reports(factory, keys)
+            self.pump.watch.add_reports(factory, keys)
 
     def _warn_unenforced_limits(self, worker: Any) -> None:
         """Say once at start which Stoker's time limit this worker's pool cannot enforce."""

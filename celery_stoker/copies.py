@@ -43,6 +43,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .pids import pid_alive
+
 logger = logging.getLogger("celery_stoker.copies")
 
 #: The worker's main process (set again by :func:`claim`, before the pool forks): a
@@ -266,7 +268,7 @@ def _sweep(base: Path, own: str) -> None:
                     continue
                 held = _held(entry / LOCK)
                 if held is None:  # no lock file (a worker that could not take it): its pid
-                    held = pid != os.getpid() and _alive(pid)
+                    held = pid != os.getpid() and pid_alive(pid)
                 if not held:
                     shutil.rmtree(entry, ignore_errors=True)
 
@@ -284,13 +286,3 @@ def _held(lock: Path) -> bool | None:
     finally:
         os.close(fd)  # releases the lock if it was taken
     return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

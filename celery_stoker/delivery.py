@@ -31,7 +31,8 @@ from celery.worker import state as worker_state
 from kombu.message import Message
 from kombu.serialization import dumps, prepare_accept_content
 
-from .dispatch import DISPATCH_TASK, EVENT_MESSAGE_EXPIRES
+from .dispatch import EVENT_MESSAGE_EXPIRES
+from .outcome import DISPATCH_TASK
 
 logger = logging.getLogger(__name__)
 

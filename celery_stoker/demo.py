@@ -27,17 +27,17 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from .connection import mask_url, redis_client
+from .demo_view import Failover, Snapshot, render, short, summary_table
 from .testing import RedisProcessError, RedisServer, WorkerProcess
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ INSTALL_HINT = "pip install 'celery-stoker[demo]'"
 STARTUP_TIMEOUT = 60.0
 #: How long a stopping worker may take to exit before it is killed.
 STOP_TIMEOUT = 10.0
-KIND_LABEL = {"SIGTERM": "SIGTERM (clean stop)", "SIGKILL": "SIGKILL (crash)"}
 
 
 class DemoError(RuntimeError):
@@ -106,38 +105,11 @@ class DemoWorker:
 
 
 @dataclass
-class Failover:
-    kind: str
-    old: str
-    new: str | None
-    seconds: float | None
-    token: int | None = None
-
-
-@dataclass
 class Pending:
     kind: str
     node: str
     at: float
     token: int
-
-
-@dataclass
-class Snapshot:
-    """What Redis says at one moment."""
-
-    views: dict[str, dict[str, Any]] = field(default_factory=dict)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
-
-
-def short(node: str | None) -> str:
-    """``w1@host`` -> ``w1`` (every demo worker runs on this host)."""
-    return node.split("@", 1)[0] if node else "-"
-
-
-def _ago(ts: float | None, now: float) -> str:
-    return "-" if not ts else f"{max(0.0, now - ts):.1f}s ago"
 
 
 # --------------------------------------------------------------------- demo
@@ -312,9 +284,7 @@ class Demo:
                 self.say(f"[red]{worker.name} exited on its own; see --keep-logs[/red]")
 
     def leader(self, name: str = TICKER) -> str | None:
-        view = self.snapshot.views.get(name) or {}
-        leader = view.get("leader")
-        return str(leader) if leader else None
+        return self.snapshot.leader(name)
 
     def step(self, now: float) -> None:
         leader = self.leader()
@@ -400,100 +370,31 @@ class Demo:
         self.console.print(f"[dim]{stamp}[/dim] {text}", highlight=False)
 
     def render(self, now: float) -> RenderableType:
-        from rich.console import Group
-        from rich.panel import Panel
-        from rich.table import Table
+        return render(
+            self.snapshot,
+            (TICKER, BEAT),
+            self.workers,
+            failovers=len(self.failovers),
+            status=self.status(now),
+            url=self.url,
+            now=now,
+        )
 
-        leads: dict[str, list[str]] = {}
-        for name in (TICKER, BEAT):
-            leader = self.leader(name)
-            if leader:
-                leads.setdefault(leader, []).append(name)
-
-        workers = Table(title="workers", expand=True)
-        for column in ("worker", "pid", "process", "role"):
-            workers.add_column(column)
-        for worker in self.workers:
-            role = ", ".join(leads.get(worker.node, [])) or (
-                "follower" if worker.status == "up" else "-"
-            )
-            style = "bold green" if worker.node in leads else ""
-            workers.add_row(worker.name, str(worker.pid or "-"), worker.status, role, style=style)
-
-        stokers = Table(title="stokers", expand=True)
-        for column in ("stoker", "leader", "token", "since", "lease left", "last event"):
-            stokers.add_column(column)
-        for name in (TICKER, BEAT):
-            view = self.snapshot.views.get(name) or {}
-            left = view.get("lease_time_left")
-            stokers.add_row(
-                name,
-                short(view.get("leader")) if view.get("leader") else "[red](none)[/red]",
-                str(view.get("token") or "-"),
-                (view.get("active_from") or "-")[11:19],
-                f"{left:.2f} s" if isinstance(left, (int, float)) else "-",
-                str(view.get("last_event") or "-"),
-            )
-
-        events = Table(title="last events (newest first)", expand=True)
-        for column in ("when", "worker", "event", "token", "detail"):
-            events.add_column(column)
-        for event in self.snapshot.events[:8]:
-            detail = event.get("reason") or ""
-            if isinstance(detail, dict):
-                detail = f"{short(detail.get('node'))} {detail.get('change')}"
-            if event.get("event") == "timer":
-                detail = f"ticks={event.get('ticks')}"
-            events.add_row(
-                _ago(event.get("at"), now),
-                short(event.get("host")),
-                f"{event.get('event')} ({event.get('stoker')})",
-                str(event.get("token") or "-"),
-                str(detail),
-            )
-
+    def status(self, now: float) -> str:
+        """Where the demo is: waiting for a leader, for a new one, or for the next stop."""
         if self.ends_at is None:
-            status = "waiting for the first leader..."
-        elif self.pending is not None:
-            status = (
+            return "waiting for the first leader..."
+        if self.pending is not None:
+            return (
                 f"{self.pending.kind} sent to {short(self.pending.node)}, waiting for a new leader"
             )
-        else:
-            left = max(0.0, self.ends_at - now)
-            nxt = max(0.0, (self.next_stop_at or now) - now)
-            status = f"next: {self.next_kind} of the leader in {nxt:.1f} s; {left:.0f} s left"
-        if self.snapshot.error:
-            status += f"  [red]{self.snapshot.error}[/red]"
-        header = Panel(
-            f"celery-stoker demo: {len(self.failovers)} failover(s) so far; {status}",
-            subtitle=mask_url(self.url),
-        )
-        return Group(header, workers, stokers, events)
-
-    def summary_table(self) -> Any:
-        from rich.table import Table
-
-        table = Table(title="failover: signal sent -> new leader's now_leader runs")
-        for column, justify in (
-            ("kind", "left"),
-            ("failovers", "right"),
-            ("median", "right"),
-            ("max", "right"),
-        ):
-            table.add_column(column, justify=justify)  # type: ignore[arg-type]
-        for kind in ("SIGTERM", "SIGKILL"):
-            times = [f.seconds for f in self.failovers if f.kind == kind and f.seconds is not None]
-            failed = sum(1 for f in self.failovers if f.kind == kind and f.seconds is None)
-            count = f"{len(times)}" + (f" ({failed} failed)" if failed else "")
-            median = f"{statistics.median(times):.3f} s" if times else "-"
-            worst = f"{max(times):.3f} s" if times else "-"
-            table.add_row(KIND_LABEL[kind], count, median, worst)
-        table.add_row("all", str(len(self.failovers)), "", "")
-        return table
+        left = max(0.0, self.ends_at - now)
+        nxt = max(0.0, (self.next_stop_at or now) - now)
+        return f"next: {self.next_kind} of the leader in {nxt:.1f} s; {left:.0f} s left"
 
     def print_summary(self) -> None:
         self.console.print()
-        self.console.print(self.summary_table())
+        self.console.print(summary_table(self.failovers))
         self.console.print(
             f"Clean stops release the lease at once; a crash is bounded by the lease TTL plus "
             f"one renew interval ({self.args.ttl:g} s + {self.args.ttl / 3:.2f} s = "

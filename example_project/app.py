@@ -38,5 +38,5 @@ app.conf.update(
 
 app.steps["worker"].add(StokerStep)  # the only wiring celery-stoker needs
 install(app)  # beat on the leader: no separate `celery beat` process
-
-from . import stokers, tasks  # noqa: E402,F401  (register the Stoker and the tasks)
+# The Stoker (stokers.py) and the tasks (tasks.py) register on this app; the
+# package's __init__.py imports them, so every worker and client knows them.

@@ -1,7 +1,9 @@
 """Shared fixtures: private Redis servers and fault-injecting TCP proxies.
 
-The logic lives in ``tests/support`` (importable as ``support`` because pytest puts this
-directory on ``sys.path``); this file only wires lifetimes.
+The logic lives in :mod:`celery_stoker.testing` (Redis and worker processes, which users'
+tests share) and, for what only this suite needs, in ``tests/support`` (importable as
+``support`` because pytest puts this directory on ``sys.path``); this file only wires
+lifetimes.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
 from support.workers import Fleet, Records
+
+from celery_stoker.testing import RedisServer
 
 #: The app every worker test runs, and its default lease TTL (short, to keep tests fast).
 RECORDER_APP = "tests.apps.recorder"

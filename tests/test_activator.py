@@ -11,9 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
-from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
-from support.workers import wait_for
 
 from celery_stoker import Stoker
 from celery_stoker.activator import Activator
@@ -22,6 +20,7 @@ from celery_stoker.keys import lease_channel
 from celery_stoker.pump import EventPump
 from celery_stoker.registry import StokerSpec
 from celery_stoker.settings import StokerSettings
+from celery_stoker.testing import RedisServer, wait_for
 
 
 class Quiet(Stoker):

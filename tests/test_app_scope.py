@@ -12,17 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 from celery import Celery
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, wait_for
+from support.workers import Fleet, status_views
 
 from celery_stoker import Stoker
 from celery_stoker.activator import Activator
@@ -32,6 +28,7 @@ from celery_stoker.membership import Membership, Scope
 from celery_stoker.pump import EventPump
 from celery_stoker.registry import StokerSpec
 from celery_stoker.settings import StokerSettings
+from celery_stoker.testing import RedisServer, wait_for
 
 A, B = "tests.apps.tenant_a", "tests.apps.tenant_b"
 
@@ -39,20 +36,6 @@ A, B = "tests.apps.tenant_a", "tests.apps.tenant_b"
 def events(record_redis: RedisServer, app: str) -> list[dict[str, Any]]:
     raw = record_redis.client().lrange(f"rec:{app}:event", 0, -1)
     return [json.loads(line) for line in raw]
-
-
-def status_json(fleet: Fleet) -> list[dict[str, Any]] | None:
-    out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", fleet.app, "stoker", "status", "--json"],
-        cwd=ROOT,
-        env={**os.environ, **fleet.env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    views: list[dict[str, Any]] = json.loads(out.stdout)
-    return views
 
 
 @pytest.mark.workers
@@ -90,7 +73,7 @@ def test_apps_with_their_own_prefixes_see_only_their_own_workers(
     assert set(last_a["members"]) == ours["tenant_a"]
 
     def both_a_answer() -> list[dict[str, Any]] | None:
-        views = status_json(fleet_a)
+        views = status_views(fleet_a.app, fleet_a.env)
         return views if views and len(views[0]["workers"]) >= 2 else None
 
     (view,) = wait_for(both_a_answer, 30, interval=0.5, what="a1 and a2 answer status")

@@ -24,8 +24,9 @@ from collections.abc import Callable
 
 import pytest
 from support.beat import classify, fail_over, sends
-from support.redis_server import RedisServer
-from support.workers import Fleet, wait_for
+from support.workers import Fleet
+
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 

@@ -28,8 +28,9 @@ import pytest
 import redis
 from support.beat import Stop, classify, fail_over, sends
 from support.postgres import PostgresDatabase, postgres_or_skip, release_orm, use_orm
-from support.redis_server import RedisServer
-from support.workers import Fleet, wait_for
+from support.workers import Fleet
+
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 

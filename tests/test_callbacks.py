@@ -17,7 +17,8 @@ import redis
 from celery import Celery
 
 from celery_stoker import Stoker, StokerRegistrationError, stoker
-from celery_stoker.dispatch import EventCall, check_timer, run_event
+from celery_stoker.callbacks import EventCall, check_timer
+from celery_stoker.dispatch import run_event
 from celery_stoker.lease import RedisLease, Term
 from celery_stoker.registry import registry_of
 from celery_stoker.store import StokerStore

@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 
 import pytest
-from support.redis_server import RedisServer, free_port
 from support.workers import ROOT
 
 from celery_stoker.connection import mask_url
+from celery_stoker.testing import RedisServer, free_port
 
 APP = "tests.apps.tenant_a"
 SECRET = "s3cret-pw"

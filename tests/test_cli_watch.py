@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, Records, wait_for
+from support.workers import ROOT, Fleet, Records, stoker_status
 
 from celery_stoker.keys import draining_key, info_key, lease_key, transitions_key
+from celery_stoker.testing import RedisServer, wait_for
 
 APP = "tests.apps.recorder"
 STAMP = re.compile(r"updated (\d\d:\d\d:\d\d)")
@@ -124,14 +124,7 @@ def test_watch_without_a_terminal_prints_once(
     fleet = fleets("solo")
     w1 = fleet.start("w1@%h")
     wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
-    out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", APP, "stoker", "status", "--watch"],
-        cwd=ROOT,
-        env=_env(fleet.env),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = stoker_status(APP, _env(fleet.env), "--watch")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split()[:3] == ["STOKER", "LEADER", "TOKEN"]

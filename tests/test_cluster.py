@@ -19,8 +19,7 @@ from urllib.parse import quote
 
 import pytest
 from celery import Celery
-from support.redis_server import RedisServer, make_tls_files
-from support.workers import Fleet, Records, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms
 from test_operations import cli
 
 from celery_stoker import dump, whereis
@@ -28,7 +27,9 @@ from celery_stoker.connection import redis_client
 from celery_stoker.keys import lease_key, stoker_channel, token_key
 from celery_stoker.lease import Holder, RedisLease
 from celery_stoker.listener import LeaseListener
+from celery_stoker.testing import RedisServer, wait_for
 from celery_stoker.testing.redis_cluster import RedisCluster, slot_of
+from celery_stoker.testing.redis_server import make_tls_files
 
 TTL = 1.5
 RENEW = TTL / 3

@@ -19,11 +19,11 @@ from typing import Any
 import pytest
 from celery import Celery
 from celery.app import utils
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, Records, wait_for
+from support.workers import ROOT, Fleet, Records
 
 from celery_stoker.connection import mask_url
 from celery_stoker.settings import install_conf_masking
+from celery_stoker.testing import RedisServer, wait_for
 
 SECRET = "s3cret-of-stoker"
 URL = f"redis://:{SECRET}@redis.example:6379/2"

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import pytest
 import redis
-from support.redis_server import RedisSentinel, RedisServer, free_port
 
 from celery_stoker.connection import is_redis_url, mask_url, redis_client, url_scheme
+from celery_stoker.testing import RedisSentinel, RedisServer, free_port
 
 SECRET = "hunter2-s3cret"
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import Fleet, Records, wait_for
+from support.redis_stats import command_calls
+from support.workers import Fleet, Records
+
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 
 
 def _task_messages_pushed(broker: RedisServer) -> int:
-    stats = broker.client().info("commandstats")
-    return int(stats.get("cmdstat_lpush", {}).get("calls", 0))
+    return command_calls(broker.client()).get("lpush", 0)
 
 
 @pytest.mark.parametrize(("pool", "local"), [("prefork", True), ("gevent", False)])

@@ -18,10 +18,11 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support.workers import ROOT, wait_for
+from support.workers import ROOT
 
 from celery_stoker.keys import lease_key, token_key
 from celery_stoker.lease import Holder
+from celery_stoker.testing import wait_for
 from celery_stoker.testing.redis_cluster import RedisCluster
 
 pytestmark = [

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import ROOT, WorkerProcess, wait_for
+from support.workers import ROOT
+
+from celery_stoker.testing import RedisServer, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.workers
 

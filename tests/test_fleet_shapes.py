@@ -19,10 +19,10 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import Fleet, Records, wait_for
+from support.workers import Fleet, Records
 
 from celery_stoker.keys import waiters_key
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 

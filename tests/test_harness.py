@@ -1,6 +1,6 @@
 """``StokerHarness`` and the pytest plugin: a Stoker tested with no Redis and no worker.
 
-The harness runs the very function the pool runs (``dispatch.run_callbacks``)
+The harness runs the very function the pool runs (``callbacks.run_callbacks``)
 against a store in memory; these tests check it behaves as a worker would
 (the serializer round trip, fencing, init only when nothing is stored) and
 that it lets the Stoker's mistakes reach the test.
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from celery_stoker import Stoker
-from celery_stoker.dispatch import run_callbacks
+from celery_stoker.callbacks import run_callbacks
 from celery_stoker.store import StateError
 from celery_stoker.testing import StokerHarness
 from celery_stoker.testing import harness as harness_module

@@ -8,18 +8,15 @@ their own that is never touched, so what the callbacks did stays readable.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, Records, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms, status_views
+
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 
@@ -39,17 +36,7 @@ def events(records: Records) -> list[dict[str, Any]]:
 
 
 def status_json(fleet: Fleet) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", fleet.app, "stoker", "status", "--json"],
-        cwd=ROOT,
-        env={**os.environ, **fleet.env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    views: list[dict[str, Any]] = json.loads(out.stdout)
-    return views
+    return status_views(fleet.app, fleet.env)
 
 
 def test_a_redis_restored_from_an_older_snapshot_is_noticed_said_and_waited_out(
@@ -249,7 +236,7 @@ def test_with_min_replicas_sentinel_failovers_lose_no_commit_reported_stored(
     (commits meanwhile must fail, not count) and resumed right after it, so
     Sentinel promotes a replica without the last writes.
     """
-    from support.redis_server import RedisSentinel
+    from celery_stoker.testing import RedisSentinel
 
     servers = [make_redis_server()]
     servers.append(make_redis_server(replica_of=servers[0].address))

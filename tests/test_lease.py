@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from support.redis_server import RedisServer
-from support.workers import wait_for
+from support.redis_stats import command_calls
 
 from celery_stoker import lease as lease_module
 from celery_stoker import scripts
@@ -36,6 +35,7 @@ from celery_stoker.lease import (
     validity,
 )
 from celery_stoker.listener import LeaseListener
+from celery_stoker.testing import RedisServer, wait_for
 
 PREFIX = "stoker-test"
 
@@ -833,8 +833,7 @@ def test_holder_parse_round_trip() -> None:
 def _evalsha_calls(client: redis.Redis) -> int:
     for script in (scripts.ACQUIRE, scripts.RELEASE, scripts.RENEW):
         client.script_load(script)  # so no NOSCRIPT retry counts as a try
-    stats = client.info("commandstats")
-    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+    return command_calls(client).get("evalsha", 0)
 
 
 def _run_followers(

@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import Fleet, Record, Records, check_terms, wait_for
+from support.workers import Fleet, Record, Records, check_terms, heard_join
+
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 
@@ -141,11 +142,7 @@ def test_a_timer_too_far_away_to_wait_for_is_harmless(fleets: Fleets, records: R
     w1 = fleet.start("w1@%h")
     wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
     w2 = fleet.start("w2@%h")
-    joined = wait_for(
-        lambda: [r for r in records.of("cluster_change") if r.reason["node"] == w2.node],
-        30,
-        what="the leader still hears cluster changes",
-    )[0]
+    joined = heard_join(records, w2.node)
     assert joined.host == w1.node
     assert not records.of("timer")
     assert "Traceback" not in w1.log()
@@ -196,11 +193,7 @@ def test_a_hanging_shutdown_cannot_hold_the_worker_hostage(
     # w2's arrival sends w1 a cluster_change: let it run first.  An event still queued
     # at the signal is waited for (up to half the stop budget, the lease renewed
     # meanwhile), which is not what this test measures.
-    wait_for(
-        lambda: [r for r in records.of("cluster_change") if r.reason["node"] == w2.node],
-        30,
-        what="w1 hears w2 join",
-    )
+    heard_join(records, w2.node)
     stopped_at = time.time()
     w1.sigterm()
     taken = wait_for(

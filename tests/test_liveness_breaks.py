@@ -11,11 +11,11 @@ from collections.abc import Callable
 
 import pytest
 from celery import Celery
-from support.redis_server import RedisServer
-from support.workers import Fleet, Records, WorkerProcess, wait_for
+from support.workers import Fleet, Records
 
 from celery_stoker.keys import token_key
 from celery_stoker.lease import RedisLease
+from celery_stoker.testing import RedisServer, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.workers
 

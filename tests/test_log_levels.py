@@ -14,7 +14,9 @@ import re
 from collections.abc import Callable
 
 import pytest
-from support.workers import Fleet, Records, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms, heard_join
+
+from celery_stoker.testing import wait_for
 
 pytestmark = pytest.mark.workers
 
@@ -35,11 +37,7 @@ def test_a_clean_failover_logs_nothing_above_info(
     w1 = fleet.start("w1@%h")
     wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
     w2 = fleet.start("w2@%h")
-    wait_for(
-        lambda: [r for r in records.of("cluster_change") if r.reason["node"] == w2.node],
-        30,
-        what="w1 hears w2 join",
-    )
+    heard_join(records, w2.node)
     wait_for(lambda: len(records.of("timer")) >= 3, 20, what="timers")
     w1.sigterm()
     wait_for(

@@ -20,18 +20,17 @@ from typing import Any
 import pytest
 from celery import Celery
 from support.metrics import Samples, scrape
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, Records, check_terms, wait_for
+from support.workers import ROOT, Fleet, Records, check_terms
 
 from celery_stoker import handoff
-from celery_stoker.dispatch import Outcome
 from celery_stoker.metrics import INSTALL_HINT, outcome_label
+from celery_stoker.outcome import Outcome
 from celery_stoker.settings import (
     StokerConfigurationError,
     check_metrics_address,
     check_metrics_port,
 )
-from celery_stoker.testing import free_port
+from celery_stoker.testing import RedisServer, free_port, wait_for
 
 prometheus_client = pytest.importorskip("prometheus_client")
 

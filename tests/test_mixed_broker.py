@@ -19,8 +19,9 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import Fleet, Records, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms
+
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 

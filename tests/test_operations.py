@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, Records, check_terms, wait_for
+from support.workers import ROOT, Fleet, Records, check_terms
 
 from celery_stoker import StokerOperationError, drain, handoff
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 

@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from support.workers import Fleet, Records, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms, heard_join
+
+from celery_stoker.testing import wait_for
 
 pytestmark = pytest.mark.workers
 
@@ -48,11 +50,7 @@ def test_every_pool_elects_dispatches_and_fails_over(
     first = wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")[0]
     assert first.host == w1.node
     w2 = fleet.start("w2@%h")
-    joined = wait_for(
-        lambda: [r for r in records.of("cluster_change") if r.reason["node"] == w2.node],
-        30,
-        what="w1 hears w2 join",
-    )[0]
+    joined = heard_join(records, w2.node)
     assert (joined.host, joined.reason["change"]) == (w1.node, "joined")
     wait_for(lambda: len(records.of("timer")) >= 3, 10, what="timer events")
     wait_for(lambda: "following" in w2.log(), 30, what="w2 follows")

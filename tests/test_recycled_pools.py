@@ -18,8 +18,9 @@ from collections.abc import Callable
 
 import pytest
 from celery import Celery
-from support.redis_server import RedisServer
-from support.workers import Fleet, Records, WorkerProcess, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms
+
+from celery_stoker.testing import RedisServer, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.workers
 

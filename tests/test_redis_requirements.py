@@ -11,22 +11,19 @@ in the log, and the vanished term's ``shutdown`` is marked stale.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shlex
 import subprocess
-import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, Records, check_terms, wait_for
+from support.workers import ROOT, Fleet, Records, check_terms, status_views, stoker_status
 
 from celery_stoker import access
 from celery_stoker.lease import RedisLease
+from celery_stoker.testing import RedisServer, wait_for
 
 APP = "tests.apps.recorder"
 PASSWORD = "s3cret"
@@ -51,21 +48,11 @@ def create_user(server: RedisServer, line: str, *changes: str) -> str:
 
 def status(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     """``celery stoker status`` as a user runs it, with the workers' environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "celery", "-A", APP, "stoker", "status", *args],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return stoker_status(APP, env, *args)
 
 
 def status_json(env: dict[str, str]) -> dict[str, Any]:
-    out = status(env, "--json", "--timeout", "2")
-    assert out.returncode == 0, out.stderr
-    views = json.loads(out.stdout)
-    return next(v for v in views if v["name"] == "recorder")
+    return next(v for v in status_views(APP, env, "--timeout", "2") if v["name"] == "recorder")
 
 
 def recorder_row(env: dict[str, str]) -> str:

@@ -11,9 +11,10 @@ import time
 from collections.abc import Callable
 
 import pytest
-from support.redis_server import RedisServer, free_port
 from support.tcp_proxy import TcpProxy
-from support.workers import Fleet, Records, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms, heard_join
+
+from celery_stoker.testing import RedisServer, free_port, wait_for
 
 pytestmark = pytest.mark.workers
 
@@ -52,11 +53,7 @@ def test_partitioned_leader_steps_down_before_expiry_and_rejoins(
     # w1 heard w2 join before the cut: no event of w1's term is in flight across it
     # (a callback running across a partition is not interrupted, only fenced; that
     # limit has its own test below).
-    wait_for(
-        lambda: [r for r in records.of("cluster_change") if r.reason["node"] == w2.node],
-        30,
-        what="w1 hears w2 join",
-    )
+    heard_join(records, w2.node)
 
     proxy.blackhole()
     cut_at = time.time()

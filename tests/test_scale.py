@@ -12,10 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import Fleet, wait_for
+from support.redis_stats import command_calls
+from support.workers import Fleet
 
 from celery_stoker.keys import reports_key
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 
@@ -91,8 +92,7 @@ def test_an_idle_fleet_sends_no_blpop(
     )
 
     def blpops() -> int:
-        stats = client.info("commandstats")
-        return int(stats.get("cmdstat_blpop", {}).get("calls", 0))
+        return command_calls(client).get("blpop", 0)
 
     # The last event's report may still be read: wait until the count stands still.
     counts = [blpops()]

@@ -17,8 +17,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from support.redis_server import RedisSentinel, RedisServer
-from support.workers import Fleet, Records, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms
+
+from celery_stoker.testing import RedisSentinel, RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 

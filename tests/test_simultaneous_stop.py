@@ -24,11 +24,11 @@ from collections.abc import Callable
 
 import pytest
 from celery import Celery
-from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
-from support.workers import Fleet, Records, WorkerProcess, check_terms, wait_for
+from support.workers import Fleet, Records, check_terms
 
 from celery_stoker.keys import lease_channel, token_key, transitions_key
+from celery_stoker.testing import RedisServer, WorkerProcess, wait_for
 
 pytestmark = pytest.mark.workers
 

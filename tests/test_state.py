@@ -10,21 +10,24 @@ write of the state in Redis, and a leader cut off from Redis still runs
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 import pytest
-from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
-from support.workers import ROOT, Fleet, Records, check_terms, shutdown_after_cut, wait_for
+from support.workers import (
+    Fleet,
+    Records,
+    check_terms,
+    heard_join,
+    shutdown_after_cut,
+    status_views,
+)
 
-from celery_stoker.pump import STATE_RETRY_START
+from celery_stoker.lanes import STATE_RETRY_START
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 
@@ -60,16 +63,7 @@ def replace_state(client: Any, fields: dict[bytes, bytes]) -> None:
 
 def status_json(env: dict[str, str]) -> dict[str, Any]:
     """``celery stoker status --json`` as a user runs it: the recorder's view."""
-    out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", APP, "stoker", "status", "--json", "--timeout", "2"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    return next(v for v in json.loads(out.stdout) if v["name"] == "recorder")
+    return next(v for v in status_views(APP, env, "--timeout", "2") if v["name"] == "recorder")
 
 
 def worker_view(env: dict[str, str], node: str) -> dict[str, Any]:
@@ -195,11 +189,7 @@ def test_a_failover_onto_garbage_retries_until_the_key_is_deleted(
     w1 = fleet.start("w1@%h")
     wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
     w2 = fleet.start("w2@%h")
-    wait_for(
-        lambda: [r for r in records.of("cluster_change") if r.reason["node"] == w2.node],
-        30,
-        what="w1 hears w2 join",
-    )
+    heard_join(records, w2.node)
     replace_state(client, GARBAGE)
     w1.sigkill()
     wait_for(lambda: unreadable_errors(w2.log()), 30, what="w2's ERROR")

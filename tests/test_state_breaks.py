@@ -5,7 +5,6 @@ Real forked processes and a real TMPDIR; no mocks.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import shutil
@@ -15,16 +14,15 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
-from support.workers import ROOT, Fleet, Records, shutdown_after_cut, wait_for
+from support.workers import Fleet, Records, shutdown_after_cut, status_views
 
 from celery_stoker import copies as module
 from celery_stoker.copies import StateCopies, StateCopy
 from celery_stoker.keys import lease_key
+from celery_stoker.testing import RedisServer, wait_for
 
 
 @pytest.fixture
@@ -239,23 +237,6 @@ def test_a_leader_cut_off_while_its_state_is_unreadable_stops_cleanly(
     assert client.hgetall("stoker:{recorder}:state") == JSON_STATE
 
 
-STATUS = ("status", "--json", "--timeout", "2")
-
-
-def status_views(env: dict[str, str]) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.apps.recorder", "stoker", *STATUS],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    views: list[dict[str, Any]] = json.loads(out.stdout)
-    return views
-
-
 @pytest.mark.workers
 @pytest.mark.parametrize(
     "lost",
@@ -277,7 +258,11 @@ def test_garbage_in_a_lease_value_s_lost_field_never_crashes_and_is_not_shown(
     w1 = fleet.start("w1@%h")
     view = wait_for(
         lambda: next(
-            (v for v in status_views(fleet.env) if v["name"] == "recorder" and v.get("leader")),
+            (
+                v
+                for v in status_views("tests.apps.recorder", fleet.env, "--timeout", "2")
+                if v["name"] == "recorder" and v.get("leader")
+            ),
             None,
         ),
         30,

@@ -19,9 +19,10 @@ import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from support import redis_server as redis_server_module
-from support.redis_server import RedisProcessError, RedisSentinel, RedisServer, resolve_binary
 from support.tcp_proxy import TcpProxy
+
+from celery_stoker.testing import RedisProcessError, RedisSentinel, RedisServer, resolve_binary
+from celery_stoker.testing import redis_server as redis_server_module
 
 MakeServer = Callable[..., RedisServer]
 MakeProxy = Callable[[int], TcpProxy]

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from support.redis_server import RedisServer
-from support.workers import Fleet, Records, wait_for
+from support.workers import Fleet, Records
 
 from celery_stoker import Stoker, StokerRegistrationError, stoker
 from celery_stoker.registry import registry_of
+from celery_stoker.testing import RedisServer, wait_for
 from celery_stoker.text import BRIEF_LIMIT, brief, control_character, printable
 
 

@@ -19,11 +19,12 @@ from urllib.parse import quote
 
 import pytest
 import redis
-from support.redis_server import RedisServer, TlsFiles, make_tls_files
-from support.workers import Fleet, Records, wait_for
+from support.workers import Fleet, Records
 
 from celery_stoker.connection import redis_client
 from celery_stoker.settings import StokerConfigurationError, load_settings
+from celery_stoker.testing import RedisServer, wait_for
+from celery_stoker.testing.redis_server import TlsFiles, make_tls_files
 
 SECRET = "tls-s3cret-pw"
 

@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 from celery import Celery
 from support.metrics import refused
-from support.redis_server import RedisServer
-from support.workers import Fleet, Records, check_terms, running_request, wait_for
+from support.workers import Fleet, Records, check_terms, running_request
 
 from celery_stoker import Stoker, stoker
-from celery_stoker.dispatch import DISPATCH_TASK, register_dispatch_task
-from celery_stoker.testing import free_port
+from celery_stoker.dispatch import register_dispatch_task
+from celery_stoker.outcome import DISPATCH_TASK
+from celery_stoker.testing import RedisServer, free_port, wait_for
 
 pytestmark = pytest.mark.workers
 prometheus_client = pytest.importorskip("prometheus_client")

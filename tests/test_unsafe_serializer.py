@@ -11,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from support.workers import Fleet, Records, wait_for
+from support.workers import Fleet, Records
+
+from celery_stoker.testing import wait_for
 
 
 @pytest.mark.workers

@@ -16,13 +16,14 @@ from typing import Any
 
 import redis
 from celery import Celery
+from support.redis_stats import command_calls
 
 from celery_stoker import Stoker, stoker
 from celery_stoker.delivery import WARM_UP_TASK_ID, EventDelivery
 from celery_stoker.dispatch import warm_process
 from celery_stoker.keys import reports_key, state_key
 from celery_stoker.lease import RedisLease
-from celery_stoker.pump import ReportReader
+from celery_stoker.reports import ReportReader
 from celery_stoker.testing import RedisServer, wait_for
 
 
@@ -32,17 +33,6 @@ class _Kept(Stoker):
 
     def event(self, state: Any, event: str, reason: Any) -> Any:
         return state
-
-
-def _calls(client: Any) -> dict[str, int]:
-    """Calls per command since the last CONFIG RESETSTAT, without the test's own."""
-    stats = client.info("commandstats")
-    ours = ("cmdstat_info", "cmdstat_config|resetstat", "cmdstat_hello", "cmdstat_client|setinfo")
-    return {
-        name.removeprefix("cmdstat_"): int(value["calls"])
-        for name, value in stats.items()
-        if name not in ours
-    }
 
 
 def test_the_warm_up_runs_the_term_check_once_per_redis_and_writes_nothing(
@@ -67,7 +57,7 @@ def test_the_warm_up_runs_the_term_check_once_per_redis_and_writes_nothing(
 
     # One Redis for three Stokers: the script once, one term check (two GETs and the
     # state in one round trip), and no write.
-    assert _calls(client) == {"script|load": 1, "get": 2, "hgetall": 1}
+    assert command_calls(client) == {"script|load": 1, "get": 2, "hgetall": 1}
     assert {key: client.dump(key) for key in client.keys("*")} == before
 
 
@@ -81,7 +71,7 @@ def test_building_the_warm_up_message_sends_nothing(redis_server: RedisServer) -
     delivery.warm_up()
 
     assert not delivery.withdraw(WARM_UP_TASK_ID)  # never handed to a loop
-    assert _calls(broker) == {}
+    assert command_calls(broker) == {}
     assert broker.keys("*") == []
 
 
@@ -106,7 +96,7 @@ def test_the_report_reader_connects_at_start_and_sends_nothing_while_idle(
         )
         # Nothing to read, so nothing asked: not one BLPOP (a window, not a timing claim).
         time.sleep(ReportReader.BLOCK * 1.5)
-        assert "blpop" not in _calls(server)
+        assert "blpop" not in command_calls(server)
     finally:
         reader.stop()
         reader.join(ReportReader.BLOCK + 2)

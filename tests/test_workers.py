@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 
 import pytest
-from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, Records, check_terms, wait_for
+from support.workers import ROOT, Fleet, Records, check_terms, heard_join, stoker_status
 
 import celery_stoker
+from celery_stoker.testing import RedisServer, wait_for
 
 pytestmark = pytest.mark.workers
 
@@ -152,11 +152,7 @@ def test_cluster_change_on_clean_leave(fleet: Fleet, records: Records) -> None:
     w1 = fleet.start("w1@%h")
     wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
     w2 = fleet.start("w2@%h")
-    wait_for(
-        lambda: [r for r in records.of("cluster_change") if r.reason["node"] == w2.node],
-        30,
-        what="w2 joined",
-    )
+    heard_join(records, w2.node)
     w2.sigterm()
     left = wait_for(
         lambda: [
@@ -232,14 +228,7 @@ def test_inspect_and_status_commands(
     # Each worker says which release it runs (the package's metadata, its one source).
     assert {r["version"] for r in replies.values()} == {celery_stoker.__version__}
 
-    out = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", APP, "stoker", "status"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = stoker_status(APP, env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split()[:3] == ["STOKER", "LEADER", "TOKEN"]
@@ -459,11 +448,7 @@ def test_cluster_change_with_task_events_enabled(
     w1 = fleet.start("w1@%h", extra_args=["-E"])
     wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
     w2 = fleet.start("w2@%h", extra_args=["-E"])
-    joined = wait_for(
-        lambda: [r for r in records.of("cluster_change") if r.reason["node"] == w2.node],
-        30,
-        what="w2 joined",
-    )[0]
+    joined = heard_join(records, w2.node)
     assert (joined.host, joined.reason["change"]) == (w1.node, "joined")
 
 

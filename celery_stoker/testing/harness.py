@@ -1,7 +1,7 @@
 """``StokerHarness``: drive one Stoker in the test's own process, with no Redis and no worker.
 
 It runs each event through the very function a worker's pool runs
-(``dispatch.run_callbacks``), against a state store kept in memory instead of
+(``callbacks.run_callbacks``), against a state store kept in memory instead of
 Redis, so a test sees what production does: ``init()`` only when nothing is
 stored, the state round-tripped through the serializer after every event,
 ``next_timer_in`` checked the same way, fenced commits, and a new term that
@@ -22,7 +22,8 @@ import itertools
 from collections.abc import Iterable
 from typing import Any
 
-from ..dispatch import EventCall, Outcome, run_callbacks
+from ..callbacks import EventCall, run_callbacks
+from ..outcome import Outcome
 from ..registry import StokerSpec
 from ..stoker import Stoker, StokerContext
 from ..store import Commit, StoredState, decode_state, encode_state

@@ -48,10 +48,10 @@ from typing import Any
 
 import pytest
 import redis
-from support.redis_server import RedisServer
 from support.tcp_proxy import TcpProxy
-from support.workers import Fleet, Record, WorkerProcess, check_terms, wait_for
+from support.workers import Fleet, Record, check_terms
 
+from celery_stoker.testing import RedisServer, WorkerProcess, wait_for
 from celery_stoker.testing.redis_cluster import RedisCluster, slot_of
 
 pytestmark = [pytest.mark.chaos, pytest.mark.workers]

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import redis
 
-from support.workers import Fleet, WorkerProcess, wait_for
+from celery_stoker.testing import WorkerProcess, wait_for
+from support.workers import Fleet
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,18 @@
 """Workers for the tests, and readers for what their Stokers recorded.
 
 The process helpers are :mod:`celery_stoker.testing`'s (one copy for tests, benchmarks and
-the demo); what stays here is the tests' own: workers run from the repository root (so
-``tests.apps.*`` import), and the readers of the recorder app's ``rec:*`` lists with the
-safety check every worker test ends with.
+the demo), and tests import them from there; what stays here is the tests' own: workers run
+from the repository root (so ``tests.apps.*`` import), and the readers of the recorder app's
+``rec:*`` lists with the safety check every worker test ends with.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,19 +20,19 @@ from typing import Any
 import redis
 
 from celery_stoker import testing
-from celery_stoker.testing import WaitTimeout, WorkerProcess, wait_for
+from celery_stoker.testing import wait_for
 
 __all__ = [
     "ROOT",
     "Fleet",
     "Record",
     "Records",
-    "WaitTimeout",
-    "WorkerProcess",
     "check_terms",
+    "heard_join",
     "running_request",
     "shutdown_after_cut",
-    "wait_for",
+    "status_views",
+    "stoker_status",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,6 +127,38 @@ def check_terms(records: list[Record]) -> dict[int, list[Record]]:
             )
         previous = (token, last)
     return terms
+
+
+def heard_join(records: Records, node: str, timeout: float = 30) -> Record:
+    """Wait until the leader's ``cluster_change`` says ``node`` joined; return that record."""
+    return wait_for(
+        lambda: [r for r in records.of("cluster_change") if r.reason["node"] == node],
+        timeout,
+        what=f"the leader hears {node} join",
+    )[0]
+
+
+def stoker_status(app: str, env: Mapping[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``celery -A <app> stoker status <args>`` as a user runs it, with the workers' environment.
+
+    From the repository root, so ``tests.apps.*`` import as they do in the workers.
+    """
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", app, "stoker", "status", *args],
+        cwd=ROOT,
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def status_views(app: str, env: Mapping[str, str], *args: str) -> list[dict[str, Any]]:
+    """Every Stoker's view, from ``stoker status --json <args>`` (which must succeed)."""
+    out = stoker_status(app, env, "--json", *args)
+    assert out.returncode == 0, out.stderr
+    views: list[dict[str, Any]] = json.loads(out.stdout)
+    return views
 
 
 def running_request(records: Records, after: int = 0) -> dict[str, Any]:
