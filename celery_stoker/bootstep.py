@@ -108,6 +108,7 @@ class StokerStep(bootsteps.StartStopStep):
         worker: Any,
         stoker_drain: bool = False,
         without_gossip: bool = False,
+        without_heartbeat: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(worker, **kwargs)
@@ -138,6 +139,8 @@ class StokerStep(bootsteps.StartStopStep):
                 raise StokerConfigurationError(f"Stoker {name!r}: {exc}") from None
         if without_gossip:
             self._refuse_min_members("--without-gossip")
+        if without_heartbeat:
+            self._refuse_min_members("--without-heartbeat")
         self.queue_name = event_queue_name(self.app.conf, self.hostname)
         self.delivery = EventDelivery(self.app, worker, self.queue_name)
         # Members are the workers of this app under the same key prefix (membership.py).
@@ -194,18 +197,23 @@ class StokerStep(bootsteps.StartStopStep):
             )
 
     def _refuse_min_members(self, why: str) -> None:
-        """Stop the worker at start: without gossip a ``min_members`` > 1 Stoker never acts.
+        """Stop the worker at start: a ``min_members`` > 1 Stoker would never act.
 
-        The live set then holds only this worker, so its leader would hold the
-        lease and never act, for good, and keep every other worker from leading.
+        Workers count each other by gossip, from the heartbeats each sends.
+        Without gossip the live set holds only this worker; without heartbeats
+        (``--without-heartbeat``, gossip on) no other worker ever counts this
+        one, so a fleet that runs so sees one member each.  Its leader would
+        hold the lease and never act, for good, and keep every other worker
+        from leading.
         """
         needing = sorted(name for name, spec in self.registry.items() if spec.min_members > 1)
         if needing:
             raise StokerConfigurationError(
                 f"Stoker {needing[0]!r}: min_members={self.registry[needing[0]].min_members} "
-                f"needs Celery's gossip to count the workers, and this worker runs with {why}: "
-                "its leader would hold the lease and never act.  Run it with gossip (no "
-                "--without-gossip) or drop min_members= from @stoker"
+                "needs Celery's gossip and heartbeats to count the workers, and this worker "
+                f"runs with {why}: its leader would hold the lease and never act.  Run it "
+                "with gossip and heartbeats (no --without-gossip, no --without-heartbeat) or "
+                "drop min_members= from @stoker"
                 + (f" (also: {', '.join(needing[1:])})" if len(needing) > 1 else "")
             )
 
@@ -236,6 +244,8 @@ class StokerStep(bootsteps.StartStopStep):
         announce(self.membership.scope)  # before the consumer's heart sends worker-online
         if not self.membership.attach_gossip(worker.consumer):
             self._refuse_min_members("gossip is off (a broker without it)")
+        if not self.membership.heartbeats_on(worker.consumer):
+            self._refuse_min_members("heartbeats off")
         self.emitter.start()
         self._sync_drain_marks(draining=self.drain_at_start)
         holder_prefix = f"{self.hostname}/{uuid.uuid4().hex[:12]}"

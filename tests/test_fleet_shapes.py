@@ -91,12 +91,21 @@ def test_gossip_off_churn_of_fresh_names_keeps_the_waiters_bounded(
     assert max(sizes) <= 6, sizes
 
 
-def test_min_members_with_gossip_off_is_refused_at_start(fleets: Callable[..., Fleet]) -> None:
+@pytest.mark.parametrize("flag", ["--without-gossip", "--without-heartbeat"])
+def test_min_members_with_gossip_off_is_refused_at_start(
+    fleets: Callable[..., Fleet], flag: str
+) -> None:
+    """Heartbeats off alone (gossip on) is refused too: no other worker would count this one.
+
+    A fleet run so saw one member on each worker, and its leader held the lease
+    without ever acting.
+    """
     fleet = fleets("solo", STOKER_TEST_MIN_MEMBERS="2")
-    worker = fleet.start("w1@%h", extra_args=GOSSIP_OFF)
+    worker = fleet.start("w1@%h", extra_args=[flag])
     assert worker.wait_exit(60) != 0
     log = worker.log()
-    assert "min_members=2" in log and "--without-gossip" in log, log[-3000:]
+    assert "min_members=2 needs Celery's gossip and heartbeats" in log, log[-3000:]
+    assert f"runs with {flag}" in log, log[-3000:]
 
 
 def test_an_idle_follower_sends_nothing_with_gossip_off(
