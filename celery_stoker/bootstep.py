@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -78,6 +79,10 @@ POOL_LIMITS = {
 #: name never used again (a pod), leaves nothing behind, and a live worker's short
 #: broker reconnect keeps its queue and what waits in it.
 EVENT_QUEUE_EXPIRES = 20.0
+
+
+#: Longest a stopping worker waits for Redis to take it out of the draining set.
+LEAVE_TIMEOUT = 1.0
 
 
 def event_queue_name(conf: Any, hostname: str) -> str:
@@ -407,15 +412,7 @@ class StokerStep(bootsteps.StartStopStep):
         """
         from .control import mark_draining
 
-        by_prefix: dict[str, tuple[StokerSettings, list[str]]] = {}
-        for name, settings in self.settings.items():
-            by_prefix.setdefault(settings.key_prefix, (settings, []))[1].append(name)
-        for prefix, (settings, names) in by_prefix.items():
-            client = redis_client(
-                settings.url,
-                transport_options=settings.transport_options,
-                socket_timeout=settings.socket_timeout,
-            )
+        for prefix, settings, names, client in self._drain_clients():
             try:
                 drained = draining or bool(client.sismember(draining_key(prefix), self.hostname))
                 mark_draining(client, prefix, names, [self.hostname], draining=drained)
@@ -433,6 +430,58 @@ class StokerStep(bootsteps.StartStopStep):
                     )
             finally:
                 client.close()
+
+    def _leave_draining_set(self) -> None:
+        """A clean stop ends this worker's drain: its name leaves the draining set.
+
+        A drain moves leadership off a worker for the rest of its run (a rolling
+        deploy, a Kubernetes ``preStop`` hook).  Kept past the stop, the mark made
+        a pod that came back under the same name (a StatefulSet) draining for
+        good -- after a rollout every pod, and the Stoker had no leader at all --
+        and with fresh pod names it grew the set by one name per pod.  Runs once
+        every election has stopped (none acquires from ``worker_shutting_down``
+        on), so this worker cannot lead on its way out.  A crash runs nothing:
+        its mark stays until ``undrain``, or until that name's next clean stop.
+        """
+        from .control import mark_draining
+
+        for prefix, settings, names, client in self._drain_clients(timeout=LEAVE_TIMEOUT):
+            try:
+                if client.sismember(draining_key(prefix), self.hostname):
+                    mark_draining(client, prefix, names, [self.hostname], draining=False)
+                    logger.info(
+                        "celery-stoker: %s leaves the draining set as it stops", self.hostname
+                    )
+            except Exception as exc:
+                logger.warning(
+                    "celery-stoker: could not take %s out of the draining set in %s (%s); "
+                    "a worker started under that name will not lead until "
+                    "`celery stoker undrain %s`",
+                    self.hostname,
+                    settings.masked_url,
+                    exc,
+                    self.hostname,
+                )
+            finally:
+                client.close()
+
+    def _drain_clients(
+        self, timeout: float | None = None
+    ) -> Iterator[tuple[str, StokerSettings, list[str], redis.Redis]]:
+        """Per key prefix: its settings, this worker's Stokers under it, and a client of its own.
+
+        ``timeout`` caps the client's socket timeout (a stopping worker waits less).
+        """
+        by_prefix: dict[str, tuple[StokerSettings, list[str]]] = {}
+        for name, settings in self.settings.items():
+            by_prefix.setdefault(settings.key_prefix, (settings, []))[1].append(name)
+        for prefix, (settings, names) in by_prefix.items():
+            client = redis_client(
+                settings.url,
+                transport_options=settings.transport_options,
+                socket_timeout=min(settings.socket_timeout, timeout or settings.socket_timeout),
+            )
+            yield prefix, settings, names, client
 
     def _listener(self, settings: StokerSettings) -> LeaseListener:
         key = (settings.url, settings.key_prefix)
@@ -515,6 +564,8 @@ class StokerStep(bootsteps.StartStopStep):
                 ", ".join(sorted(stuck)),
                 timeout,
             )
+        if self.activators:
+            self._leave_draining_set()
         self.pump.stop()
         copies.close()
         for listener in self.listeners.values():
