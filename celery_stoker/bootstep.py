@@ -294,6 +294,7 @@ class StokerStep(bootsteps.StartStopStep):
         # Each restart of the consumer is a lost broker connection (it drops what the pool
         # has not started): the pump says a broker loss only when there was one.
         self.pump.consumer_restarts = lambda: getattr(worker.consumer, "restart_count", None)
+        self.pump.consumer_connected = lambda: worker.consumer.connection is not None
         self.pump.start(warm_up=self._warm_main_process)
         signals.worker_shutting_down.connect(self._on_shutting_down, weak=False)
         logger.info(

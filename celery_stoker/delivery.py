@@ -72,6 +72,9 @@ class EventDelivery:
         self._worker = worker
         self._handler: Any = None
         self._said_fallback = False
+        #: The consumer's restart count when this worker last declared its event queue
+        #: itself (see :meth:`_publish`); a fresh object: never yet.
+        self._declared_at: object = object()
         #: Events handed to the loop that it has not taken yet (see :meth:`withdraw`).
         self._waiting: set[str] = set()
         self._lock = threading.Lock()
@@ -88,17 +91,21 @@ class EventDelivery:
         *,
         soft_time_limit: float | None,
         time_limit: float | None,
-    ) -> None:
-        """Hand the dispatch task for ``args`` to this worker's pool (any thread)."""
+    ) -> bool:
+        """Hand the dispatch task for ``args`` to this worker's pool (any thread).
+
+        True when it went through the broker, False when to the consumer's loop.
+        """
         event = _Event(task_id, args, soft_time_limit, time_limit)
         hub = self._hub()
         if hub is None:
             self._publish(event)
-            return
+            return True
         message = self._message(event)
         with self._lock:
             self._waiting.add(task_id)
         hub.call_soon(self._on_loop, message, event)
+        return False
 
     def warm_up(self) -> None:
         """Build one event's message and throw it away: the first one costs more.
@@ -135,16 +142,38 @@ class EventDelivery:
         return set(prepare_accept_content(self.app.conf.accept_content))
 
     def _publish(self, event: _Event) -> None:
-        self.app.send_task(
-            DISPATCH_TASK,
-            args=event.args,
-            task_id=event.task_id,
-            queue=self.queue_name,
-            expires=EVENT_MESSAGE_EXPIRES,
-            ignore_result=True,
-            soft_time_limit=event.soft_time_limit,
-            time_limit=event.time_limit,
-        )
+        with self.app.producer_or_acquire() as producer:
+            self._declare_after_reconnect(producer)
+            self.app.send_task(
+                DISPATCH_TASK,
+                args=event.args,
+                task_id=event.task_id,
+                queue=self.queue_name,
+                expires=EVENT_MESSAGE_EXPIRES,
+                ignore_result=True,
+                soft_time_limit=event.soft_time_limit,
+                time_limit=event.time_limit,
+                producer=producer,
+            )
+
+    def _declare_after_reconnect(self, producer: Any) -> None:
+        """Declare the event queue on the producer's connection once per consumer connection.
+
+        The broker deletes the queue once its consumer has been away longer
+        than its expiry, and a publish to a queue that is gone is dropped
+        without a word.  kombu declares a queue once per connection and
+        remembers it: a producer connection that outlived the consumer's
+        absence would never declare it again.  So after each reconnect of the
+        consumer the next publish declares it, whatever kombu remembers (one
+        round trip per reconnect; the consumer declares it too, but maybe
+        after this publish).
+        """
+        consumer: Any = getattr(self._worker, "consumer", None)
+        restarts = getattr(consumer, "restart_count", None)
+        if restarts == self._declared_at:
+            return
+        self.app.amqp.queues[self.queue_name].bind(producer.channel).declare()
+        self._declared_at = restarts
 
     def _message(self, event: _Event) -> Message:
         """The message ``send_task`` would publish, as the consumer would receive it."""

@@ -17,9 +17,11 @@ ways:
 * the **watchdog**: a request the worker has finished or dropped (it left
   Celery's own table of requests) whose report never came, for instance
   because Redis refused the write, is over after a short grace; a message
-  the worker never saw at all is given up after :data:`UNSEEN_TIMEOUT`, the
-  moment the message itself expires, so it can never run later beside a
-  newer event.
+  the worker never saw at all is given up after :data:`UNSEEN_TIMEOUT`, or,
+  sent through the broker, as soon as the consumer is back from a lost
+  broker connection (the broker may have deleted the worker's event queue
+  with it meanwhile), and revoked in this worker, so it can never run later
+  beside a newer event.
 
 So no event of a Stoker starts while another of the same Stoker may still
 run, and nothing waits on a report that cannot come.  Different Stokers'
@@ -64,8 +66,9 @@ WATCH_INTERVAL = 0.1
 #: tables is waited out, not a report's way back.  A stepping-down leader whose event
 #: was dropped releases its lease this much sooner than after :data:`REPORT_GRACE`.
 DROP_GRACE = 0.1
-#: An event whose message the worker never received is given up after this long;
-#: its message expires at the same moment (see ``dispatch.EVENT_MESSAGE_EXPIRES``).
+#: An event whose message the worker never received is given up after this long,
+#: and revoked in this worker: should the message come later (it expires only after
+#: ``dispatch.EVENT_MESSAGE_EXPIRES``), it is skipped.
 UNSEEN_TIMEOUT = 300.0
 #: Longest single wait of the pump: a timer further away than this is waited in parts,
 #: so any ``next_timer_in`` value is safe.
@@ -177,6 +180,12 @@ class InFlight:
     admitted: Any = None
     #: How often the worker's consumer had restarted (lost the broker) when it was sent.
     restarts: int | None = None
+    #: Sent through the broker to the worker's event queue (gevent, eventlet), not
+    #: handed to the consumer's event loop.
+    via_broker: bool = False
+    #: The watchdog gave it up (it never started; it is sent again): no request of it
+    #: may be admitted any more, even one that asked just before.
+    given_up: bool = False
 
 
 class LaneOwner(Protocol):
@@ -194,8 +203,11 @@ class LaneOwner(Protocol):
     def event_args(self, item: PendingEvent) -> list[Any]:
         """The dispatch task's arguments for ``item`` (name, token, seq, event, reason, ...)."""
 
-    def send_event(self, item: PendingEvent, task_id: str, args: list[Any]) -> None:
-        """Send ``args`` as the dispatch task with ``task_id``; raise if the broker refuses."""
+    def send_event(self, item: PendingEvent, task_id: str, args: list[Any]) -> bool:
+        """Send ``args`` as the dispatch task with ``task_id``; raise if the broker refuses.
+
+        True when it went through the broker (to the worker's event queue).
+        """
 
     def withdraw(self, task_id: str) -> bool:
         """Take back a sent event that Celery has not received; True if it never will."""
@@ -261,6 +273,8 @@ class EventPump:
         #: How often the worker's consumer has restarted (each restart is a lost broker
         #: connection, and drops the requests the pool had not started); None if unknown.
         self.consumer_restarts: Callable[[], int | None] | None = None
+        #: True while the worker's consumer holds a broker connection; None if unknown.
+        self.consumer_connected: Callable[[], bool] | None = None
 
     # ------------------------------------------------------------ wiring
 
@@ -462,6 +476,9 @@ class EventPump:
                     "this worker has no event of it in flight (it follows, or that event "
                     "is over): a replay, or a message from elsewhere"
                 )
+                return Refusal("not_in_flight", why), name, lane
+            if inflight.given_up:
+                why = "the pump gave that event up a moment ago (it never started); sent again"
                 return Refusal("not_in_flight", why), name, lane
             if inflight.task_id != task_id or inflight.fingerprint != event_fingerprint(args):
                 why = (
@@ -800,7 +817,7 @@ class EventPump:
                 if lane.inflight is not None and lane.inflight.task_id == task_id:
                     lane.inflight.fingerprint = event_fingerprint(args)
                     lane.inflight.restarts = restarts
-            lane.owner.send_event(item, task_id, args)
+            via_broker = lane.owner.send_event(item, task_id, args)
         except Exception as exc:
             text = f"{exc.__class__.__name__}: {exc}"
             if text != lane.send_error:
@@ -818,6 +835,10 @@ class EventPump:
                         lane.pending.appendleft(item)
                         self._hold_lane(lane, time.monotonic() + SEND_RETRY)
             return
+        if via_broker:
+            with self._cond:
+                if lane.inflight is not None and lane.inflight.task_id == task_id:
+                    lane.inflight.via_broker = True
         if lane.send_error is not None:
             logger.info("Stoker %s: sending events again", name)
             lane.send_error = None
@@ -833,6 +854,8 @@ class EventPump:
                     continue
                 outcome = self._verdict(name, lane, inflight, known, now)
                 if outcome is not None:
+                    if not outcome.ran and outcome.kind == "lost":
+                        inflight.given_up = True  # decided here, under the gate's lock
                     overdue.append((name, inflight, outcome))
         for name, inflight, outcome in overdue:
             if outcome.kind == "error":  # (lost ones are logged by _finish)
@@ -927,7 +950,22 @@ class EventPump:
                 REPORT_MISSING,
                 timer_error=True,
             )
+        if inflight.via_broker and self._reconnected_since(inflight):
+            # Not received, and the consumer lost the broker since it was sent: the
+            # message may have gone with the event queue, which the broker deletes
+            # 20 s after its consumer left (bootstep.EVENT_QUEUE_EXPIRES),
+            # and nothing else would notice before UNSEEN_TIMEOUT.  Sent again once
+            # the consumer is back; a copy the queue still held is discarded.
+            _revoke_locally(inflight.task_id)
+            return ended(
+                "lost",
+                "was waiting in this worker's event queue when the worker lost the broker "
+                "(the broker deletes the queue, and what waits in it, once the worker has "
+                "been away longer than its expiry); sent again",
+                ran=False,
+            )
         if now - inflight.sent_at >= UNSEEN_TIMEOUT:
+            _revoke_locally(inflight.task_id)  # should it come after all, it is skipped
             return ended(
                 "lost",
                 f"its message never reached the pool in {UNSEEN_TIMEOUT:.0f} s (it has "
@@ -953,6 +991,18 @@ class EventPump:
                 "sent again"
             )
         return "dropped by the worker before a pool process started it; sent again"
+
+    def _reconnected_since(self, inflight: InFlight) -> bool:
+        """The consumer lost the broker after ``inflight`` was sent, and is connected again."""
+        then = inflight.restarts
+        if then is None or self.consumer_connected is None:
+            return False
+        now = self._consumer_restarts()
+        try:
+            connected = self.consumer_connected()
+        except Exception:
+            return False
+        return connected and now is not None and now > then
 
     def _consumer_restarts(self) -> int | None:
         try:
