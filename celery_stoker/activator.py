@@ -362,11 +362,14 @@ class Activator:
             self.hostname,
         ]
 
-    def send_event(self, item: PendingEvent, task_id: str, args: list[Any]) -> None:
-        """Send ``item`` to this worker's pool as the dispatch task (``delivery.py``)."""
+    def send_event(self, item: PendingEvent, task_id: str, args: list[Any]) -> bool:
+        """Send ``item`` to this worker's pool as the dispatch task (``delivery.py``).
+
+        True when it went through the broker.
+        """
         self.last_event, self.last_event_at = item.event, time.time()
         self._sent_token = item.token
-        self.delivery.send(
+        return self.delivery.send(
             task_id,
             args,
             soft_time_limit=self.settings.soft_time_limit,

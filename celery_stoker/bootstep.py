@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -81,6 +82,10 @@ POOL_LIMITS = {
 EVENT_QUEUE_EXPIRES = 20.0
 
 
+#: Longest a stopping worker waits for Redis to take it out of the draining set.
+LEAVE_TIMEOUT = 1.0
+
+
 def event_queue_name(conf: Any, hostname: str) -> str:
     """The queue this worker's Stoker events travel on; only this worker consumes it."""
     _, _, prefix = check_timing(conf)
@@ -109,6 +114,7 @@ class StokerStep(bootsteps.StartStopStep):
         worker: Any,
         stoker_drain: bool = False,
         without_gossip: bool = False,
+        without_heartbeat: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(worker, **kwargs)
@@ -140,6 +146,8 @@ class StokerStep(bootsteps.StartStopStep):
                 raise StokerConfigurationError(f"Stoker {name!r}: {exc}") from None
         if without_gossip:
             self._refuse_min_members("--without-gossip")
+        if without_heartbeat:
+            self._refuse_min_members("--without-heartbeat")
         self.queue_name = event_queue_name(self.app.conf, self.hostname)
         self.delivery = EventDelivery(self.app, worker, self.queue_name)
         # Members are the workers of this app under the same key prefix (membership.py).
@@ -196,18 +204,23 @@ class StokerStep(bootsteps.StartStopStep):
             )
 
     def _refuse_min_members(self, why: str) -> None:
-        """Stop the worker at start: without gossip a ``min_members`` > 1 Stoker never acts.
+        """Stop the worker at start: a ``min_members`` > 1 Stoker would never act.
 
-        The live set then holds only this worker, so its leader would hold the
-        lease and never act, for good, and keep every other worker from leading.
+        Workers count each other by gossip, from the heartbeats each sends.
+        Without gossip the live set holds only this worker; without heartbeats
+        (``--without-heartbeat``, gossip on) no other worker ever counts this
+        one, so a fleet that runs so sees one member each.  Its leader would
+        hold the lease and never act, for good, and keep every other worker
+        from leading.
         """
         needing = sorted(name for name, spec in self.registry.items() if spec.min_members > 1)
         if needing:
             raise StokerConfigurationError(
                 f"Stoker {needing[0]!r}: min_members={self.registry[needing[0]].min_members} "
-                f"needs Celery's gossip to count the workers, and this worker runs with {why}: "
-                "its leader would hold the lease and never act.  Run it with gossip (no "
-                "--without-gossip) or drop min_members= from @stoker"
+                "needs Celery's gossip and heartbeats to count the workers, and this worker "
+                f"runs with {why}: its leader would hold the lease and never act.  Run it "
+                "with gossip and heartbeats (no --without-gossip, no --without-heartbeat) or "
+                "drop min_members= from @stoker"
                 + (f" (also: {', '.join(needing[1:])})" if len(needing) > 1 else "")
             )
 
@@ -238,6 +251,8 @@ class StokerStep(bootsteps.StartStopStep):
         announce(self.membership.scope)  # before the consumer's heart sends worker-online
         if not self.membership.attach_gossip(worker.consumer):
             self._refuse_min_members("gossip is off (a broker without it)")
+        if not self.membership.heartbeats_on(worker.consumer):
+            self._refuse_min_members("heartbeats off")
         self.emitter.start()
         self._sync_drain_marks(draining=self.drain_at_start)
         holder_prefix = f"{self.hostname}/{uuid.uuid4().hex[:12]}"
@@ -281,6 +296,7 @@ class StokerStep(bootsteps.StartStopStep):
         # Each restart of the consumer is a lost broker connection (it drops what the pool
         # has not started): the pump says a broker loss only when there was one.
         self.pump.watch.consumer_restarts = lambda: getattr(worker.consumer, "restart_count", None)
+        self.pump.watch.consumer_connected = lambda: worker.consumer.connection is not None
         self.pump.start(warm_up=self._warm_main_process)
         signals.worker_shutting_down.connect(self._on_shutting_down, weak=False)
         logger.info(
@@ -399,15 +415,7 @@ class StokerStep(bootsteps.StartStopStep):
         """
         from .control import mark_draining
 
-        by_prefix: dict[str, tuple[StokerSettings, list[str]]] = {}
-        for name, settings in self.settings.items():
-            by_prefix.setdefault(settings.key_prefix, (settings, []))[1].append(name)
-        for prefix, (settings, names) in by_prefix.items():
-            client = redis_client(
-                settings.url,
-                transport_options=settings.transport_options,
-                socket_timeout=settings.socket_timeout,
-            )
+        for prefix, settings, names, client in self._drain_clients():
             try:
                 drained = draining or bool(client.sismember(draining_key(prefix), self.hostname))
                 mark_draining(client, prefix, names, [self.hostname], draining=drained)
@@ -425,6 +433,58 @@ class StokerStep(bootsteps.StartStopStep):
                     )
             finally:
                 client.close()
+
+    def _leave_draining_set(self) -> None:
+        """A clean stop ends this worker's drain: its name leaves the draining set.
+
+        A drain moves leadership off a worker for the rest of its run (a rolling
+        deploy, a Kubernetes ``preStop`` hook).  Kept past the stop, the mark made
+        a pod that came back under the same name (a StatefulSet) draining for
+        good -- after a rollout every pod, and the Stoker had no leader at all --
+        and with fresh pod names it grew the set by one name per pod.  Runs once
+        every election has stopped (none acquires from ``worker_shutting_down``
+        on), so this worker cannot lead on its way out.  A crash runs nothing:
+        its mark stays until ``undrain``, or until that name's next clean stop.
+        """
+        from .control import mark_draining
+
+        for prefix, settings, names, client in self._drain_clients(timeout=LEAVE_TIMEOUT):
+            try:
+                if client.sismember(draining_key(prefix), self.hostname):
+                    mark_draining(client, prefix, names, [self.hostname], draining=False)
+                    logger.info(
+                        "celery-stoker: %s leaves the draining set as it stops", self.hostname
+                    )
+            except Exception as exc:
+                logger.warning(
+                    "celery-stoker: could not take %s out of the draining set in %s (%s); "
+                    "a worker started under that name will not lead until "
+                    "`celery stoker undrain %s`",
+                    self.hostname,
+                    settings.masked_url,
+                    exc,
+                    self.hostname,
+                )
+            finally:
+                client.close()
+
+    def _drain_clients(
+        self, timeout: float | None = None
+    ) -> Iterator[tuple[str, StokerSettings, list[str], redis.Redis]]:
+        """Per key prefix: its settings, this worker's Stokers under it, and a client of its own.
+
+        ``timeout`` caps the client's socket timeout (a stopping worker waits less).
+        """
+        by_prefix: dict[str, tuple[StokerSettings, list[str]]] = {}
+        for name, settings in self.settings.items():
+            by_prefix.setdefault(settings.key_prefix, (settings, []))[1].append(name)
+        for prefix, (settings, names) in by_prefix.items():
+            client = redis_client(
+                settings.url,
+                transport_options=settings.transport_options,
+                socket_timeout=min(settings.socket_timeout, timeout or settings.socket_timeout),
+            )
+            yield prefix, settings, names, client
 
     def _listener(self, settings: StokerSettings) -> LeaseListener:
         key = (settings.url, settings.key_prefix)
@@ -507,6 +567,8 @@ class StokerStep(bootsteps.StartStopStep):
                 ", ".join(sorted(stuck)),
                 timeout,
             )
+        if self.activators:
+            self._leave_draining_set()
         self.pump.stop()
         copies.close()
         for listener in self.listeners.values():

@@ -294,7 +294,7 @@ def handoff(ctx: click.Context, name: str, to: str | None, timeout: float) -> No
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for moves.")
 @click.pass_context
 def drain(ctx: click.Context, nodes: tuple[str, ...], timeout: float) -> None:
-    """Make NODES give up every leadership and take none (until undrain)."""
+    """Make NODES give up every leadership and take none (until undrain, or a clean stop)."""
     with _one_line_errors():
         result = drain_nodes(ctx.obj.app, list(nodes), timeout=timeout)
     for name, move in sorted(result["moved"].items()):

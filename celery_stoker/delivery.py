@@ -20,6 +20,7 @@ started).
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any
 
 from celery import Celery
 from celery.worker import state as worker_state
+from kombu import Queue
 from kombu.message import Message
 from kombu.serialization import dumps, prepare_accept_content
 
@@ -73,6 +75,9 @@ class EventDelivery:
         self._worker = worker
         self._handler: Any = None
         self._said_fallback = False
+        #: The consumer's restart count at the last publish (see :attr:`_declared_anew`);
+        #: a fresh object: none yet.
+        self._declared_at: object = object()
         #: Events handed to the loop that it has not taken yet (see :meth:`withdraw`).
         self._waiting: set[str] = set()
         self._lock = threading.Lock()
@@ -89,17 +94,21 @@ class EventDelivery:
         *,
         soft_time_limit: float | None,
         time_limit: float | None,
-    ) -> None:
-        """Hand the dispatch task for ``args`` to this worker's pool (any thread)."""
+    ) -> bool:
+        """Hand the dispatch task for ``args`` to this worker's pool (any thread).
+
+        True when it went through the broker, False when to the consumer's loop.
+        """
         event = _Event(task_id, args, soft_time_limit, time_limit)
         hub = self._hub()
         if hub is None:
             self._publish(event)
-            return
+            return True
         message = self._message(event)
         with self._lock:
             self._waiting.add(task_id)
         hub.call_soon(self._on_loop, message, event)
+        return False
 
     def warm_up(self) -> None:
         """Build one event's message and throw it away: the first one costs more.
@@ -136,6 +145,8 @@ class EventDelivery:
         return set(prepare_accept_content(self.app.conf.accept_content))
 
     def _publish(self, event: _Event) -> None:
+        consumer: Any = getattr(self._worker, "consumer", None)
+        restarts = getattr(consumer, "restart_count", None)
         self.app.send_task(
             DISPATCH_TASK,
             args=event.args,
@@ -145,7 +156,29 @@ class EventDelivery:
             ignore_result=True,
             soft_time_limit=event.soft_time_limit,
             time_limit=event.time_limit,
+            # None: kombu's own, declared once per connection.
+            declare=[self._declared_anew] if restarts != self._declared_at else None,
         )
+        self._declared_at = restarts
+
+    @cached_property
+    def _declared_anew(self) -> Queue:
+        """The event queue, declared by kombu at every publish that names it.
+
+        The broker deletes the queue once its consumer has been away longer
+        than its expiry, and drops a publish to a queue that is gone without a
+        word.  kombu declares a queue once per connection and remembers it: a
+        producer connection that outlived the consumer's absence would never
+        declare it again.  So the first publish after each reconnect of the
+        consumer names this copy, which kombu does not remember (an explicit
+        ``x-expires``, the same as the queue's own), inside the publish's own
+        retries.  The consumer declares the queue too, but maybe after.
+        """
+        queue = copy.copy(self.app.amqp.queues[self.queue_name])
+        if queue.expires is not None:  # always, for the queue bootstep.event_queue makes
+            expires = {"x-expires": int(queue.expires * 1000)}
+            queue.queue_arguments = {**(queue.queue_arguments or {}), **expires}
+        return queue
 
     def _message(self, event: _Event) -> Message:
         """The message ``send_task`` would publish, as the consumer would receive it."""

@@ -80,6 +80,12 @@ class InFlight:
     admitted: Any = None
     #: How often the worker's consumer had restarted (lost the broker) when it was sent.
     restarts: int | None = None
+    #: Sent through the broker to the worker's event queue (gevent, eventlet), not
+    #: handed to the consumer's event loop.
+    via_broker: bool = False
+    #: The watchdog gave it up (it never started; it is sent again): no request of it
+    #: may be admitted any more, even one that asked just before.
+    given_up: bool = False
 
 
 class LaneOwner(Protocol):
@@ -97,8 +103,11 @@ class LaneOwner(Protocol):
     def event_args(self, item: PendingEvent) -> list[Any]:
         """The dispatch task's arguments for ``item`` (name, token, seq, event, reason, ...)."""
 
-    def send_event(self, item: PendingEvent, task_id: str, args: list[Any]) -> None:
-        """Send ``args`` as the dispatch task with ``task_id``; raise if the broker refuses."""
+    def send_event(self, item: PendingEvent, task_id: str, args: list[Any]) -> bool:
+        """Send ``args`` as the dispatch task with ``task_id``; raise if the broker refuses.
+
+        True when it went through the broker (to the worker's event queue).
+        """
 
     def withdraw(self, task_id: str) -> bool:
         """Take back a sent event that Celery has not received; True if it never will."""

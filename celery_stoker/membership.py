@@ -37,6 +37,7 @@ from ._version import __version__
 logger = logging.getLogger("celery_stoker.membership")
 
 GOSSIP_STEP = "celery.worker.consumer.gossip.Gossip"
+HEART_STEP = "celery.worker.consumer.heart.Heart"
 #: The field of ``worker-online``/``-heartbeat``/``-offline`` events that says which
 #: app and key prefixes a worker runs Stokers for, and its release:
 #: ``{"app": ..., "prefixes": [...], "version": "0.2.0"}`` (0.1.0 sent no such field).
@@ -177,7 +178,9 @@ class Membership:
         steps = getattr(getattr(consumer, "blueprint", None), "steps", {}) or {}
         gossip = steps.get(GOSSIP_STEP)
         if gossip is None or not getattr(gossip, "enabled", False):
-            logger.warning(
+            # INFO: a deliberate setting (the usual advice for large fleets), said once at
+            # start; a WARNING here would page an operator at every deploy.
+            logger.info(
                 "celery-stoker: gossip is off (--without-gossip), so the leader sees no "
                 "cluster_change events and context.members holds only this worker"
             )
@@ -192,6 +195,23 @@ class Membership:
                 self.change(worker.hostname, "joined", _scope(worker))
         self.source = "gossip"
         return True
+
+    def heartbeats_on(self, consumer: Any) -> bool:
+        """True when this worker's heart sends heartbeats; said once at start when not.
+
+        Gossip counts a worker from its ``worker-online`` and heartbeat events:
+        a worker without them (``--without-heartbeat``) is a member of no one
+        else's fleet, whatever its own gossip sees.
+        """
+        steps = getattr(getattr(consumer, "blueprint", None), "steps", {}) or {}
+        heart = steps.get(HEART_STEP)
+        if heart is not None and getattr(heart, "enabled", True):
+            return True
+        logger.info(
+            "celery-stoker: heartbeats are off (--without-heartbeat): the other workers do "
+            "not count this one in their context.members and cluster_change events"
+        )
+        return False
 
 
 def _scope(worker: Any) -> Scope | None:

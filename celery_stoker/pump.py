@@ -396,7 +396,7 @@ class EventPump:
                 if lane.inflight is not None and lane.inflight.task_id == task_id:
                     lane.inflight.fingerprint = event_fingerprint(args)
                     lane.inflight.restarts = restarts
-            lane.owner.send_event(item, task_id, args)
+            via_broker = lane.owner.send_event(item, task_id, args)
         except Exception as exc:
             text = f"{exc.__class__.__name__}: {exc}"
             if text != lane.send_error:
@@ -414,6 +414,10 @@ class EventPump:
                         lane.pending.appendleft(item)
                         self._hold_lane(lane, time.monotonic() + SEND_RETRY)
             return
+        if via_broker:
+            with self._cond:
+                if lane.inflight is not None and lane.inflight.task_id == task_id:
+                    lane.inflight.via_broker = True
         if lane.send_error is not None:
             logger.info("Stoker %s: sending events again", name)
             lane.send_error = None

@@ -14,8 +14,10 @@ over.  This watch is how it learns that, in one of three ways:
   or dropped (it left Celery's own table of requests) whose report never
   came, for instance because Redis refused the write, is over after a short
   grace; a pool process that died is seen at once; a message the worker never
-  saw at all is given up after :data:`UNSEEN_TIMEOUT`, the moment the message
-  itself expires, so it can never run later beside a newer event.
+  saw at all is given up after :data:`UNSEEN_TIMEOUT`, or, sent through the
+  broker, as soon as the consumer is back from a lost broker connection (the
+  broker may have deleted the worker's event queue with it meanwhile), and
+  revoked in this worker, so it can never run later beside a newer event.
 
 So no event of a Stoker starts while another of the same Stoker may still
 run, and nothing waits on a report that cannot come.
@@ -64,8 +66,9 @@ WATCH_INTERVAL = 0.1
 #: tables is waited out, not a report's way back.  A stepping-down leader whose event
 #: was dropped releases its lease this much sooner than after :data:`REPORT_GRACE`.
 DROP_GRACE = 0.1
-#: An event whose message the worker never received is given up after this long;
-#: its message expires at the same moment (see ``dispatch.EVENT_MESSAGE_EXPIRES``).
+#: An event whose message the worker never received is given up after this long,
+#: and revoked in this worker: should the message come later (it expires only after
+#: ``dispatch.EVENT_MESSAGE_EXPIRES``), it is skipped.
 UNSEEN_TIMEOUT = 300.0
 #: Longest the pump waits for a pool process that a hard time limit is killing.
 KILL_WAIT = 5.0
@@ -156,6 +159,8 @@ class EventWatch:
         #: How often the worker's consumer has restarted (each restart is a lost broker
         #: connection, and drops the requests the pool had not started); None if unknown.
         self.consumer_restarts: Callable[[], int | None] | None = None
+        #: True while the worker's consumer holds a broker connection; None if unknown.
+        self.consumer_connected: Callable[[], bool] | None = None
 
     # ------------------------------------------------------------ wiring
 
@@ -260,6 +265,9 @@ class EventWatch:
                     "is over): a replay, or a message from elsewhere"
                 )
                 return Refusal("not_in_flight", why), name, lane
+            if inflight.given_up:
+                why = "the pump gave that event up a moment ago (it never started); sent again"
+                return Refusal("not_in_flight", why), name, lane
             if inflight.task_id != task_id or inflight.fingerprint != event_fingerprint(args):
                 why = (
                     "it is not the event this worker's pump has in flight (a replay of an "
@@ -333,6 +341,8 @@ class EventWatch:
                     continue
                 outcome = self._verdict(name, lane, inflight, known, now)
                 if outcome is not None:
+                    if not outcome.ran and outcome.kind == "lost":
+                        inflight.given_up = True  # decided here, under the gate's lock
                     overdue.append((name, inflight, outcome))
         for name, inflight, outcome in overdue:
             if outcome.kind == "error":  # (lost ones are logged by the pump's finish)
@@ -427,7 +437,22 @@ class EventWatch:
                 REPORT_MISSING,
                 timer_error=True,
             )
+        if inflight.via_broker and self._reconnected_since(inflight):
+            # Not received, and the consumer lost the broker since it was sent: the
+            # message may have gone with the event queue, which the broker deletes
+            # 20 s after its consumer left (bootstep.EVENT_QUEUE_EXPIRES),
+            # and nothing else would notice before UNSEEN_TIMEOUT.  Sent again once
+            # the consumer is back; a copy the queue still held is discarded.
+            _revoke_locally(inflight.task_id)
+            return ended(
+                "lost",
+                "was waiting in this worker's event queue when the worker lost the broker "
+                "(the broker deletes the queue, and what waits in it, once the worker has "
+                "been away longer than its expiry); sent again",
+                ran=False,
+            )
         if now - inflight.sent_at >= UNSEEN_TIMEOUT:
+            _revoke_locally(inflight.task_id)  # should it come after all, it is skipped
             return ended(
                 "lost",
                 f"its message never reached the pool in {UNSEEN_TIMEOUT:.0f} s (it has "
@@ -435,6 +460,18 @@ class EventWatch:
                 ran=False,
             )
         return None
+
+    def _reconnected_since(self, inflight: InFlight) -> bool:
+        """The consumer lost the broker after ``inflight`` was sent, and is connected again."""
+        then = inflight.restarts
+        if then is None or self.consumer_connected is None:
+            return False
+        now = self.restarts()
+        try:
+            connected = self.consumer_connected()
+        except Exception:
+            return False
+        return connected and now is not None and now > then
 
     def _why_dropped(self, lane: Lane, inflight: InFlight) -> str:
         """Why an event left the worker before a pool process started it: only what is known.

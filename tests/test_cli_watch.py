@@ -54,6 +54,9 @@ def run_in_terminal(
     pid, fd = pty.fork()
     if pid == 0:  # the child: its stdin/stdout/stderr are the terminal
         try:
+            # Ctrl-C must reach it even when the suite was started in the background
+            # (a non-interactive shell's `cmd &` ignores SIGINT, and exec keeps that).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.chdir(ROOT)
             os.execve(argv[0], argv, env)
         finally:

@@ -66,7 +66,14 @@ def demo(run_id: str, *args: str) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # Ctrl-C must reach it even when the suite was started in the background (a
+        # non-interactive shell's `cmd &` ignores SIGINT, and exec keeps that).
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def seconds(cell: str) -> float | None:

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from support.workers import Fleet, Records
+from support.workers import Fleet, Records, check_terms
 
 from celery_stoker.keys import waiters_key
 from celery_stoker.testing import RedisServer, wait_for
@@ -91,12 +91,21 @@ def test_gossip_off_churn_of_fresh_names_keeps_the_waiters_bounded(
     assert max(sizes) <= 6, sizes
 
 
-def test_min_members_with_gossip_off_is_refused_at_start(fleets: Callable[..., Fleet]) -> None:
+@pytest.mark.parametrize("flag", ["--without-gossip", "--without-heartbeat"])
+def test_min_members_with_gossip_off_is_refused_at_start(
+    fleets: Callable[..., Fleet], flag: str
+) -> None:
+    """Heartbeats off alone (gossip on) is refused too: no other worker would count this one.
+
+    A fleet run so saw one member on each worker, and its leader held the lease
+    without ever acting.
+    """
     fleet = fleets("solo", STOKER_TEST_MIN_MEMBERS="2")
-    worker = fleet.start("w1@%h", extra_args=GOSSIP_OFF)
+    worker = fleet.start("w1@%h", extra_args=[flag])
     assert worker.wait_exit(60) != 0
     log = worker.log()
-    assert "min_members=2" in log and "--without-gossip" in log, log[-3000:]
+    assert "min_members=2 needs Celery's gossip and heartbeats" in log, log[-3000:]
+    assert f"runs with {flag}" in log, log[-3000:]
 
 
 def test_an_idle_follower_sends_nothing_with_gossip_off(
@@ -162,14 +171,21 @@ def vhost() -> Iterator[str]:
             _rabbitmqctl("delete_vhost", name)
 
 
-def _amqp_fleet(fleets: Callable[..., Fleet], redis_server: RedisServer, vhost: str) -> Fleet:
+def _amqp_fleet(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, vhost: str, **env: str
+) -> Fleet:
     """gevent workers (events through the broker) on the vhost; the lease in Redis."""
     return fleets(
         "gevent",
-        broker=f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
+        broker=_amqp_url(vhost),
         STOKER_TEST_URL=redis_server.url_for(0),
         STOKER_TEST_TIMER="0.25",
+        **env,
     )
+
+
+def _amqp_url(vhost: str) -> str:
+    return f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
 
 
 def _rabbit_queues(vhost: str) -> set[str]:
@@ -236,6 +252,52 @@ def test_rabbitmq_a_gevent_worker_loses_no_event_across_a_reconnect(
     assert f"stoker.{worker.node}" in _rabbit_queues(vhost)
     # A lost event would stall the timer until the watchdog gave up on it.
     assert max(gaps) < 5.0, f"a gap of {max(gaps):.1f} s: an event was lost"
+
+
+def _ready_messages(vhost: str, queue: str) -> int:
+    out = _rabbitmqctl("list_queues", "-p", vhost, "name", "messages_ready", "--no-table-headers")
+    for line in out.splitlines():
+        name, _, count = line.strip().rpartition("\t")
+        if name == queue:
+            return int(count)
+    return 0
+
+
+def test_rabbitmq_an_event_lost_with_an_expired_queue_is_sent_again(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records, vhost: str
+) -> None:
+    """A live worker away from the broker longer than its queue's expiry loses what waited in it.
+
+    One gevent slot, busy with the user's own tasks: the next timer event waits
+    in the worker's queue when the broker drops the worker, which then cannot
+    reconnect for longer than the queue's expiry (3 s here, 20 s in
+    production).  The broker deletes the queue and the event with it; the pump
+    waited for that event ``UNSEEN_TIMEOUT`` (300 s), the Stoker standing still.
+    Now the event is given up and sent again once the consumer is back.
+    """
+    from celery import Celery
+
+    fleet = _amqp_fleet(fleets, redis_server, vhost, STOKER_TEST_QUEUE_EXPIRES="3")
+    worker = fleet.start(f"w1-{uuid.uuid4().hex[:6]}@%h", concurrency=1).wait_ready(90)
+    queue = f"stoker.{worker.node}"
+    wait_for(lambda: len(records.of("timer")) >= 2, 60, what="timer events")
+    user = Celery("user", broker=_amqp_url(vhost))
+    for _ in range(4):  # one runs, one waits in the worker: the rest wait in the broker
+        user.send_task("recorder.block", args=["never-pushed", 1.5])
+    user.close()
+    wait_for(lambda: _ready_messages(vhost, queue) >= 1, 20, 0.2, what="an event in the queue")
+    _rabbitmqctl("set_vhost_limits", "-p", vhost, '{"max-connections": 0}')
+    _rabbitmqctl("close_all_connections", "-p", vhost, "stoker test: a long broker outage")
+    wait_for(lambda: queue not in _rabbit_queues(vhost), 30, 0.5, what="the queue expired")
+    _rabbitmqctl("clear_vhost_limits", "-p", vhost)
+    back = time.time()
+    # A generous bound: the user's tasks run first (about 5 s); the bug waited 300 s.
+    wait_for(lambda: [r for r in records.of("timer") if r.started > back], 60, what="a timer after")
+    assert "was waiting in this worker's event queue when the worker lost the broker" in (
+        worker.log()
+    )
+    assert queue in _rabbit_queues(vhost)  # declared again
+    check_terms(records.events())
 
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])

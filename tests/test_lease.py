@@ -979,10 +979,15 @@ def test_renewals_wake_no_waiter_and_a_release_wakes_only_the_front_of_the_queue
         follower._nudged = wakes[follower.holder_id] = _CountingEvent()
 
     winners, followers = _run_followers(leases, count, 10.0, prepare=count_wakes)
-    wait_for(lambda: all(f.rank is not None for f in followers), 5, what="every follower queued")
-    # Queued in this order, but two in the same millisecond rank by name (f10 before f9).
+    # Queued in this order, but two in the same millisecond rank by name (f10 before f9):
+    # the rank each took as it joined is then stale until its thread looks again (the
+    # first thing it does), so wait for those looks, not just for a rank each.
+    wait_for(
+        lambda: sorted(f.rank for f in followers if f.rank is not None) == list(range(count)),
+        5,
+        what="every follower queued, each at its own rank",
+    )
     queue = sorted(followers, key=lambda f: f.rank or 0)
-    assert [f.rank for f in queue] == list(range(count))
 
     # A lease that only listens: once it heard the fourth renewal, the listener has told
     # every waiter of the first three (it tells all of them of one message, then reads on).

@@ -101,8 +101,15 @@ def test_handoff_to_a_worker_that_is_not_alive_changes_nothing(
     assert not records.of("shutdown")
 
 
-def test_drain_moves_leadership_once_and_never_back(fleets: Any, records: Records) -> None:
-    """A rolling deploy: old w1, w2; new w3, w4; drain the old ones, then stop them."""
+def test_drain_moves_leadership_once_and_never_back(
+    fleets: Any, records: Records, redis_server: RedisServer
+) -> None:
+    """A rolling deploy: old w1, w2; new w3, w4; drain the old ones, then stop them.
+
+    A clean stop takes the drained worker out of the draining set: kept, the mark
+    made a pod drained in its ``preStop`` hook come back under the same name (a
+    StatefulSet) unable to lead, and grew the set by one name per fresh pod name.
+    """
     fleet = fleets(ttl=TTL, STOKER_TEST_TIMER="0.3")
     w1 = fleet.start("w1@%h")
     wait_for(lambda: records.of("now_leader"), 30, what="w1 leads")
@@ -121,6 +128,10 @@ def test_drain_moves_leadership_once_and_never_back(fleets: Any, records: Record
     for old in (w1, w2):
         old.sigterm()
         old.wait_exit(30)
+    client = redis_server.client()
+    assert not client.smembers("stoker:draining")
+    assert not client.smembers("stoker:{recorder}:draining")  # the Stoker's own copy
+    assert f"{w1.node} leaves the draining set as it stops" in w1.log()
     # Several timers later on the same term: nobody else ever led.
     seen = len(records.of("timer"))
     wait_for(lambda: len(records.of("timer")) >= seen + 5, 30, what="more timers")

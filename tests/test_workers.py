@@ -468,6 +468,8 @@ def test_without_gossip_members_is_only_this_worker(
     assert {r.members for r in events} == {(w1.node,)}
     assert not records.of("cluster_change", events)
     assert w1.log().count("gossip is off") == 1
+    # A deliberate setting, said at INFO: a WARNING would page at every deploy.
+    assert "INFO/MainProcess] celery-stoker: gossip is off" in w1.log()
 
 
 def test_stopping_leader_lets_the_running_event_finish_before_shutdown(

@@ -54,6 +54,10 @@ if os.environ.get("STOKER_TEST_LOG_NAMES"):  # each log line names its logger (t
     app.conf.worker_log_format = "[%(asctime)s: %(levelname)s/%(processName)s %(name)s] %(message)s"
 if not os.environ.get("STOKER_TEST_NO_STEP"):  # a worker of the app that runs no Stoker
     app.steps["worker"].add(StokerStep)
+if os.environ.get("STOKER_TEST_QUEUE_EXPIRES"):  # the event queue's expiry, shorter than 20 s
+    import celery_stoker.bootstep
+
+    celery_stoker.bootstep.EVENT_QUEUE_EXPIRES = float(os.environ["STOKER_TEST_QUEUE_EXPIRES"])
 if os.environ.get("STOKER_TEST_ACL_RECHECK"):  # re-probe a Redis user's ACL sooner than 30 s
     import celery_stoker.access
 
