@@ -42,7 +42,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -285,6 +285,11 @@ class RedisLease:
         self.vanished = False
         #: This worker's place among the waiters (0: first to try), as of its last look.
         self.rank: int | None = None
+        #: The node the last :meth:`release` named to try first (None: nobody).
+        self.named: str | None = None
+        #: At an expiry, how many head starts this waiter gives the others (None: its
+        #: rank decides).  Set by the election when leadership is spread (``balance.py``).
+        self.expiry_position: Callable[[], int | None] | None = None
         self._poked = threading.Event()
         self._operator_poke = False
         self._ttl_ms = max(1, round(ttl * 1000))
@@ -449,19 +454,30 @@ class RedisLease:
         return False
 
     def release(
-        self, term: Term, *, reserve_for: str | None = None, live: Iterable[str] = ()
+        self,
+        term: Term,
+        *,
+        reserve_for: str | None = None,
+        live: Iterable[str] = (),
+        ordered: bool = False,
     ) -> bool:
         """Give the lease up and announce who tries first; False if it was not ours any more.
 
         ``reserve_for`` (a handoff) keeps the lease for that worker for one TTL:
         only it may take it meanwhile, and if it never does, the reservation
-        expires like any lease.  ``live`` are the node names this worker sees
-        alive: waiters not among them are skipped and forgotten (empty: trust
-        every waiter).
+        expires like any lease; a worker whose listener is gone (it died) gets
+        no reservation, the release names another.  ``live`` are the node names
+        this worker sees alive: waiters not among them are skipped and forgotten
+        (empty: trust every waiter).  ``ordered``: ``live`` is in order of
+        preference (the least loaded first), and the first of them that waits
+        is named; otherwise the longest-waiting live waiter is.  :attr:`named`
+        says whom the release named (None: nobody).
         """
         term.valid_until = min(term.valid_until, time.monotonic())
+        self.named = None
+        live = list(live) if ordered else sorted(live)
         try:
-            released = self._release(
+            released, named = self._release(
                 keys=[self.lease_key, self.waiters_key],
                 args=[
                     term.value,
@@ -471,14 +487,19 @@ class RedisLease:
                     self._ttl_ms,
                     self.publish_command,
                     self.presence_prefix,
-                    *sorted(live),
+                    "ordered" if ordered and live else "",
+                    *live,
                 ],
             )
         except redis.ResponseError as exc:
             if not _is_foreign_data_error(exc):
                 raise
             return False
-        return int(released) == 1
+        if int(released) != 1:
+            return False
+        text = named.decode() if isinstance(named, bytes) else str(named or "")
+        self.named = text or None
+        return True
 
     def leave(self) -> None:
         """Leave the waiters (a follower that stops): no release may name it any more.
@@ -569,15 +590,32 @@ class RedisLease:
             if now >= cap:
                 return False
             if now >= deadline:
-                if self.rank and not expiry_deferred:
+                position = self._expiry_turn() if not expiry_deferred else 0
+                if position and not expiry_deferred:
                     expiry_deferred = True  # a new term announced meanwhile counts too
-                    deadline = now + self._head_start()
+                    deadline = now + HERD_DELAY * position
                     continue
                 return False
             wake_at = min(deadline, cap, turn_at if turn_at is not None else float("inf"))
             self._nudged.wait(max(0.0, wake_at - now))
             self._nudged.clear()
         return True
+
+    def _expiry_turn(self) -> int:
+        """How many head starts this waiter gives the others at an expiry (0: it tries now).
+
+        Its place in the spread (the least loaded first) when the election
+        gives one, else its rank in the queue.
+        """
+        position = None
+        if self.expiry_position is not None:
+            try:
+                position = self.expiry_position()
+            except Exception:  # a bug there must not keep a waiter from the lease
+                logger.exception("lease %s: expiry position failed; using the rank", self.name)
+        if position is None:
+            position = self.rank or 0
+        return max(0, position)
 
     def _head_start(self) -> float:
         """How long this waiter leaves those ahead of it to take the lease and say so."""
