@@ -104,7 +104,7 @@ class Balancer:
         self._clock = clock
         self._stokers: dict[str, Balanced] = {}
         self._ledgers: dict[str, Ledger] = {}
-        self._signatures: dict[str, frozenset[Any]] = {}
+        self._signatures: dict[str, tuple[Any, ...]] = {}
         self._quiet_until: dict[str, float] = {}
         self._announced: dict[str, Any] | None = None
         self._moving: tuple[Balanced, int, str, float] | None = None
@@ -203,7 +203,8 @@ class Balancer:
         leads: dict[str, int] = {}
         resting: set[str] = set()
         stokers = [s for s in self._stokers.values() if s.key_prefix == prefix]
-        draining = bool(stokers) and all(s.election.draining for s in stokers)
+        # One Stoker that found this worker draining is enough: a drain marks every one.
+        draining = any(s.election.draining for s in stokers)
         for stoker in stokers:
             election = stoker.election
             if not election.eligible:
@@ -256,9 +257,9 @@ class Balancer:
 
     def _try_move(self, prefix: str, now: float) -> bool:
         placement = self.placement(prefix)
-        signature = fleet_signature(placement)
-        if signature != self._signatures.get(prefix):
-            self._signatures[prefix] = signature
+        if self._changed(prefix, placement):
+            # Someone else changed the fleet (a join, a crash, a drain, another's move):
+            # wait until every heartbeat says what it is now.
             self._quiet_until[prefix] = now + SETTLE_HEARTBEATS * self.heartbeat_interval + 1.0
             return False
         if now < self._quiet_until.get(prefix, 0.0):
@@ -283,19 +284,33 @@ class Balancer:
         self._moving = (stoker, term.token, move.target, now)
         return True
 
+    def _changed(self, prefix: str, placement: Placement) -> bool:
+        """Whether the fleet changed since the last look: who is there, for what, who leads what.
+
+        The moves this worker made itself are no change: it knew them first
+        (:meth:`_move_done` takes their result as the new normal).
+        """
+        signature = (fleet_signature(placement), frozenset(placement.leader.items()))
+        if signature == self._signatures.get(prefix):
+            return False
+        self._signatures[prefix] = signature
+        return True
+
     def _move_done(self) -> bool:
-        """True once the move under way is over (the term ended here, or it took too long)."""
+        """True once the move under way is over (stepped down and released, or too slow)."""
         assert self._moving is not None
         stoker, token, target, since = self._moving
-        term = stoker.election.term
+        election = stoker.election
         now = self._clock()
-        over = term is None or term.token != token
-        limit = stoker.election.settings.stop_timeout + 1.0
+        over = election.stepped_down == token
+        limit = election.settings.stop_timeout + 1.0
         if not over and now - since < limit:
             return False
         if over:
             self.moves += 1
             self.last_move = {"stoker": stoker.name, "to": target, "at": time.time()}
+            # What this worker just did is no news to it: no settling wait for it.
+            self._changed(stoker.key_prefix, self.placement(stoker.key_prefix))
         else:
             logger.warning(
                 "celery-stoker: Stoker %s did not hand over to %s within %.0f s; carrying on",

@@ -177,6 +177,8 @@ class Election:
         self._step_down_request: str | None = None
         #: Set from another thread to hand the term over: (token, reason, worker).
         self._handoff_request: tuple[int, str, str] | None = None
+        #: The token of the last term whose step-down is over (shutdown run, lease released).
+        self.stepped_down: int | None = None
         self._stop = threading.Event()
         self._stop_reason = "worker_stopping"
         #: Set (a plain assignment: safe in a signal handler) once the worker begins to
@@ -748,6 +750,7 @@ class Election:
         self._emit(
             "stoker-stepped-down", name=self.name, token=term.token, reason=reason, to=reserve_for
         )
+        self.stepped_down = term.token
 
     def _finish_running_event(self, term: Term) -> None:
         """Let an event already in the pool finish before ``shutdown`` (one at a time).

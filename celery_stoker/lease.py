@@ -55,6 +55,7 @@ from .keys import (
     POKE,
     RELEASED,
     RENEWED,
+    WAKE,
     channel_for,
     closing_key,
     handoff_key,
@@ -478,7 +479,7 @@ class RedisLease:
         live = list(live) if ordered else sorted(live)
         try:
             released, named = self._release(
-                keys=[self.lease_key, self.waiters_key],
+                keys=[self.lease_key, self.waiters_key, self.draining_key],
                 args=[
                     term.value,
                     self.channel,
@@ -542,6 +543,8 @@ class RedisLease:
         if kind == POKE:
             self._operator_poke = True  # an operator asked: the holder renews now
             self._poked.set()
+        elif kind == WAKE and extra and extra != self.hostname:
+            return  # a drain asks that worker's waiters to look (and learn it drains)
         elif kind == RELEASED and extra and extra != self.hostname:
             self._released_to_other_at = now  # another waiter tries first
             self._acquired_until = None  # any earlier new-term message is about the old term

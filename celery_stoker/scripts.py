@@ -187,7 +187,7 @@ return {1, ''}
 
 #: Give the lease up (or keep it for one worker: a handoff) and name who tries first.
 #:
-#: KEYS[1] lease, KEYS[2] waiters.
+#: KEYS[1] lease, KEYS[2] waiters, KEYS[3] the Stoker's draining mark.
 #: ARGV[1] the exact lease value the holder wrote, ARGV[2] channel, ARGV[3] Stoker
 #: name, ARGV[4] node to reserve the lease for ('' for none), ARGV[5] TTL in ms,
 #: ARGV[6] the publish command, ARGV[7] the presence channels' prefix ('': trust
@@ -198,9 +198,10 @@ return {1, ''}
 #: ours (nothing written).
 #: Announced as ``released 0 <name> <node>``: that node tries at once; the others
 #: try only if no new term is announced shortly after.  The node is the reserved
-#: one if its listener is alive (a handoff to a worker that died meanwhile is a
-#: plain release); else, when ``ordered``, the first of ARGV[9..] that is a live
-#: waiter; else the longest-waiting live waiter.  Waiters looked at and found dead
+#: one if its listener is alive and it is not draining (a handoff to a worker that
+#: died or began to drain meanwhile is a plain release); else, when ``ordered``,
+#: the first of ARGV[9..] that is a live waiter; else the longest-waiting live
+#: waiter.  A draining waiter is never named.  Waiters looked at and found dead
 #: (no listener, or not among ARGV[9..]) are dropped; at most 4 * :data:`PRUNE_WINDOW`
 #: of each list are looked at.
 RELEASE = (
@@ -209,12 +210,17 @@ RELEASE = (
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return {0, ''}
 end
+local function draining(node)
+  return redis.call('SISMEMBER', KEYS[3], node) == 1
+end
 local reserved = ARGV[4]
-if reserved ~= '' and not alive(ARGV[7], reserved) then reserved = '' end
+if reserved ~= '' and (draining(reserved) or not alive(ARGV[7], reserved)) then
+  reserved = ''
+end
 local first = reserved
 if first == '' and ARGV[8] == 'ordered' then
   for i = 9, math.min(#ARGV, 8 + 4 * WINDOW) do
-    if redis.call('ZRANK', KEYS[2], ARGV[i]) then
+    if redis.call('ZRANK', KEYS[2], ARGV[i]) and not draining(ARGV[i]) then
       if alive(ARGV[7], ARGV[i]) then
         first = ARGV[i]
         break
@@ -227,11 +233,14 @@ if first == '' then
   local live = {}
   for i = 9, #ARGV do live[ARGV[i]] = true end
   for _, node in ipairs(redis.call('ZRANGE', KEYS[2], 0, 4 * WINDOW - 1)) do
-    if (#ARGV < 9 or live[node]) and alive(ARGV[7], node) then
+    if draining(node) then
+      redis.pcall('ZREM', KEYS[2], node)  -- it would not try: its next ACQUIRE says so
+    elseif (#ARGV < 9 or live[node]) and alive(ARGV[7], node) then
       first = node
       break
+    else
+      redis.pcall('ZREM', KEYS[2], node)
     end
-    redis.pcall('ZREM', KEYS[2], node)
   end
 end
 if reserved ~= '' then
