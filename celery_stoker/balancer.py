@@ -323,17 +323,19 @@ class Balancer:
         return True
 
     def _fixed(self, prefix: str) -> set[str]:
-        """This worker's Stokers that must stay for now: not acting yet, busy, or just arrived."""
+        """The Stokers this worker leads that must stay for now: not acting yet, busy, young.
+
+        Only its own: the plan applies ``fixed`` by name, whoever leads it.
+        """
         young = YOUNG_TERM_HEARTBEATS * self.heartbeat_interval
         fixed = set()
         for stoker in self._stokers.values():
-            if stoker.key_prefix != prefix:
-                continue
             election = stoker.election
+            if stoker.key_prefix != prefix or election.term is None:
+                continue
             active_from = election.active_from
             if (
-                election.term is None
-                or not election.accepting
+                not election.accepting
                 or election.suspended
                 or stoker.busy()
                 or active_from is None
