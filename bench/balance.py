@@ -93,7 +93,7 @@ class Watch:
         return dict(Counter(host for host, _ in now.values() if host))
 
     def until_settled(
-        self, nodes: list[str], t0: float, settle_s: float, timeout: float
+        self, nodes: list[str], t0: float, settle_s: float, timeout: float, *, spread: bool = True
     ) -> dict[str, Any]:
         """Poll until no move for ``settle_s``; from ``t0``: time to the bound, to the last move."""
         low = math.floor(len(self.names) / len(nodes)) - 1
@@ -106,7 +106,8 @@ class Watch:
             led = sum(counts.values()) == len(self.names)
             if within is None and led and all(low <= counts.get(n, 0) <= high for n in nodes):
                 within = time.monotonic() - t0
-            if within is not None and time.monotonic() - self.last_move_at >= settle_s:
+            quiet = time.monotonic() - max(self.last_move_at, t0) >= settle_s
+            if quiet and (within is not None or not spread):
                 break
             time.sleep(0.1)
         return {
@@ -198,7 +199,7 @@ def _fleet(plan: dict[str, Any], balance: bool) -> dict[str, Any]:
         watch = Watch(client, names)
         ready_at = _start_all(rest)
         nodes = [w.node for w in (first, *rest)]
-        out["cold"] = watch.until_settled(nodes, ready_at, plan["settle_s"], 180)
+        out["cold"] = watch.until_settled(nodes, ready_at, plan["settle_s"], 180, spread=balance)
         print(f"  balance {balance}: cold start {out['cold']}", flush=True)
         out["idle"] = _idle_cost(lease_redis, workers, names, plan["window_s"])
         if balance:
@@ -211,6 +212,16 @@ def _fleet(plan: dict[str, Any], balance: bool) -> dict[str, Any]:
             out["join"]["joined"] = watch.poll().get(joined.node, 0)
             out["join"]["share"] = share
             print(f"  join: {out['join']}", flush=True)
+            # A crash of the busiest worker: its leases expire, the least loaded take them.
+            counts = watch.poll()
+            busiest = max(nodes, key=lambda n: (counts.get(n, 0), n))
+            watch = Watch(client, names)
+            next(w for w in workers if w.node == busiest).kill()
+            killed_at = time.monotonic()
+            nodes.remove(busiest)
+            out["crash"] = watch.until_settled(nodes, killed_at, plan["settle_s"], 180)
+            out["crash"]["lost"] = counts.get(busiest, 0)
+            print(f"  crash: {out['crash']}", flush=True)
         out["scope_bytes"] = _scope_bytes(plan)
     finally:
         for worker in workers:
@@ -277,6 +288,15 @@ def render(data: dict[str, Any]) -> list[Table]:
             str(join["moves"]),
             spread_of(join["counts"]),
         )
+    crash = on.get("crash")
+    if crash:
+        spread.add(
+            f"the busiest worker SIGKILLed (it led {crash['lost']}), from the kill",
+            f"{_secs(crash['within_bound_s'])} ({crash['bound'][0]} - {crash['bound'][1]})",
+            _secs(crash["last_move_s"]),
+            str(crash["moves"]),
+            spread_of(crash["counts"]),
+        )
     first = off["cold"]
     spread.add(
         "stoker_balance = False (first come)",
@@ -286,8 +306,9 @@ def render(data: dict[str, Any]) -> list[Table]:
         spread_of(first["counts"]),
     )
     spread.notes.append(
-        f"targets: within 30 s of the last worker ready (cold start, join); moves per join "
-        f"{join['moves'] if join else '-'}"
+        "targets: within 30 s of the last worker ready (cold start, join); after a crash "
+        f"within TTL + renew + 15 s = {data['ttl'] * 4 / 3 + 15:.1f} s; moves counts every "
+        "change of term (a crash's: the dead worker's leases taken, then any move)"
     )
     spread.notes.append(
         f"heartbeat field stoker_scope of a worker leading its share: "

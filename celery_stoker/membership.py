@@ -47,7 +47,8 @@ GOSSIP_STEP = "celery.worker.consumer.gossip.Gossip"
 #: The field of ``worker-online``/``-heartbeat``/``-offline`` events that says which
 #: app and key prefixes a worker runs Stokers for, and its release:
 #: ``{"app": ..., "prefixes": [...], "version": "0.2.0"}`` (0.1.0 sent no such field),
-#: and from 0.3.0 ``"balance": {prefix: announcement}`` (``balance.py``).
+#: and, from the release that spreads leadership on, ``"balance": {prefix: announcement}``
+#: (``balance.py``; a worker without it is neither counted nor named by the others).
 SCOPE_FIELD = "stoker_scope"
 
 #: Called with (node name, "joined" | "left" | "lost").
