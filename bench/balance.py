@@ -103,7 +103,7 @@ class Watch:
         counts: dict[str, int] = {}
         while time.monotonic() < deadline:
             counts = self.poll()
-            led = sum(counts.values()) == len(self.names)
+            led = sum(counts.get(n, 0) for n in nodes) == len(self.names)  # the dead's too
             if within is None and led and all(low <= counts.get(n, 0) <= high for n in nodes):
                 within = time.monotonic() - t0
             quiet = time.monotonic() - max(self.last_move_at, t0) >= settle_s

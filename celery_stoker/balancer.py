@@ -108,6 +108,9 @@ class Balancer:
         self._quiet_until: dict[str, float] = {}
         self._announced: dict[str, Any] | None = None
         self._moving: tuple[Balanced, int, str, float] | None = None
+        #: Targets a move could not reach (the release named another: the target's
+        #: listener was gone, or it drains), given nothing until then (monotonic).
+        self._unreachable: dict[str, float] = {}
         self._next_move_at = 0.0
         self._stopping = False
         self._stop = threading.Event()
@@ -266,6 +269,7 @@ class Balancer:
             return False
         with self._lock:
             held = self._ledgers[prefix].held()
+        held |= {node for node, until in self._unreachable.items() if until > now}
         move = next_move(placement, self.hostname, fixed=self._fixed(prefix), held=held)
         if move is None:
             return False
@@ -308,7 +312,18 @@ class Balancer:
             return False
         if over:
             self.moves += 1
-            self.last_move = {"stoker": stoker.name, "to": target, "at": time.time()}
+            named = election.lease.named
+            self.last_move = {"stoker": stoker.name, "to": named, "at": time.time()}
+            if named != target:
+                # Its listener is gone (it died) or it drains: its heartbeat will say so
+                # soon; meanwhile it gets nothing more from here.
+                self._unreachable[target] = now + self._ledger_timeout()
+                logger.info(
+                    "celery-stoker: Stoker %s went to %s, not %s (no longer there, or draining)",
+                    stoker.name,
+                    named or "whoever takes it first",
+                    target,
+                )
             # What this worker just did is no news to it: no settling wait for it.
             self._changed(stoker.key_prefix, self.placement(stoker.key_prefix))
         else:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from celery_stoker.balance import Announcement
+from celery_stoker.balance import Announcement, next_move
 from celery_stoker.balancer import Balancer
 from celery_stoker.membership import SCOPE_FIELD, Scope
 
@@ -37,6 +37,8 @@ class FakeElection:
     stepped_down: int | None = None
     settings: Any = field(default_factory=lambda: SimpleNamespace(lease_ttl=2.0, stop_timeout=4.0))
     handoffs: list[tuple[int, str, str]] = field(default_factory=list)
+    #: Whom the last release named (``RedisLease.named``).
+    lease: Any = field(default_factory=lambda: SimpleNamespace(named=None))
 
     def resting(self) -> bool:
         return self.cooling
@@ -161,6 +163,7 @@ def test_a_move_waits_for_a_settled_fleet_then_hands_over_and_counts_at_the_targ
     assert sum(len(s.election.handoffs) for s in stokers) == 1
     # The election stepped down and released, naming the target.
     stoker.election.term, stoker.election.stepped_down = None, token
+    stoker.election.lease.named = "other@h"
     made.released(stoker.name, "other@h", token)
     tick()
     assert made.moves == 1
@@ -196,3 +199,32 @@ def test_without_gossip_or_with_balance_off_it_names_no_one_and_moves_nothing() 
     off.add(stokers[0])
     off.attach(True, 2.0)
     assert off.release_order("s0") is None
+
+
+def test_a_target_the_release_could_not_reach_gets_nothing_more_for_a_while() -> None:
+    """It died (its listener is gone) or drains: the release named another; not it again."""
+    names = [f"s{i}" for i in range(6)]
+    stokers = [FakeStoker(name, leading(100 + i)) for i, name in enumerate(names)]
+    clock = [100.0]
+    made, membership = balancer(stokers, clock)
+    membership.others = {
+        "gone@h": Announcement(eligible=frozenset(names)),
+        "live@h": Announcement(eligible=frozenset(names), leads={"x": 1, "y": 2}),
+    }
+    names.extend(["x", "y"])
+    made._tick()
+    clock[0] += 3.1
+    made._tick()
+    (stoker,) = [s for s in stokers if s.election.handoffs]
+    token, to, _ = stoker.election.handoffs[0]
+    assert to == "gone@h"  # the least loaded, as far as the heartbeats tell
+    stoker.election.term, stoker.election.stepped_down = None, token
+    stoker.election.lease.named = "live@h"
+    made.released(stoker.name, "live@h", token)
+    made._tick()
+    clock[0] += 1.0
+    made._tick()
+    asked = [s.election.handoffs for s in stokers if s.election.handoffs and s is not stoker]
+    alone = next_move(made.placement("stoker"), ME, fixed=made._fixed("stoker"))
+    assert alone is not None and alone.target == "gone@h"  # the heartbeats alone would
+    assert asked == []
