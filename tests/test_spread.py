@@ -253,3 +253,35 @@ def test_with_balance_off_the_first_to_come_keeps_everything(
     wait_for(all_led_within(redis_server, SIX, [w2.node], 6, 6), 30, 0.1, what="w2 takes all")
     assert counts(holders(redis_server, SIX), [w3.node]) == {w3.node: 0}
     check_terms_of_each(records.events())
+
+
+def test_the_giver_and_a_target_killed_in_the_middle_of_spreading(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
+) -> None:
+    """SIGKILL of two workers as the first move lands: the survivors take every lease, 6 and 6.
+
+    The giver's leases (one may be half handed over: stepped down, not released)
+    expire; the least loaded survivor tries first at each expiry; every term safe.
+    A target that dies while the giver lives is ``test_balancer.py``'s
+    ``test_a_target_the_release_could_not_reach_...`` (and ``test_waiters.py``).
+    """
+    fleet = fleets("solo", ttl=TTL, STOKER_TEST_STOKERS="12")
+    fleet.worker_options["extra_args"] = FAST_HEARTBEAT
+    giver = fleet.start("w1@%h").wait_ready(60)
+    wait_for(all_led_within(redis_server, TWELVE, [giver.node], 12, 12), 30, what="w1 leads all")
+    others = [fleet.start(f"w{i}@%h") for i in (2, 3, 4)]
+    for worker in others:
+        worker.wait_ready(60)
+    wait_for(
+        lambda: any(host != giver.node for host, _ in holders(redis_server, TWELVE).values()),
+        60,
+        0.002,
+        what="the first move",
+    )
+    giver.sigkill()
+    others[0].sigkill()
+    survivors = [w.node for w in others[1:]]
+    wait_for(all_led_within(redis_server, TWELVE, survivors, 6, 6), 60, 0.1, what="6 and 6")
+    moves_until_quiet(redis_server, TWELVE, QUIET, 60)
+    assert all_led_within(redis_server, TWELVE, survivors, 6, 6)()
+    check_terms_of_each(records.events())
