@@ -135,9 +135,9 @@ class Balancer:
             ledger.timeout = self._ledger_timeout()
         if self.enabled and not gossip and self._stokers:
             logger.info(
-                "celery-stoker: stoker_balance is on, but gossip is off, so no worker hears "
-                "the others' loads: leadership goes to whoever asks first (a release names "
-                "the longest-waiting follower), as with stoker_balance = False"
+                "celery-stoker: leadership is not spread: without gossip no worker hears the "
+                "others' loads, so whoever asks first leads (a release names the "
+                "longest-waiting follower), as with stoker_balance = False"
             )
 
     def _ledger_timeout(self) -> float:

@@ -483,6 +483,8 @@ def test_without_gossip_members_is_only_this_worker(
     assert {r.members for r in events} == {(w1.node,)}
     assert not records.of("cluster_change", events)
     assert w1.log().count("gossip is off") == 1
+    # Nor is leadership spread: said once, whatever the number of Stokers.
+    assert w1.log().count("leadership is not spread: without gossip") == 1
 
 
 def test_stopping_leader_lets_the_running_event_finish_before_shutdown(
