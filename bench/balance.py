@@ -85,11 +85,14 @@ class Watch:
 
     def poll(self) -> dict[str, int]:
         now = _holders(self.client, self.names)
-        changed = sum(1 for n in self.names if now[n][1] != self.last[n][1])
+        # A new term; a lease seen free on its way (an expiry, a release) is no move.
+        changed = sum(
+            1 for n in self.names if now[n][1] is not None and now[n][1] != self.last[n][1]
+        )
         if changed:
             self.moves += changed
             self.last_move_at = time.monotonic()
-        self.last = now
+        self.last = {n: now[n] if now[n][1] is not None else self.last[n] for n in self.names}
         return dict(Counter(host for host, _ in now.values() if host))
 
     def until_settled(

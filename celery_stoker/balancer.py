@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 from .balance import Announcement, Ledger, Placement, expiry_position, next_move, release_order
 from .balance import signature as fleet_signature
+from .election import Election
 from .membership import Membership, announce
 
 logger = logging.getLogger("celery_stoker.balance")
@@ -77,7 +78,7 @@ class Balanced(Protocol):
     def weight(self) -> int: ...
 
     @property
-    def election(self) -> Any: ...
+    def election(self) -> Election: ...
 
     def busy(self) -> bool:
         """True while an event of the Stoker is in flight."""

@@ -25,9 +25,10 @@ Waiting is cheap: every release, renewal and new term is announced on one
 pub/sub channel per key prefix (``listener.py``).  A waiter blocks until the
 lease it saw would expire; a renewal moves its wake-up to the new expiry
 without it sending anything, so a follower sends no command at all while the
-leader keeps renewing.  A release or an expiry wakes only the longest-waiting
-follower at once; the others try only if it does not announce a new term
-within :data:`HERD_DELAY` (see :class:`RedisLease`).  A message wakes a waiter's
+leader keeps renewing.  A release or an expiry wakes only one follower at once
+(the longest-waiting, or, when leadership is spread, the least loaded: the
+caller's order, ``balance.py``); the others try only if it does not announce
+a new term within :data:`HERD_DELAY` (see :class:`RedisLease`).  A message wakes a waiter's
 thread only when it must act sooner than it planned (see :meth:`RedisLease.notify`).
 The Lua scripts are in ``scripts.py``, the key names in ``keys.py``.
 
@@ -240,11 +241,13 @@ class RedisLease:
     one, :meth:`wait` simply sleeps its timeout.
 
     **No herd.**  Followers queue in a sorted set that Redis keeps (oldest
-    first).  A release names the longest-waiting live follower; only that one
+    first).  A release names the longest-waiting live follower (or the first
+    live waiter of the caller's order: the least loaded); only that one
     tries at once, and every other waits :data:`HERD_DELAY` times its rank for
     the new term to be announced, which it then waits out without a command.
     An expiry (the holder crashed) wakes the first waiter at once and the others
-    after the same staggered delay.  So a failover costs a couple of commands
+    after the same staggered delay (their place in :attr:`expiry_position`'s
+    order, when one is given, else their rank).  So a failover costs a couple of commands
     whatever the number of followers, a dead first waiter costs the others one
     delay, and a late one lets the next in line try, not the whole queue.
     """
