@@ -271,7 +271,11 @@ class Balancer:
         with self._lock:
             held = self._ledgers[prefix].held()
         held |= {node for node, until in self._unreachable.items() if until > now}
+        # An idle Stoker first; one whose events never pause moves too, after its event.
         move = next_move(placement, self.hostname, fixed=self._fixed(prefix), held=held)
+        if move is None:
+            fixed = self._fixed(prefix, busy_too=False)
+            move = next_move(placement, self.hostname, fixed=fixed, held=held)
         if move is None:
             return False
         stoker = self._stokers[move.name]
@@ -338,10 +342,12 @@ class Balancer:
         self._next_move_at = now + PACE + random.uniform(0, PACE_JITTER)
         return True
 
-    def _fixed(self, prefix: str) -> set[str]:
-        """The Stokers this worker leads that must stay for now: not acting yet, busy, young.
+    def _fixed(self, prefix: str, *, busy_too: bool = True) -> set[str]:
+        """The Stokers this worker leads that must stay for now: not acting yet, young, busy.
 
         Only its own: the plan applies ``fixed`` by name, whoever leads it.
+        ``busy_too=False`` lets a Stoker with an event in flight move (its
+        step-down lets the event finish first, as any step-down does).
         """
         young = YOUNG_TERM_HEARTBEATS * self.heartbeat_interval
         fixed = set()
@@ -353,7 +359,7 @@ class Balancer:
             if (
                 not election.accepting
                 or election.suspended
-                or stoker.busy()
+                or (busy_too and stoker.busy())
                 or active_from is None
                 or time.time() - active_from < young
             ):

@@ -137,6 +137,8 @@ def test_only_its_own_stokers_are_fixed() -> None:
     ]
     made, _ = balancer(stokers, [0.0])
     assert made._fixed("stoker") == {"mine-busy", "mine-young", "mine-waiting"}
+    # When nothing idle can move: a busy one may (its step-down waits for its event).
+    assert made._fixed("stoker", busy_too=False) == {"mine-young", "mine-waiting"}
 
 
 def test_a_move_waits_for_a_settled_fleet_then_hands_over_and_counts_at_the_target() -> None:

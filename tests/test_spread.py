@@ -285,3 +285,32 @@ def test_the_giver_and_a_target_killed_in_the_middle_of_spreading(
     moves_until_quiet(redis_server, TWELVE, QUIET, 60)
     assert all_led_within(redis_server, TWELVE, survivors, 6, 6)()
     check_terms_of_each(records.events())
+
+
+def test_a_stoker_whose_events_never_pause_moves_only_after_its_event(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
+) -> None:
+    """Always busy (a 0.4 s event every 0.05 s): still spread, and no event is cut short."""
+    fleet = fleets(
+        "threads",
+        ttl=TTL,
+        STOKER_TEST_STOKERS="4",
+        STOKER_TEST_TIMER="0.05",
+        STOKER_TEST_EVENT_SLEEP="0.4",
+    )
+    fleet.worker_options.update(extra_args=FAST_HEARTBEAT, concurrency=4)
+    four = TWELVE[:4]
+    w1 = fleet.start("w1@%h").wait_ready(60)
+    wait_for(all_led_within(redis_server, four, [w1.node], 4, 4), 30, what="w1 leads all")
+    w2 = fleet.start("w2@%h").wait_ready(60)
+    wait_for(all_led_within(redis_server, four, [w1.node, w2.node], 2, 2), 60, 0.1, what="2 and 2")
+    events = records.events()
+    check_terms_of_each(events)
+    moved = [r for r in records.of("shutdown", events) if r.reason == "rebalance"]
+    assert len(moved) >= 2
+    started = records.raw("started")
+    for shutdown in moved:
+        term = [r for r in events if r.token == shutdown.token and r.event != "shutdown"]
+        began = [s for s in started if s["token"] == shutdown.token]
+        assert len(term) == len(began), (shutdown, began, term)  # every event it began, ended
+        assert max(r.at for r in term) <= shutdown.started
