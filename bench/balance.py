@@ -274,32 +274,24 @@ def render(data: dict[str, Any]) -> list[Table]:
         values = sorted(counts.values())
         return f"{values[0]} - {values[-1]}" if values else "-"
 
-    cold = on["cold"]
-    spread.add(
-        "cold start (the first worker held every lease)",
-        f"{_secs(cold['within_bound_s'])} ({cold['bound'][0]} - {cold['bound'][1]})",
-        _secs(cold["last_move_s"]),
-        str(cold["moves"]),
-        spread_of(cold["counts"]),
-    )
-    join = on.get("join")
+    def add(label: str, result: dict[str, Any] | None) -> None:
+        if not result:
+            return
+        low, high = result["bound"]
+        spread.add(
+            label,
+            f"{_secs(result['within_bound_s'])} ({low} - {high})",
+            _secs(result["last_move_s"]),
+            str(result["moves"]),
+            spread_of(result["counts"]),
+        )
+
+    add("cold start (the first worker held every lease)", on["cold"])
+    join, crash = on.get("join"), on.get("crash")
     if join:
-        spread.add(
-            f"a worker joins ({join['joined']} for it, share {join['share']})",
-            f"{_secs(join['within_bound_s'])} ({join['bound'][0]} - {join['bound'][1]})",
-            _secs(join["last_move_s"]),
-            str(join["moves"]),
-            spread_of(join["counts"]),
-        )
-    crash = on.get("crash")
+        add(f"a worker joins ({join['joined']} for it, share {join['share']})", join)
     if crash:
-        spread.add(
-            f"the busiest worker SIGKILLed (it led {crash['lost']}), from the kill",
-            f"{_secs(crash['within_bound_s'])} ({crash['bound'][0]} - {crash['bound'][1]})",
-            _secs(crash["last_move_s"]),
-            str(crash["moves"]),
-            spread_of(crash["counts"]),
-        )
+        add(f"the busiest worker SIGKILLed (it led {crash['lost']}), from the kill", crash)
     first = off["cold"]
     spread.add(
         "stoker_balance = False (first come)",

@@ -10,9 +10,6 @@ promises (30 s to balance a cold fleet or a join): those are measured by
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -20,7 +17,8 @@ from collections.abc import Callable, Mapping
 import pytest
 from celery import Celery
 from support.redis_server import RedisServer
-from support.workers import ROOT, Fleet, Records, check_terms_of_each, wait_for
+from support.workers import Fleet, Records, WorkerProcess, check_terms_of_each, wait_for
+from test_operations import cli
 
 from celery_stoker import drain, undrain
 from celery_stoker.keys import lease_key
@@ -114,18 +112,25 @@ def stable(led: Holders, weights: Mapping[str, int], may_lead: Mapping[str, list
     )
 
 
-def test_four_workers_and_twelve_stokers_spread_stay_recover_and_share_with_a_fifth(
-    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
-) -> None:
-    """The issue's fleet: a cold start, 15 quiet seconds, a SIGKILL, a join."""
+def cold_fleet(
+    fleets: Callable[..., Fleet], redis_server: RedisServer
+) -> tuple[Fleet, WorkerProcess, list[WorkerProcess]]:
+    """Twelve Stokers from cold: w1 takes every lease, then w2, w3 and w4 start."""
     fleet = fleets("solo", ttl=TTL, STOKER_TEST_STOKERS="12")
     fleet.worker_options["extra_args"] = FAST_HEARTBEAT
     first = fleet.start("w1@%h").wait_ready(60)
-    # From cold: the first worker takes every lease, the others come a moment later.
     wait_for(all_led_within(redis_server, TWELVE, [first.node], 12, 12), 30, what="w1 leads all")
     others = [fleet.start(f"w{i}@%h") for i in (2, 3, 4)]
     for worker in others:
         worker.wait_ready(60)
+    return fleet, first, others
+
+
+def test_four_workers_and_twelve_stokers_spread_stay_recover_and_share_with_a_fifth(
+    fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
+) -> None:
+    """The issue's fleet: a cold start, 15 quiet seconds, a SIGKILL, a join."""
+    fleet, first, others = cold_fleet(fleets, redis_server)
     nodes = [w.node for w in (first, *others)]
     wait_for(all_led_within(redis_server, TWELVE, nodes, 2, 4), 60, 0.1, what="2-4 each")
     moves_until_quiet(redis_server, TWELVE, QUIET, 60)  # the last moves of the spread
@@ -221,14 +226,7 @@ def test_a_drained_worker_is_no_target_and_the_others_share_its_stokers(
     # Its two leave, one to each of the others (a release names the least loaded).
     wait_for(all_led_within(redis_server, SIX, nodes[:2], 3, 3), 30, 0.1, what="3 and 3")
     assert watch_moves(redis_server, SIX, QUIET) == []
-    status = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", "tests.apps.recorder", "stoker", "status"],
-        cwd=ROOT,
-        env={**os.environ, **fleet.env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    status = cli(fleet, "status")
     assert status.returncode == 0, status.stderr
     assert f"leads: {nodes[0]} 3, {nodes[1]} 3, {drained} 0" in status.stdout, status.stdout
 
@@ -265,13 +263,7 @@ def test_the_giver_and_a_target_killed_in_the_middle_of_spreading(
     A target that dies while the giver lives is ``test_balancer.py``'s
     ``test_a_target_the_release_could_not_reach_...`` (and ``test_waiters.py``).
     """
-    fleet = fleets("solo", ttl=TTL, STOKER_TEST_STOKERS="12")
-    fleet.worker_options["extra_args"] = FAST_HEARTBEAT
-    giver = fleet.start("w1@%h").wait_ready(60)
-    wait_for(all_led_within(redis_server, TWELVE, [giver.node], 12, 12), 30, what="w1 leads all")
-    others = [fleet.start(f"w{i}@%h") for i in (2, 3, 4)]
-    for worker in others:
-        worker.wait_ready(60)
+    _, giver, others = cold_fleet(fleets, redis_server)
     wait_for(
         lambda: any(host != giver.node for host, _ in holders(redis_server, TWELVE).values()),
         60,
