@@ -388,7 +388,12 @@ class Balancer:
         stoker = self._stokers.get(name)
         if stoker is None or not self.spreading or self._stopping:
             return None
-        return expiry_position(self.placement(stoker.key_prefix), name, self.hostname)
+        placement = self.placement(stoker.key_prefix)
+        # The holder whose lease expires (dead, or cut off) goes last, whatever its load.
+        gone = stoker.election.leader
+        if gone is not None and gone != self.hostname and gone in placement.nodes:
+            placement = Placement({n: a for n, a in placement.nodes.items() if n != gone})
+        return expiry_position(placement, name, self.hostname)
 
     # ------------------------------------------------------------------ status
 

@@ -35,6 +35,7 @@ class FakeElection:
     state: str = "follower"
     cooling: bool = False
     stepped_down: int | None = None
+    leader: str | None = None
     settings: Any = field(default_factory=lambda: SimpleNamespace(lease_ttl=2.0, stop_timeout=4.0))
     handoffs: list[tuple[int, str, str]] = field(default_factory=list)
     #: Whom the last release named (``RedisLease.named``).
@@ -230,3 +231,17 @@ def test_a_target_the_release_could_not_reach_gets_nothing_more_for_a_while() ->
     alone = next_move(made.placement("stoker"), ME, fixed=made._fixed("stoker"))
     assert alone is not None and alone.target == "gone@h"  # the heartbeats alone would
     assert asked == []
+
+
+def test_at_an_expiry_the_holder_that_let_it_expire_goes_last() -> None:
+    """Its heartbeats may outlive it by a couple of intervals: nobody waits on it."""
+    stokers = [FakeStoker("s0", FakeElection(leader="dead@h"))]
+    made, membership = balancer(stokers, [0.0])
+    membership.others = {
+        # As light as this worker, and first of the two by the tie-break of names.
+        "dead@h": Announcement(eligible=frozenset({"s0"})),
+        "busy@h": Announcement(eligible=frozenset({"s0"}), leads={"x": 1}),
+    }
+    assert made.expiry_position("s0") == 0  # not behind the dead holder
+    stokers[0].election.leader = None  # a waiter that never saw who held it: by load only
+    assert made.expiry_position("s0") == 1
