@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    balance,
     dispatch,
     failover,
     fleet,
@@ -61,6 +62,7 @@ BENCHES: dict[str, Runner] = {
     "state_bytes": state_bytes.run,
     "pools": pools.run,
     "fleet": fleet.run,
+    "balance": balance.run,
 }
 #: Benchmarks too slow for the smoke run (which CI runs), and why.
 SKIPPED_IN_SMOKE = {
@@ -72,6 +74,8 @@ SKIPPED_IN_SMOKE = {
     "with python -m bench.pools --mode smoke",
     "fleet": "half a minute at its smallest (two leader runs, a fresh Redis each waits out a "
     "TTL); run it with python -m bench.fleet --mode smoke",
+    "balance": "two minutes at its smallest (two fleets from cold, each waits out a TTL, a "
+    "join and a crash); run it with python -m bench.balance --mode smoke",
 }
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
@@ -86,6 +90,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], list[Table]]] = {
     "state_bytes": state_bytes.render,
     "pools": pools.render,
     "fleet": fleet.render,
+    "balance": balance.render,
 }
 
 

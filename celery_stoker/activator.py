@@ -25,7 +25,7 @@ from .callbacks import EventCall
 from .copies import StateCopy, copies
 from .delivery import EventDelivery
 from .dispatch import run_event
-from .election import REDIS_DOWN, Election
+from .election import REDIS_DOWN, Election, Spread
 from .lanes import PendingEvent
 from .lease import RedisLease, Term
 from .listener import LeaseListener
@@ -68,6 +68,7 @@ class Activator:
         emit: Callable[..., None] | None = None,
         metrics: MetricsHooks = NO_METRICS,
         access: AccessCheck | None = None,
+        spread: Spread | None = None,
     ) -> None:
         self.app = app
         self.spec = spec
@@ -108,6 +109,7 @@ class Activator:
             metrics=metrics,
             access=access
             or AccessCheck(self.client, settings.key_prefix, masked_url=settings.masked_url),
+            spread=spread,
         )
         if self.election.access is not None:
             self.election.access.require_replicas(settings.min_replicas)
@@ -158,6 +160,19 @@ class Activator:
         """
         return self.election.stop(timeout)
 
+    @property
+    def key_prefix(self) -> str:
+        return self.settings.key_prefix
+
+    @property
+    def weight(self) -> int:
+        """How much this Stoker counts when leadership is spread (``@stoker(weight=...)``)."""
+        return self.spec.weight
+
+    def busy(self) -> bool:
+        """True while one of the Stoker's events is in flight (it is not moved then)."""
+        return self.pump.running(self.name) is not None
+
     def on_cluster_change(self, node: str, change: str) -> None:
         """A worker joined, left or was lost: the leader's Stoker hears of it."""
         term = self.election.term
@@ -197,6 +212,7 @@ class Activator:
             "draining": election.draining,
             "suspended": election.suspended,
             "min_members": election.min_members,
+            "weight": self.spec.weight,
             "lease_ttl": self.settings.lease_ttl,
             "renew_interval": self.settings.renew_interval,
             "running_event": self._running_event(),

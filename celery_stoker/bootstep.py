@@ -10,8 +10,9 @@ first message on.
 It owns the worker's pieces: one event pump (``pump.py``) and its watch over
 events in flight (``watch.py``) with one report reader per Redis
 (``reports.py``), one pub/sub listener per key prefix, one Redis client per
-URL shared by every activator, one election thread per Stoker, and, with
-``stoker_metrics_port``, the Prometheus endpoint (``metrics.py``).
+URL shared by every activator, one election thread per Stoker, the balancer
+that spreads leadership (``balancer.py``), and, with ``stoker_metrics_port``,
+the Prometheus endpoint (``metrics.py``).
 
 Shutdown: Celery sends ``worker_shutting_down`` from the signal handler of a
 warm, soft or cold shutdown; the activators begin stepping down right there, so
@@ -38,6 +39,7 @@ from kombu import Exchange, Queue
 from ._version import __version__
 from .access import AccessCheck
 from .activator import Activator
+from .balancer import Balancer
 from .connection import is_cluster, redis_client
 from .copies import copies
 from .delivery import EventDelivery
@@ -52,6 +54,7 @@ from .registry import WorkerInfo, app_name, is_eligible, registry_of
 from .settings import (
     StokerConfigurationError,
     StokerSettings,
+    check_balance,
     check_metrics_address,
     check_metrics_port,
     check_timing,
@@ -153,6 +156,10 @@ class StokerStep(bootsteps.StartStopStep):
         # Members are the workers of this app under the same key prefix (membership.py).
         prefixes = {settings.key_prefix for settings in self.settings.values()}
         self.membership = Membership(self.hostname, app_name(self.app), prefixes)
+        # Announces what this worker leads, and spreads leadership (stoker_balance).
+        self.balancer = Balancer(
+            self.hostname, self.membership, enabled=check_balance(self.app.conf)
+        )
         if self.registry:
             queue = event_queue(self.app.conf, self.hostname)
             # Celery gives a queue without an exchange name its default exchange (a binding
@@ -249,7 +256,8 @@ class StokerStep(bootsteps.StartStopStep):
             return
         self._declare_event_queue()  # before the consumer does, so a refusal is explained
         announce(self.membership.scope)  # before the consumer's heart sends worker-online
-        if not self.membership.attach_gossip(worker.consumer):
+        gossip = self.membership.attach_gossip(worker.consumer)
+        if not gossip:
             self._refuse_min_members("gossip is off (a broker without it)")
         if not self.membership.heartbeats_on(worker.consumer):
             self._refuse_min_members("heartbeats off")
@@ -286,12 +294,16 @@ class StokerStep(bootsteps.StartStopStep):
                 emit=self.emitter.emit,
                 metrics=self.metrics,
                 access=access,
+                spread=self.balancer if self.balancer.enabled else None,
             )
+            self.balancer.add(activator)
             self.metrics.watch(name, activator.election)
             self.membership.subscribe(activator.on_cluster_change, settings.key_prefix)
             self.activators[name] = activator
+        self.balancer.attach(gossip, self.membership.heartbeat_interval)
         for activator in self.activators.values():
             activator.start()
+        self.balancer.start()
         self._add_report_readers()
         # Each restart of the consumer is a lost broker connection (it drops what the pool
         # has not started): the pump says a broker loss only when there was one.
@@ -532,6 +544,7 @@ class StokerStep(bootsteps.StartStopStep):
         # a release by another stopping worker cannot hand this one a term.
         for activator in list(self.activators.values()):
             activator.begin_stopping()
+        self.balancer.begin_stopping()
         if _green_spawn(self._request_stops):
             return
         threading.Thread(
@@ -551,6 +564,7 @@ class StokerStep(bootsteps.StartStopStep):
             return
         self._stopped.set()
         signals.worker_shutting_down.disconnect(self._on_shutting_down)
+        self.balancer.stop()  # first: no move starts while the Stokers step down
         self._request_stops()
         timeout = max((s.stop_timeout for s in self.settings.values()), default=0.0)
         deadline = time.monotonic() + timeout
@@ -591,6 +605,7 @@ class StokerStep(bootsteps.StartStopStep):
             "members": sorted(self.membership.members()),
             "membership_source": self.membership.source,
             "activators": {name: a.snapshot() for name, a in self.activators.items()},
+            "balance": self.balancer.snapshot(),
         }
 
 

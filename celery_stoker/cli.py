@@ -139,6 +139,7 @@ def status(ctx: click.Context, as_json: bool, timeout: float, watch: bool) -> No
         click.echo(f"\n{unasked}: the table shows only what Redis holds")
     click.echo(f"\n{_draining_line(drained)}")
     if not unasked:
+        click.echo(_leaders_line(views))
         click.echo(_versions_line(views))
     for v in views:
         transitions = v.get("transitions") or []
@@ -147,6 +148,31 @@ def status(ctx: click.Context, as_json: bool, timeout: float, watch: bool) -> No
         click.echo(f"\nrecent transitions of {printable(v['name'])} (newest first):")
         for t in transitions:
             click.echo(f"  {_transition_line(t)}")
+
+
+def leaderships(views: list[dict[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Each answering worker's (Stokers it leads, their summed weight), 0 for a follower."""
+    counts: dict[str, tuple[int, int]] = {}
+    for v in views:
+        for node, activator in (v.get("workers") or {}).items():
+            led, load = counts.get(node, (0, 0))
+            if activator.get("state") == "leader":
+                weight = activator.get("weight")
+                led, load = led + 1, load + (weight if type(weight) is int else 1)
+            counts[node] = (led, load)
+    return counts
+
+
+def _leaders_line(views: list[dict[str, Any]]) -> str:
+    """How leadership is spread: ``leads: w1@h 3, w2@h 3, w3@h 0`` (and each load, if weighted)."""
+    counts = leaderships(views)
+    if not counts:
+        return "leads: (no worker answered)"
+    cells = [
+        f"{node} {led}" + (f" (weight {load})" if load != led else "")
+        for node, (led, load) in sorted(counts.items())
+    ]
+    return printable("leads: " + ", ".join(cells))
 
 
 def _versions_line(views: list[dict[str, Any]]) -> str:

@@ -417,6 +417,11 @@ def drain(app: Celery, nodes: list[str], *, timeout: float = 10.0) -> dict[str, 
             client = client_for(settings)
             names = _stoker_names(app, client, prefix)
             mark_draining(client, prefix, names, nodes, draining=True)
+            # Their followers look at once, so each drained worker knows and says it
+            # drains (no release, no rebalance names it meanwhile): one look per Stoker.
+            for name in names:
+                for node in nodes:
+                    announce(client, prefix, name, WAKE, extra=node)
         # Move what was marked: an operator's bare app registers no Stokers, and its
         # drain found them in Redis (it poked none and said nothing moved).
         marked += [(name, settings_for(app, name)) for name in names]
@@ -468,18 +473,19 @@ def draining(app: Celery) -> set[str]:
     return nodes
 
 
-def announce(client: redis.Redis, prefix: str, name: str, kind: str) -> None:
+def announce(client: redis.Redis, prefix: str, name: str, kind: str, extra: str = "") -> None:
     """Send ``kind`` about ``name`` where its waiters and holder listen.
 
     The prefix's channel on a single Redis; on a Redis Cluster the Stoker's own
     shard channel (``SPUBLISH``, routed to the shard that holds its slot).
+    ``extra``: a ``wake`` for that worker's waiters only.
     """
     sharded = is_cluster_client(client)
     channel, _ = channel_for(prefix, name, sharded=sharded)
     if sharded:
-        client.spublish(channel, message(kind, name))
+        client.spublish(channel, message(kind, name, extra=extra))
     else:
-        client.publish(channel, message(kind, name))
+        client.publish(channel, message(kind, name, extra=extra))
 
 
 def mark_draining(

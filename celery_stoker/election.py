@@ -55,7 +55,22 @@ FIRST_EVENT_WAIT = 0.05
 #: Step-downs someone asked for (a stop, a handoff, a drain) or that min_members explains
 #: (its suspension is the WARNING): logged at INFO.  Any other reason (a lost lease,
 #: failures) is a WARNING, something a person should look at.
-ROUTINE_STEP_DOWNS = frozenset({"worker_stopping", "handoff", "drain", "below_min_members"})
+ROUTINE_STEP_DOWNS = frozenset(
+    {"worker_stopping", "handoff", "drain", "below_min_members", "rebalance"}
+)
+
+
+class Spread(Protocol):
+    """Where leadership should go when this worker lets a lease go (``balancer.py``)."""
+
+    def release_order(self, name: str) -> list[str] | None:
+        """The live workers a release should name first, the least loaded first; None: no view."""
+
+    def released(self, name: str, node: str | None, token: int) -> None:
+        """A release of ``name``'s term ``token`` named ``node`` (None: nobody)."""
+
+    def expiry_position(self, name: str) -> int | None:
+        """At an expiry, the head starts this worker gives the others (None: its rank decides)."""
 
 
 class TermHandler(Protocol):
@@ -105,8 +120,13 @@ class Election:
         emit: Callable[..., None] | None = None,
         metrics: MetricsHooks = NO_METRICS,
         access: AccessCheck | None = None,
+        spread: Spread | None = None,
     ) -> None:
         self.name = name
+        #: Who a release names, and when a waiter tries at an expiry (None: first come).
+        self.spread = spread
+        if spread is not None:
+            lease.expiry_position = lambda: spread.expiry_position(name)
         #: Whether this worker's Redis user may run what the election needs (ACLs).
         self.access = access
         self.settings = settings
@@ -155,6 +175,10 @@ class Election:
         self._record_error: str | None = None
         #: Set from another thread when this worker should give the Stoker up.
         self._step_down_request: str | None = None
+        #: Set from another thread to hand the term over: (token, reason, worker).
+        self._handoff_request: tuple[int, str, str] | None = None
+        #: The token of the last term whose step-down is over (shutdown run, lease released).
+        self.stepped_down: int | None = None
         self._stop = threading.Event()
         self._stop_reason = "worker_stopping"
         #: Set (a plain assignment: safe in a signal handler) once the worker begins to
@@ -201,6 +225,20 @@ class Election:
         """Ask the election thread to step down and release now (from any thread)."""
         self._step_down_request = reason
         self.lease.poke_local()
+
+    def request_handoff(self, token: int, to: str, reason: str = "rebalance") -> None:
+        """Ask the election thread to hand term ``token`` to ``to`` (from any thread).
+
+        A clean handoff, as an operator's: ``shutdown`` here once a running
+        event is over, then the lease is reserved for ``to``.  Ignored when the
+        term has ended meanwhile.
+        """
+        self._handoff_request = (token, reason, to)
+        self.lease.poke_local()
+
+    def resting(self) -> bool:
+        """True while this worker leaves the Stoker to others (after giving it away)."""
+        return self._cooldown_until > time.monotonic()
 
     def recheck(self) -> None:
         """Make a holder look at its state now (a member came or went: min_members)."""
@@ -365,7 +403,7 @@ class Election:
         The acquire was in flight when the stop began; the next waiter tries at once.
         """
         self.highest_token = max(self.highest_token, term.token)
-        released = self.lease.release(term, live=self._live_nodes())
+        released = self._release(term)
         logger.info(
             "Stoker %s: %s took the lease (token %d) as it began to stop; %s at once",
             self.name,
@@ -440,6 +478,7 @@ class Election:
         self.terms_won += 1
         self.metrics.term_won(self.name)
         self.draining = False
+        self._handoff_request = None  # asked of an earlier term
         self._act_not_before = time.monotonic() + self._quarantine(term)
         if len(self._members()) < self.min_members:
             self._suspend(term)
@@ -595,9 +634,15 @@ class Election:
                 wait = min(wait, self._act_not_before - now)
             if self.lease.wait_poked(wait) and self.lease.poked_by_operator():
                 break  # an operator asked: renew now and hear why
-            if self._step_down_request is not None:
+            if self._step_down_request is not None or self._handoff_request is not None:
                 break
         if self._stop.is_set():
+            return
+        handoff, self._handoff_request = self._handoff_request, None
+        if handoff is not None and handoff[0] == term.token and self.accepting:
+            _, reason, target = handoff
+            self._step_down(reason, release=True, reserve_for=target)
+            self._cooldown_until = time.monotonic() + self.settings.lease_ttl
             return
         if self._step_down_request is not None:
             reason, self._step_down_request = self._step_down_request, None
@@ -675,8 +720,13 @@ class Election:
             self.handler.stop_acting(term, reason, lost=not release, stale=stale)
         if release:
             try:
-                if self.lease.release(term, reserve_for=reserve_for, live=self._live_nodes()):
-                    logger.info("Stoker %s: lease released (token %d)", self.name, term.token)
+                if self._release(term, reserve_for=reserve_for):
+                    logger.info(
+                        "Stoker %s: lease released (token %d)%s",
+                        self.name,
+                        term.token,
+                        f" to {self.lease.named}" if self.lease.named else "",
+                    )
             except (redis.RedisError, OSError) as exc:
                 # Unreachable, or refused (an ACL, OOM): never the end of this thread.
                 logger.warning(
@@ -700,6 +750,7 @@ class Election:
         self._emit(
             "stoker-stepped-down", name=self.name, token=term.token, reason=reason, to=reserve_for
         )
+        self.stepped_down = term.token
 
     def _finish_running_event(self, term: Term) -> None:
         """Let an event already in the pool finish before ``shutdown`` (one at a time).
@@ -718,6 +769,19 @@ class Election:
             with contextlib.suppress(redis.RedisError):
                 if not self.lease.renew(term):
                     return
+
+    def _release(self, term: Term, *, reserve_for: str | None = None) -> bool:
+        """Release ``term``, naming the least loaded live waiter when leadership is spread."""
+        order = self.spread.release_order(self.name) if self.spread is not None else None
+        if order:
+            # The ordered candidates first, then every other live worker (the filter).
+            live = order + sorted(self._live_nodes() - set(order))
+            released = self.lease.release(term, reserve_for=reserve_for, live=live, ordered=True)
+        else:
+            released = self.lease.release(term, reserve_for=reserve_for, live=self._live_nodes())
+        if released and self.spread is not None:
+            self.spread.released(self.name, self.lease.named, term.token)
+        return released
 
     def _live_nodes(self) -> frozenset[str]:
         """The workers a release may name as next: empty (trust all) when gossip sees no one."""

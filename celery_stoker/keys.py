@@ -39,7 +39,7 @@ RELEASED = "released"  # extra: the holder id of the waiter that tries first, if
 RENEWED = "renewed"
 ACQUIRED = "acquired"  # a new term: waiters defer to its expiry; extra: the winner's holder id
 POKE = "poke"  # an operator asks the holder to renew now and hear why
-WAKE = "wake"  # waiters should look again (undrain)
+WAKE = "wake"  # waiters should look again (undrain); extra: only that worker's (drain)
 
 
 #: What a Redis Cluster node reached with a plain client means, and the fix.

@@ -25,9 +25,10 @@ Waiting is cheap: every release, renewal and new term is announced on one
 pub/sub channel per key prefix (``listener.py``).  A waiter blocks until the
 lease it saw would expire; a renewal moves its wake-up to the new expiry
 without it sending anything, so a follower sends no command at all while the
-leader keeps renewing.  A release or an expiry wakes only the longest-waiting
-follower at once; the others try only if it does not announce a new term
-within :data:`HERD_DELAY` (see :class:`RedisLease`).  A message wakes a waiter's
+leader keeps renewing.  A release or an expiry wakes only one follower at once
+(the longest-waiting, or, when leadership is spread, the least loaded: the
+caller's order, ``balance.py``); the others try only if it does not announce
+a new term within :data:`HERD_DELAY` (see :class:`RedisLease`).  A message wakes a waiter's
 thread only when it must act sooner than it planned (see :meth:`RedisLease.notify`).
 The Lua scripts are in ``scripts.py``, the key names in ``keys.py``.
 
@@ -42,7 +43,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,6 +56,7 @@ from .keys import (
     POKE,
     RELEASED,
     RENEWED,
+    WAKE,
     channel_for,
     closing_key,
     handoff_key,
@@ -239,11 +241,13 @@ class RedisLease:
     one, :meth:`wait` simply sleeps its timeout.
 
     **No herd.**  Followers queue in a sorted set that Redis keeps (oldest
-    first).  A release names the longest-waiting live follower; only that one
+    first).  A release names the longest-waiting live follower (or the first
+    live waiter of the caller's order: the least loaded); only that one
     tries at once, and every other waits :data:`HERD_DELAY` times its rank for
     the new term to be announced, which it then waits out without a command.
     An expiry (the holder crashed) wakes the first waiter at once and the others
-    after the same staggered delay.  So a failover costs a couple of commands
+    after the same staggered delay (their place in :attr:`expiry_position`'s
+    order, when one is given, else their rank).  So a failover costs a couple of commands
     whatever the number of followers, a dead first waiter costs the others one
     delay, and a late one lets the next in line try, not the whole queue.
     """
@@ -285,6 +289,11 @@ class RedisLease:
         self.vanished = False
         #: This worker's place among the waiters (0: first to try), as of its last look.
         self.rank: int | None = None
+        #: The node the last :meth:`release` named to try first (None: nobody).
+        self.named: str | None = None
+        #: At an expiry, how many head starts this waiter gives the others (None: its
+        #: rank decides).  Set by the election when leadership is spread (``balance.py``).
+        self.expiry_position: Callable[[], int | None] | None = None
         self._poked = threading.Event()
         self._operator_poke = False
         self._ttl_ms = max(1, round(ttl * 1000))
@@ -449,20 +458,31 @@ class RedisLease:
         return False
 
     def release(
-        self, term: Term, *, reserve_for: str | None = None, live: Iterable[str] = ()
+        self,
+        term: Term,
+        *,
+        reserve_for: str | None = None,
+        live: Iterable[str] = (),
+        ordered: bool = False,
     ) -> bool:
         """Give the lease up and announce who tries first; False if it was not ours any more.
 
         ``reserve_for`` (a handoff) keeps the lease for that worker for one TTL:
         only it may take it meanwhile, and if it never does, the reservation
-        expires like any lease.  ``live`` are the node names this worker sees
-        alive: waiters not among them are skipped and forgotten (empty: trust
-        every waiter).
+        expires like any lease; a worker whose listener is gone (it died) gets
+        no reservation, the release names another.  ``live`` are the node names
+        this worker sees alive: waiters not among them are skipped and forgotten
+        (empty: trust every waiter).  ``ordered``: ``live`` is in order of
+        preference (the least loaded first), and the first of them that waits
+        is named; otherwise the longest-waiting live waiter is.  :attr:`named`
+        says whom the release named (None: nobody).
         """
         term.valid_until = min(term.valid_until, time.monotonic())
+        self.named = None
+        live = list(live) if ordered else sorted(live)
         try:
-            released = self._release(
-                keys=[self.lease_key, self.waiters_key],
+            released, named = self._release(
+                keys=[self.lease_key, self.waiters_key, self.draining_key],
                 args=[
                     term.value,
                     self.channel,
@@ -471,14 +491,19 @@ class RedisLease:
                     self._ttl_ms,
                     self.publish_command,
                     self.presence_prefix,
-                    *sorted(live),
+                    "ordered" if ordered and live else "",
+                    *live,
                 ],
             )
         except redis.ResponseError as exc:
             if not _is_foreign_data_error(exc):
                 raise
             return False
-        return int(released) == 1
+        if int(released) != 1:
+            return False
+        text = named.decode() if isinstance(named, bytes) else str(named or "")
+        self.named = text or None
+        return True
 
     def leave(self) -> None:
         """Leave the waiters (a follower that stops): no release may name it any more.
@@ -521,6 +546,8 @@ class RedisLease:
         if kind == POKE:
             self._operator_poke = True  # an operator asked: the holder renews now
             self._poked.set()
+        elif kind == WAKE and extra and extra != self.hostname:
+            return  # a drain asks that worker's waiters to look (and learn it drains)
         elif kind == RELEASED and extra and extra != self.hostname:
             self._released_to_other_at = now  # another waiter tries first
             self._acquired_until = None  # any earlier new-term message is about the old term
@@ -569,15 +596,32 @@ class RedisLease:
             if now >= cap:
                 return False
             if now >= deadline:
-                if self.rank and not expiry_deferred:
+                position = self._expiry_turn() if not expiry_deferred else 0
+                if position and not expiry_deferred:
                     expiry_deferred = True  # a new term announced meanwhile counts too
-                    deadline = now + self._head_start()
+                    deadline = now + HERD_DELAY * position
                     continue
                 return False
             wake_at = min(deadline, cap, turn_at if turn_at is not None else float("inf"))
             self._nudged.wait(max(0.0, wake_at - now))
             self._nudged.clear()
         return True
+
+    def _expiry_turn(self) -> int:
+        """How many head starts this waiter gives the others at an expiry (0: it tries now).
+
+        Its place in the spread (the least loaded first) when the election
+        gives one, else its rank in the queue.
+        """
+        position = None
+        if self.expiry_position is not None:
+            try:
+                position = self.expiry_position()
+            except Exception:  # a bug there must not keep a waiter from the lease
+                logger.exception("lease %s: expiry position failed; using the rank", self.name)
+        if position is None:
+            position = self.rank or 0
+        return max(0, position)
 
     def _head_start(self) -> float:
         """How long this waiter leaves those ahead of it to take the lease and say so."""

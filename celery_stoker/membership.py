@@ -20,6 +20,12 @@ other apps' workers members again.  ``celery stoker status`` names it as old
 (its ``inspect stoker`` reply carries no version), and README's upgrade note
 says what a mixed fleet does.
 
+The same field carries, per key prefix, what this worker leads and may lead
+(``balance``: a :class:`~celery_stoker.balance.Announcement`), read again at
+every heartbeat Celery sends; :meth:`Membership.heard` reads the others' latest
+from the gossip state, where Celery keeps every field of a worker's last
+heartbeat.  That is how leadership is spread without a Redis command.
+
 With ``--without-gossip`` there is nothing to listen to: the set holds only
 this worker, and no ``cluster_change`` events are raised (logged once).
 """
@@ -28,11 +34,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._version import __version__
+from .balance import BALANCE_FIELD, Announcement
 
 logger = logging.getLogger("celery_stoker.membership")
 
@@ -40,7 +47,9 @@ GOSSIP_STEP = "celery.worker.consumer.gossip.Gossip"
 HEART_STEP = "celery.worker.consumer.heart.Heart"
 #: The field of ``worker-online``/``-heartbeat``/``-offline`` events that says which
 #: app and key prefixes a worker runs Stokers for, and its release:
-#: ``{"app": ..., "prefixes": [...], "version": "0.2.0"}`` (0.1.0 sent no such field).
+#: ``{"app": ..., "prefixes": [...], "version": "0.2.0"}`` (0.1.0 sent no such field),
+#: and, from the release that spreads leadership on, ``"balance": {prefix: announcement}``
+#: (``balance.py``; a worker without it is neither counted nor named by the others).
 SCOPE_FIELD = "stoker_scope"
 
 #: Called with (node name, "joined" | "left" | "lost").
@@ -73,20 +82,25 @@ class Scope:
         )
 
 
-def announce(scope: Scope) -> None:
+def announce(scope: Scope, balance: Mapping[str, Announcement] | None = None) -> None:
     """Make this worker's heartbeats (and ``worker-online``/``-offline``) carry ``scope``.
 
     Celery's heart sends ``celery.worker.state.SOFTWARE_INFO`` with every such
     event (and reads it at each send), so adding our field there costs no
-    message of its own.  It must run before the consumer starts its heart.
+    message of its own.  It must run before the consumer starts its heart;
+    running it again (a new dict, assigned at once) changes what the next
+    heartbeat says: ``balance`` is what this worker leads and may lead, per prefix.
     """
     from celery.worker.state import SOFTWARE_INFO
 
-    SOFTWARE_INFO[SCOPE_FIELD] = {
+    fields: dict[str, Any] = {
         "app": scope.app,
         "prefixes": sorted(scope.prefixes),
         "version": scope.version or __version__,
     }
+    if balance is not None:
+        fields[BALANCE_FIELD] = {prefix: a.fields() for prefix, a in sorted(balance.items())}
+    SOFTWARE_INFO[SCOPE_FIELD] = fields
 
 
 class Membership:
@@ -97,10 +111,14 @@ class Membership:
         self.scope = Scope(app, frozenset(prefixes), __version__)
         #: Live nodes and what they announced (None: no scope, e.g. another release).
         self._live: dict[str, Scope | None] = {hostname: self.scope}
+        #: Gossip's record of each live node, which Celery updates with every heartbeat.
+        self._heartbeats: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._listeners: list[tuple[ChangeListener, str | None]] = []
         self._strangers_logged: set[tuple[str, Scope | None]] = set()
         self.source = "self only"
+        #: Seconds between this worker's heartbeats (Celery's ``--heartbeat-interval``).
+        self.heartbeat_interval = 2.0
 
     def members(self, prefix: str | None = None) -> frozenset[str]:
         """A snapshot of the live nodes that run this app's Stokers under ``prefix``.
@@ -114,6 +132,32 @@ class Membership:
                 if node == self.hostname or self._ours(scope, prefix)
             )
 
+    def heard(self, prefix: str) -> dict[str, Announcement]:
+        """The others' latest balance announcements for ``prefix``, by node.
+
+        Only members of ``prefix`` whose heartbeats are current (Celery's
+        ``alive``: one within twice their interval) and that announce one;
+        read from the heartbeat Celery keeps, so always the newest.
+        """
+        with self._lock:
+            nodes = [
+                (node, self._heartbeats.get(node))
+                for node, scope in self._live.items()
+                if node != self.hostname and self._ours(scope, prefix)
+            ]
+        heard = {}
+        for node, worker in nodes:
+            if worker is None or not getattr(worker, "alive", False):
+                continue
+            raw = getattr(worker, SCOPE_FIELD, None)
+            balance = raw.get(BALANCE_FIELD) if isinstance(raw, dict) else None
+            announced = (
+                Announcement.parse(balance.get(prefix)) if isinstance(balance, dict) else None
+            )
+            if announced is not None:
+                heard[node] = announced
+        return heard
+
     def subscribe(self, listener: ChangeListener, prefix: str | None = None) -> None:
         """Call ``listener(node, change)`` on every change among the members of ``prefix``."""
         self._listeners.append((listener, prefix))
@@ -125,10 +169,13 @@ class Membership:
             return bool(scope.prefixes & self.scope.prefixes)
         return prefix in scope.prefixes
 
-    def change(self, node: str, change: str, scope: Scope | None = None) -> None:
+    def change(
+        self, node: str, change: str, scope: Scope | None = None, heartbeat: Any = None
+    ) -> None:
         """Record that ``node`` (announcing ``scope``) joined, left or was lost; tell listeners.
 
-        A listener hears only of nodes entering or leaving its own members.
+        ``heartbeat`` is gossip's record of the node (its newest heartbeat's
+        fields).  A listener hears only of nodes entering or leaving its own members.
         """
         if node == self.hostname:
             return
@@ -136,8 +183,11 @@ class Membership:
             was_live, before = node in self._live, self._live.get(node)
             if change == "joined":
                 self._live[node] = scope
+                if heartbeat is not None:
+                    self._heartbeats[node] = heartbeat
             else:
                 self._live.pop(node, None)
+                self._heartbeats.pop(node, None)
             is_live, after = node in self._live, self._live.get(node)
             live = sum(
                 1 for n, s in self._live.items() if n == self.hostname or self._ours(s, None)
@@ -185,14 +235,15 @@ class Membership:
                 "cluster_change events and context.members holds only this worker"
             )
             return False
+        self.heartbeat_interval = float(getattr(gossip, "heartbeat_interval", None) or 2.0)
         gossip.on.node_join.add(
-            lambda worker: self.change(worker.hostname, "joined", _scope(worker))
+            lambda worker: self.change(worker.hostname, "joined", _scope(worker), worker)
         )
         gossip.on.node_leave.add(lambda worker: self.change(worker.hostname, "left"))
         gossip.on.node_lost.add(lambda worker: self.change(worker.hostname, "lost"))
         for worker in list(getattr(gossip.state, "workers", {}).values()):
             if getattr(worker, "alive", False):
-                self.change(worker.hostname, "joined", _scope(worker))
+                self.change(worker.hostname, "joined", _scope(worker), worker)
         self.source = "gossip"
         return True
 

@@ -38,6 +38,9 @@ class WorkerInfo:
 
 Eligibility = str | Sequence[str] | Callable[[WorkerInfo], bool] | None
 
+#: The heaviest ``@stoker(weight=...)``: a typo guard (a weight is counted, not timed).
+MAX_WEIGHT = 1000
+
 
 def consuming(*queues: str) -> Callable[[WorkerInfo], bool]:
     """``eligible=consuming("critical")``: only workers that consume one of ``queues`` lead."""
@@ -76,6 +79,9 @@ class StokerSpec:
     min_members: int = 1
     #: Step down after this many failed events in a row (None: never).
     max_failures: int | None = None
+    #: How much this Stoker counts when leadership is spread (``balance.py``): a heavy
+    #: one as several light ones.
+    weight: int = 1
 
     def instantiate(self) -> Stoker:
         """A fresh instance of the user's class."""
@@ -142,6 +148,7 @@ def stoker(
     eligible: Eligibility = None,
     min_members: int = 1,
     max_failures: int | None = None,
+    weight: int = 1,
     **options: Any,
 ) -> Callable[[S], S]:
     """Register the decorated class as a Stoker of ``app``.
@@ -153,7 +160,8 @@ def stoker(
     ``min_members`` makes the leader act only while it sees at least that many
     live workers, itself included; ``max_failures`` makes a leader whose events
     fail that many times in a row step down, as the original's supervisor gives
-    up on a child that keeps crashing.
+    up on a child that keeps crashing; ``weight`` is how much it counts when the
+    fleet spreads leadership (default 1: a Stoker of weight 3 counts as three).
     """
     from .settings import OVERRIDABLE
 
@@ -176,11 +184,16 @@ def stoker(
         raise StokerRegistrationError(
             f"@stoker max_failures={max_failures!r} must be a whole number >= 1, or None (off)"
         )
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+        raise StokerRegistrationError(
+            f"@stoker weight={weight!r} must be a whole number from 1 to {MAX_WEIGHT}: how "
+            "many light Stokers this one counts as when leadership is spread (default 1)"
+        )
     unknown = sorted(set(options) - set(OVERRIDABLE))
     if unknown:
         raise StokerRegistrationError(
             f"@stoker got unknown option(s) {unknown}; it accepts name=, eligible=, "
-            f"min_members=, max_failures= and {', '.join(OVERRIDABLE)}"
+            f"min_members=, max_failures=, weight= and {', '.join(OVERRIDABLE)}"
         )
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise StokerRegistrationError(f"@stoker name must be a non-empty string, got {name!r}")
@@ -221,7 +234,7 @@ def stoker(
         except ImproperlyConfigured as exc:
             raise StokerRegistrationError(f"@stoker({spec_name!r}): {exc}") from exc
         registry_of(app).add(
-            StokerSpec(spec_name, cls, dict(options), eligible, min_members, max_failures)
+            StokerSpec(spec_name, cls, dict(options), eligible, min_members, max_failures, weight)
         )
         cls.stoker_name = spec_name  # type: ignore[attr-defined]
         return cls

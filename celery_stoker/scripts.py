@@ -187,39 +187,66 @@ return {1, ''}
 
 #: Give the lease up (or keep it for one worker: a handoff) and name who tries first.
 #:
-#: KEYS[1] lease, KEYS[2] waiters.
+#: KEYS[1] lease, KEYS[2] waiters, KEYS[3] the Stoker's draining mark.
 #: ARGV[1] the exact lease value the holder wrote, ARGV[2] channel, ARGV[3] Stoker
 #: name, ARGV[4] node to reserve the lease for ('' for none), ARGV[5] TTL in ms,
 #: ARGV[6] the publish command, ARGV[7] the presence channels' prefix ('': trust
-#: every waiter), ARGV[8..] the node names the holder sees alive (none: do not filter).
-#: Reply: 1 released, 0 not ours (nothing written).
-#: Announced as ``released 0 <name> <node>``: that node (the reserved one, or the
-#: longest-waiting live waiter) tries at once; the others try only if no new
-#: term is announced shortly after.  Waiters ahead of it that are dead (no
-#: listener, or not among ARGV[8..]) are dropped; at most 4 * :data:`PRUNE_WINDOW`
-#: are looked at.
+#: every waiter), ARGV[8] ``ordered`` when ARGV[9..] are in the holder's order of
+#: preference (the least loaded first: ``balance.py``), '' when they are not,
+#: ARGV[9..] the node names the holder sees alive (none: do not filter).
+#: Reply: ``{1, node}`` released, naming that node ('' for none); ``{0, ''}`` not
+#: ours (nothing written).
+#: Announced as ``released 0 <name> <node>``: that node tries at once; the others
+#: try only if no new term is announced shortly after.  The node is the reserved
+#: one if its listener is alive and it is not draining (a handoff to a worker that
+#: died or began to drain meanwhile is a plain release); else, when ``ordered``,
+#: the first of ARGV[9..] that is a live waiter; else the longest-waiting live
+#: waiter.  A draining waiter is never named.  Waiters looked at and found dead
+#: (no listener, or not among ARGV[9..]) are dropped; at most 4 * :data:`PRUNE_WINDOW`
+#: of each list are looked at.
 RELEASE = (
     _ALIVE
     + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
-  return 0
+  return {0, ''}
 end
-local first = ARGV[4]
-if first == '' then
-  local live = {}
-  for i = 8, #ARGV do live[ARGV[i]] = true end
-  for _, node in ipairs(redis.call('ZRANGE', KEYS[2], 0, 4 * WINDOW - 1)) do
-    if (#ARGV < 8 or live[node]) and alive(ARGV[7], node) then
-      first = node
-      break
+local function draining(node)
+  return redis.call('SISMEMBER', KEYS[3], node) == 1
+end
+local reserved = ARGV[4]
+if reserved ~= '' and (draining(reserved) or not alive(ARGV[7], reserved)) then
+  reserved = ''
+end
+local first = reserved
+if first == '' and ARGV[8] == 'ordered' then
+  for i = 9, math.min(#ARGV, 8 + 4 * WINDOW) do
+    if redis.call('ZRANK', KEYS[2], ARGV[i]) and not draining(ARGV[i]) then
+      if alive(ARGV[7], ARGV[i]) then
+        first = ARGV[i]
+        break
+      end
+      redis.pcall('ZREM', KEYS[2], ARGV[i])
     end
-    redis.pcall('ZREM', KEYS[2], node)
   end
 end
-if ARGV[4] ~= '' then
+if first == '' then
+  local live = {}
+  for i = 9, #ARGV do live[ARGV[i]] = true end
+  for _, node in ipairs(redis.call('ZRANGE', KEYS[2], 0, 4 * WINDOW - 1)) do
+    if draining(node) then
+      redis.pcall('ZREM', KEYS[2], node)  -- it would not try: its next ACQUIRE says so
+    elseif (#ARGV < 9 or live[node]) and alive(ARGV[7], node) then
+      first = node
+      break
+    else
+      redis.pcall('ZREM', KEYS[2], node)
+    end
+  end
+end
+if reserved ~= '' then
   local clock = redis.call('TIME')
   redis.call('SET', KEYS[1], string.format('{"v":1,"reserved_for":%s,"since":%d}',
-    cjson.encode(ARGV[4]), tonumber(clock[1]) * 1000), 'PX', ARGV[5])
+    cjson.encode(reserved), tonumber(clock[1]) * 1000), 'PX', ARGV[5])
 else
   redis.call('DEL', KEYS[1])
 end
@@ -228,7 +255,7 @@ if first ~= '' then
 else
   redis.pcall(ARGV[6], ARGV[2], 'released 0 ' .. ARGV[3])
 end
-return 1
+return {1, first}
 """
 ).replace("WINDOW", str(PRUNE_WINDOW))
 

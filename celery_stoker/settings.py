@@ -493,6 +493,26 @@ def check_timing(
     return ttl, renew, prefix
 
 
+def check_balance(conf: Any) -> bool:
+    """``stoker_balance``: spread leadership over the fleet (True, the default) or not.
+
+    One setting for the worker.  False is first come, first served: whoever
+    asks first leads, a release names the longest-waiting follower, and
+    nothing is moved (``balance.py`` says what True does).  A bool only: the
+    string ``"false"`` read from the environment is truthy and would turn it on.
+    """
+    value = conf.get("stoker_balance")
+    if value is None:
+        return True
+    if not isinstance(value, bool):
+        raise StokerConfigurationError(
+            f"{setting_name(conf, 'stoker_balance')}={value!r} must be True (spread leadership "
+            "over the workers) or False (first come); convert a value read from the "
+            "environment to a bool first (the string 'false' is truthy)"
+        )
+    return value
+
+
 def check_metrics_port(conf: Any) -> int | None:
     """``stoker_metrics_port``: the port this worker serves ``/metrics`` on, or None (off).
 

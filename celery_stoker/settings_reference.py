@@ -162,6 +162,15 @@ SETTINGS: tuple[Setting, ...] = (
         "guarantees:What a stored commit survives",
     ),
     Setting(
+        "stoker_balance",
+        "a bool",
+        "``True``",
+        "Spread leadership over the workers: each leads about its share of the Stokers it "
+        "may lead. ``False``: first come (whoever asks first leads, a release names the "
+        "longest-waiting follower, nothing is moved).",
+        "concepts:How leadership is spread",
+    ),
+    Setting(
         "stoker_metrics_port",
         "a port, from 1 to 65535",
         "none (off)",

@@ -433,6 +433,47 @@ def test_bad_max_failures_is_an_error_at_import(value: object) -> None:
                 return state
 
 
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "3", 1001])
+def test_a_bad_weight_is_an_error_at_import(value: object) -> None:
+    app = Celery("weights")
+    with pytest.raises(StokerRegistrationError, match=r"weight=.* whole number from 1 to 1000"):
+
+        @stoker(app, name="x", weight=value)  # type: ignore[arg-type]
+        class X(Stoker):
+            def event(self, state: object, event: str, reason: object) -> object:
+                return state
+
+
+def test_a_weight_is_kept_on_the_spec() -> None:
+    from celery_stoker.registry import registry_of
+
+    app = Celery("weights")
+
+    @stoker(app, name="heavy", weight=3)
+    class Heavy(Stoker):
+        def event(self, state: object, event: str, reason: object) -> object:
+            return state
+
+    @stoker(app, name="light")
+    class Light(Stoker):
+        def event(self, state: object, event: str, reason: object) -> object:
+            return state
+
+    assert (registry_of(app)["heavy"].weight, registry_of(app)["light"].weight) == (3, 1)
+
+
+@pytest.mark.parametrize("value", ["false", 0, 1, None])
+def test_stoker_balance_is_a_bool(value: object) -> None:
+    from celery_stoker.settings import check_balance
+
+    if value is None:
+        assert check_balance({}) is True  # the default: spread
+        assert check_balance({"stoker_balance": False}) is False
+        return
+    with pytest.raises(StokerConfigurationError, match=r"stoker_balance=.* must be True"):
+        check_balance({"stoker_balance": value})
+
+
 @pytest.mark.parametrize("value", [0, -2, "10", math.nan])
 def test_bad_stop_timeout(value: object) -> None:
     with pytest.raises(StokerConfigurationError, match="stoker_stop_timeout"):

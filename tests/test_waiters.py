@@ -177,3 +177,96 @@ def test_without_a_listener_every_waiter_is_trusted(fresh_redis_url: str) -> Non
         assert waiters(client) == ["a@h", "b@h"]  # named a, dropped nobody
     finally:
         client.close()
+
+
+# ------------------------------------------------ spread: whom a release names (issue 25)
+
+
+def follow(workers: list[Worker], url: str, *hosts: str) -> list[Worker]:
+    """Followers of ``NAME`` (queued in this order: the first waits longest)."""
+    made = [start(workers, url, host) for host in hosts]
+    for worker in made:
+        assert worker.lease.acquire().term is None
+    return made
+
+
+def test_an_ordered_release_names_the_first_candidate_that_waits_and_lives(
+    workers: list[Worker], fresh_redis_url: str
+) -> None:
+    """The least loaded first: a candidate that does not wait, or died, is passed over."""
+    leader = start(workers, fresh_redis_url, "leader@h")
+    term = leader.lease.acquire().term
+    assert term is not None
+    oldest, dead, light = follow(workers, fresh_redis_url, "oldest@h", "dead@h", "light@h")
+    dead.die()
+    wait_for(
+        lambda: leader.client.pubsub_numsub(worker_channel(PREFIX, dead.host))[0][1] == 0,
+        5,
+        what="the dead listener gone",
+    )
+    order = ["nowaiter@h", dead.host, light.host, oldest.host]
+    assert leader.lease.release(term, live=order, ordered=True)
+    assert leader.lease.named == light.host
+    assert dead.host not in waiters(leader.client)  # looked at, found dead, dropped
+    assert light.lease.wait(60.0, max_wait=2.0)  # named: its turn at once
+    # Unordered (balance off, or gossip off): the longest-waiting, as before.
+    again = light.lease.acquire().term
+    assert again is not None
+    assert light.lease.release(again, live=order)
+    assert light.lease.named == oldest.host
+
+
+@pytest.mark.parametrize("why", ["died", "drains", "lives"])
+def test_a_handoff_to_a_worker_that_died_or_drains_is_a_plain_release(
+    workers: list[Worker], fresh_redis_url: str, why: str
+) -> None:
+    """No lease kept for one TTL for a worker that will never take it: the next one takes it."""
+    leader = start(workers, fresh_redis_url, "leader@h")
+    term = leader.lease.acquire().term
+    assert term is not None
+    target, other = follow(workers, fresh_redis_url, "target@h", "other@h")
+    if why == "died":
+        target.die()
+        wait_for(
+            lambda: leader.client.pubsub_numsub(worker_channel(PREFIX, target.host))[0][1] == 0,
+            5,
+            what="the target's listener gone",
+        )
+    elif why == "drains":
+        leader.client.sadd(leader.lease.draining_key, target.host)
+    assert leader.lease.release(term, reserve_for=target.host, live=[other.host], ordered=True)
+    if why == "lives":  # a live, non-draining target keeps its reservation
+        assert leader.lease.named == target.host
+        held = leader.lease.holder()
+        assert held is not None and held.reserved_for == target.host
+        assert other.lease.acquire().term is None
+        assert target.lease.acquire().term is not None
+        return
+    assert leader.lease.named == other.host
+    assert leader.client.get(leader.lease.lease_key) is None  # not reserved
+    assert other.lease.acquire().term is not None
+
+
+def test_a_draining_waiter_is_never_named(workers: list[Worker], fresh_redis_url: str) -> None:
+    leader = start(workers, fresh_redis_url, "leader@h")
+    term = leader.lease.acquire().term
+    assert term is not None
+    drained, live = follow(workers, fresh_redis_url, "drained@h", "live@h")
+    leader.client.sadd(leader.lease.draining_key, drained.host)
+    assert leader.lease.release(term)  # unordered: the longest-waiting would be drained@h
+    assert leader.lease.named == live.host
+    assert waiters(leader.client) == [live.host]
+
+
+def test_a_drains_wake_reaches_only_that_workers_waiters(
+    workers: list[Worker], fresh_redis_url: str
+) -> None:
+    from celery_stoker.control import announce
+    from celery_stoker.keys import WAKE
+
+    leader = start(workers, fresh_redis_url, "leader@h")
+    assert leader.lease.acquire().term is not None
+    drained, spared = follow(workers, fresh_redis_url, "drained@h", "spared@h")
+    announce(leader.client, PREFIX, NAME, WAKE, extra=drained.host)
+    assert drained.lease.wait(60.0, max_wait=2.0)  # woken: it looks, and learns it drains
+    assert not spared.lease.wait(60.0, max_wait=0.5)

@@ -470,6 +470,8 @@ def test_without_gossip_members_is_only_this_worker(
     assert w1.log().count("gossip is off") == 1
     # A deliberate setting, said at INFO: a WARNING would page at every deploy.
     assert "INFO/MainProcess] celery-stoker: gossip is off" in w1.log()
+    # Nor is leadership spread: said once, whatever the number of Stokers.
+    assert w1.log().count("leadership is not spread: without gossip") == 1
 
 
 def test_stopping_leader_lets_the_running_event_finish_before_shutdown(

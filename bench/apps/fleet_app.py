@@ -2,7 +2,8 @@
 
 Environment: ``BENCH_BROKER``, ``BENCH_STOKER_URL`` (``stoker_url``: a Redis of its
 own, so every command on it is celery-stoker's), ``BENCH_STOKERS``, ``BENCH_TIMER``,
-``BENCH_TTL`` (lease TTL, default 10 s, the package's).
+``BENCH_TTL`` (lease TTL, default 10 s, the package's), ``BENCH_BALANCE`` (``0``:
+``stoker_balance = False``, first come; for ``bench/balance.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ app.conf.update(
     stoker_lease_ttl=float(os.environ.get("BENCH_TTL", "10")),
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
+    stoker_balance=os.environ.get("BENCH_BALANCE", "1") != "0",
 )
 app.steps["worker"].add(StokerStep)
 

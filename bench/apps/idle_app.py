@@ -27,6 +27,9 @@ app = Celery("idlebench", broker=BROKER)
 app.conf.update(
     worker_hijack_root_logger=False,
     broker_connection_retry_on_startup=True,
+    # One worker leads all three, the other follows all three: the roles the bench
+    # measures (spread, the follower would lead one; bench/balance.py measures that).
+    stoker_balance=False,
 )
 
 

@@ -29,6 +29,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     worker_soft_shutdown_timeout=float(os.environ.get("STOKER_TEST_SOFT_SHUTDOWN", "0")),
 )
+if os.environ.get("STOKER_TEST_BALANCE") == "0":  # first come (tests/test_spread.py)
+    app.conf.stoker_balance = False
 if os.environ.get("STOKER_TEST_MAX_MEMORY_KB"):  # recycle pool processes (test_recycled_pools)
     app.conf.worker_max_memory_per_child = int(os.environ["STOKER_TEST_MAX_MEMORY_KB"])
 if os.environ.get("STOKER_TEST_STOP_TIMEOUT"):
@@ -179,13 +181,6 @@ def _misbehave(event: str, host: str) -> None:
             raise
 
 
-@stoker(
-    app,
-    name=os.environ.get("STOKER_TEST_STOKER_NAME", "recorder"),
-    eligible=_eligible(),
-    min_members=int(os.environ.get("STOKER_TEST_MIN_MEMBERS", "1")),
-    **_limits(),
-)
 class Recorder(Stoker):
     """Counts events and records each one with its context."""
 
@@ -220,6 +215,7 @@ class Recorder(Stoker):
         record(
             "event",
             event=event,
+            name=ctx.name,
             reason=reason,
             host=ctx.hostname,
             token=ctx.token,
@@ -268,6 +264,40 @@ class Recorder(Stoker):
 
     def shutdown_hook_hangs(self) -> bool:
         return os.environ.get("STOKER_TEST_HOOK_HANG") == self.context.hostname
+
+
+def _register_recorders() -> None:
+    """The recording Stoker, or with STOKER_TEST_STOKERS=N, N of them: ``rec-0`` ... ``rec-<N-1>``.
+
+    STOKER_TEST_WEIGHTS (``rec-0=3,rec-1=2``) gives some a weight; STOKER_TEST_ONLY
+    (``rec-0=w1@*,rec-1=w2@*``) lets only matching workers lead that one (eligible=).
+    """
+    count = int(os.environ.get("STOKER_TEST_STOKERS", "0"))
+    names = (
+        [f"rec-{n}" for n in range(count)]
+        if count
+        else [os.environ.get("STOKER_TEST_STOKER_NAME", "recorder")]
+    )
+    weights = dict(
+        (k, int(v)) for k, _, v in (p.partition("=") for p in _env_list("STOKER_TEST_WEIGHTS"))
+    )
+    only = dict((k, v) for k, _, v in (p.partition("=") for p in _env_list("STOKER_TEST_ONLY")))
+    for name in names:
+        stoker(
+            app,
+            name=name,
+            eligible=only.get(name, _eligible()),
+            min_members=int(os.environ.get("STOKER_TEST_MIN_MEMBERS", "1")),
+            weight=weights.get(name, 1),
+            **_limits(),
+        )(type(f"Recorder_{name.replace('-', '_').replace('.', '_')}", (Recorder,), {}))
+
+
+def _env_list(key: str) -> list[str]:
+    return [part for part in os.environ.get(key, "").split(",") if part]
+
+
+_register_recorders()
 
 
 @app.task(name="recorder.sleep")

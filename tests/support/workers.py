@@ -28,6 +28,7 @@ __all__ = [
     "Record",
     "Records",
     "check_terms",
+    "check_terms_of_each",
     "heard_join",
     "running_request",
     "shutdown_after_cut",
@@ -57,6 +58,8 @@ class Record:
     members: tuple[str, ...] = ()
     events: int = 0
     started: float = 0.0
+    #: The Stoker (the recorder app runs one, or ``rec-0`` ... with STOKER_TEST_STOKERS).
+    name: str = "recorder"
 
 
 class Records:
@@ -79,6 +82,7 @@ class Records:
                     members=tuple(d.get("members") or ()),
                     events=int(d.get("events") or 0),
                     started=float(d.get("started") or d["at"]),
+                    name=str(d.get("name") or "recorder"),
                 )
             )
         return out
@@ -159,6 +163,12 @@ def status_views(app: str, env: Mapping[str, str], *args: str) -> list[dict[str,
     assert out.returncode == 0, out.stderr
     views: list[dict[str, Any]] = json.loads(out.stdout)
     return views
+
+
+def check_terms_of_each(records: list[Record]) -> dict[str, dict[int, list[Record]]]:
+    """:func:`check_terms` for each Stoker of the records (a fleet that runs several)."""
+    names = sorted({r.name for r in records})
+    return {name: check_terms([r for r in records if r.name == name]) for name in names}
 
 
 def running_request(records: Records, after: int = 0) -> dict[str, Any]:
