@@ -32,7 +32,6 @@ import redis
 from .access import AccessCheck
 from .connection import is_cluster_client, tls_timeout_hint
 from .lease import Holder, RedisLease, Term
-from .metrics import NO_METRICS, MetricsHooks
 from .settings import StokerSettings
 from .store import StokerStore
 
@@ -58,6 +57,40 @@ FIRST_EVENT_WAIT = 0.05
 ROUTINE_STEP_DOWNS = frozenset(
     {"worker_stopping", "handoff", "drain", "below_min_members", "rebalance"}
 )
+
+
+class ElectionObserver(Protocol):
+    """What an election reports as it runs, to whoever watches it (``metrics.py``).
+
+    The election owns this protocol and imports nothing of its observers.
+    The calls come on the election's thread: they must be quick and never raise.
+    """
+
+    def term_won(self, name: str) -> None:
+        """This worker won a term of ``name``."""
+
+    def stepped_down(self, name: str, reason: str) -> None:
+        """This worker stepped down from ``name`` (``reason`` as the transition shows it)."""
+
+    def lease_renewed(self, name: str, seconds: float) -> None:
+        """A renewal of ``name``'s lease answered after ``seconds``."""
+
+
+class _Unobserved:
+    """No observer: the election reports to nobody."""
+
+    def term_won(self, name: str) -> None:
+        pass
+
+    def stepped_down(self, name: str, reason: str) -> None:
+        pass
+
+    def lease_renewed(self, name: str, seconds: float) -> None:
+        pass
+
+
+#: The observer of an election nobody watches (metrics off).
+UNOBSERVED: ElectionObserver = _Unobserved()
 
 
 class Spread(Protocol):
@@ -118,7 +151,7 @@ class Election:
         eligible: bool = True,
         min_members: int = 1,
         emit: Callable[..., None] | None = None,
-        metrics: MetricsHooks = NO_METRICS,
+        metrics: ElectionObserver = UNOBSERVED,
         access: AccessCheck | None = None,
         spread: Spread | None = None,
     ) -> None:
