@@ -25,7 +25,8 @@ from .callbacks import EventCall
 from .copies import StateCopy, copies
 from .delivery import EventDelivery
 from .dispatch import run_event
-from .election import REDIS_DOWN, Election, Spread
+from .election import Election
+from .election_state import REDIS_DOWN, Spread
 from .lanes import PendingEvent
 from .lease import RedisLease, Term
 from .listener import LeaseListener
