@@ -7,7 +7,8 @@ activator stands between them: when a term starts acting it runs the
 ``leader_stopping`` and delivers ``shutdown`` itself, in this process (by then
 the pool may be draining or the broker gone); after each event it counts
 failures toward ``max_failures``.  ``snapshot()`` is what ``dump`` and
-``celery inspect stoker`` show of it, as the original's ``dump/1``.
+``celery inspect stoker`` show of it, as the original's ``dump/1``
+(``activator_status.py``).
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import redis
 
+from . import activator_status
 from .access import AccessCheck
 from .callbacks import EventCall
 from .copies import StateCopy, copies
 from .delivery import EventDelivery
 from .dispatch import run_event
-from .election import REDIS_DOWN, Election, Spread
+from .election import Election
+from .election_state import REDIS_DOWN, Spread
 from .lanes import PendingEvent
 from .lease import RedisLease, Term
 from .listener import LeaseListener
@@ -41,10 +43,6 @@ if TYPE_CHECKING:
     from celery import Celery
 
 logger = logging.getLogger("celery_stoker.activator")
-
-
-def _iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat() if ts else None
 
 
 class Activator:
@@ -184,62 +182,11 @@ class Activator:
 
     def snapshot(self) -> dict[str, Any]:
         """This activator's fields, as the original's ``dump/1`` shows them."""
-        election = self.election
-        term = election.term
-        return {
-            "name": self.name,
-            "state": election.state,
-            "current_node": self.hostname,
-            "key_prefix": self.settings.key_prefix,
-            "created_at": _iso(election.created_at),
-            "active_from": _iso(election.active_from),
-            "leader": election.leader,
-            "token": term.token if term else election.leader_token,
-            "lease_time_left": round(term.time_left(), 3) if term else None,
-            # The held term found Redis behind the fleet: {"seen": token, "held": counter}.
-            "history_lost": _lost_view(term.history_lost) if term else None,
-            "last_event": self.last_event,
-            "last_event_at": _iso(self.last_event_at),
-            # The election's fault first: it is why nothing else happens.
-            "last_error": election.error or self.last_error,
-            "election_error": election.error,
-            "election_error_since": _iso(election.error_since),
-            "state_error": self.state_error,
-            "state_error_since": _iso(self.state_error_since),
-            "state_retries": self.state_retries,
-            "terms_won": election.terms_won,
-            "eligible": election.eligible,
-            "draining": election.draining,
-            "suspended": election.suspended,
-            "min_members": election.min_members,
-            "weight": self.spec.weight,
-            "lease_ttl": self.settings.lease_ttl,
-            "renew_interval": self.settings.renew_interval,
-            "running_event": self._running_event(),
-            "failures": self.failures,
-            "max_failures": self.spec.max_failures,
-            "soft_time_limit": self.settings.soft_time_limit,
-            "time_limit": self.settings.time_limit,
-            "health": self.health(),
-        }
+        return activator_status.snapshot(self)
 
     def health(self) -> dict[str, Any]:
         """``ok`` or the fault this activator (or the worker's pump) is in, since when."""
-        error, since = self.election.error, self.election.error_since
-        if error is None and self.pump.error is not None:
-            error, since = f"event pump: {self.pump.error}", self.pump.error_since
-        if error is None and self.state_error is not None:
-            error, since = f"state unreadable: {self.state_error}", self.state_error_since
-        return {"status": "ok" if error is None else "error", "error": error, "since": _iso(since)}
-
-    def _running_event(self) -> dict[str, Any] | None:
-        running = self.pump.running(self.name)
-        if running is None:
-            return None
-        started = running.pop("started_at")
-        running["started_at"] = _iso(started)
-        running["running_for"] = round(time.time() - started, 1) if started else None
-        return running
+        return activator_status.health(self)
 
     # ------------------------------------------------------ the term (TermHandler)
     # Called by the election, on its thread.
@@ -456,11 +403,6 @@ class Activator:
         if error is not None and error != self._state_error_said:
             logger.error("%s", error)
             self._state_error_said = error
-
-
-def _lost_view(lost: tuple[int, int] | None) -> dict[str, int] | None:
-    """A term's ``history_lost`` as dump() and status show it."""
-    return None if lost is None else {"seen": lost[0], "held": lost[1]}
 
 
 def _client(settings: StokerSettings, socket_timeout: float) -> redis.Redis:

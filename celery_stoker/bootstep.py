@@ -12,7 +12,8 @@ events in flight (``watch.py``) with one report reader per Redis
 (``reports.py``), one pub/sub listener per key prefix, one Redis client per
 URL shared by every activator, one election thread per Stoker, the balancer
 that spreads leadership (``balancer.py``), and, with ``stoker_metrics_port``,
-the Prometheus endpoint (``metrics.py``).
+the Prometheus endpoint (``metrics.py``).  This worker's draining marks are
+``drain_marks.py``'s, what its pool can do (limits, green threads) ``worker_pool.py``'s.
 
 Shutdown: Celery sends ``worker_shutting_down`` from the signal handler of a
 warm, soft or cold shutdown; the activators begin stepping down right there, so
@@ -28,7 +29,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
@@ -44,7 +44,8 @@ from .connection import is_cluster, redis_client
 from .copies import copies
 from .delivery import EventDelivery
 from .dispatch import register_dispatch_task, warm_process
-from .keys import draining_key, lease_channel, reports_key, stoker_channel, worker_channel
+from .drain_marks import leave_draining_set, sync_drain_marks
+from .keys import lease_channel, reports_key, stoker_channel, worker_channel
 from .listener import LeaseListener
 from .membership import Membership, announce
 from .metrics import NO_METRICS, MetricsHooks
@@ -62,20 +63,13 @@ from .settings import (
     setting_name,
 )
 from .telemetry import EventEmitter
+from .worker_pool import green_spawn, pool_name, warn_unenforced_limits
 
 logger = logging.getLogger("celery_stoker.bootstep")
 
 #: Connections the activators of one worker share per Redis URL (commands are short:
 #: a renewal takes well under a millisecond, so a few serve hundreds of Stokers).
 MAX_SHARED_CONNECTIONS = 4
-#: What each Celery pool enforces of a task's (soft, hard) time limit.
-POOL_LIMITS = {
-    "prefork": (True, True),
-    "gevent": (False, True),
-    "eventlet": (False, False),
-    "threads": (False, False),
-    "solo": (False, False),
-}
 
 
 #: Seconds the broker keeps a worker's event queue once nobody consumes it
@@ -83,10 +77,6 @@ POOL_LIMITS = {
 #: name never used again (a pod), leaves nothing behind, and a live worker's short
 #: broker reconnect keeps its queue and what waits in it.
 EVENT_QUEUE_EXPIRES = 20.0
-
-
-#: Longest a stopping worker waits for Redis to take it out of the draining set.
-LEAVE_TIMEOUT = 1.0
 
 
 def event_queue_name(conf: Any, hostname: str) -> str:
@@ -262,10 +252,10 @@ class StokerStep(bootsteps.StartStopStep):
         if not self.membership.heartbeats_on(worker.consumer):
             self._refuse_min_members("heartbeats off")
         self.emitter.start()
-        self._sync_drain_marks(draining=self.drain_at_start)
+        sync_drain_marks(self.hostname, self.settings, draining=self.drain_at_start)
         holder_prefix = f"{self.hostname}/{uuid.uuid4().hex[:12]}"
         info = WorkerInfo(self.hostname, self._consumed_queues(), self.app)
-        self._warn_unenforced_limits(worker)
+        warn_unenforced_limits(worker, self.settings)
         # A recycled pool process is replaced at once, so no event (nor the user's task)
         # waits seconds for Celery's pool maintenance (reaping.py).
         reap_promptly(getattr(worker, "pool", None))
@@ -358,25 +348,6 @@ class StokerStep(bootsteps.StartStopStep):
 
             self.pump.watch.add_reports(factory, keys)
 
-    def _warn_unenforced_limits(self, worker: Any) -> None:
-        """Say once at start which Stoker's time limit this worker's pool cannot enforce."""
-        pool = pool_name(worker)
-        soft_ok, hard_ok = POOL_LIMITS.get(pool, (True, True))
-        for name, settings in sorted(self.settings.items()):
-            missing = []
-            if settings.soft_time_limit is not None and not soft_ok:
-                missing.append(f"soft_time_limit={settings.soft_time_limit:g}")
-            if settings.time_limit is not None and not hard_ok:
-                missing.append(f"time_limit={settings.time_limit:g}")
-            if missing:
-                logger.warning(
-                    "Stoker %s: the %s pool cannot enforce %s; use the prefork pool (or "
-                    "gevent for a hard limit) to bound its callbacks",
-                    name,
-                    pool,
-                    " and ".join(missing),
-                )
-
     def _warm_pool_process(self, **kwargs: Any) -> None:
         """``worker_process_init``: a new pool process gets ready for its first event."""
         self.metrics.close_in_child()
@@ -415,88 +386,6 @@ class StokerStep(bootsteps.StartStopStep):
                 "Stoker %s: its eligible= check raised; this worker will not lead it", spec.name
             )
             return False
-
-    def _sync_drain_marks(self, draining: bool) -> None:
-        """Before any election: this worker's draining marks, per Stoker, as the set says.
-
-        The scripts read each Stoker's own copy of the draining set (one Cluster
-        slot per script).  ``--stoker-drain`` / ``stoker_drain`` joins the set and
-        every copy; otherwise the copies of this worker's Stokers are made to
-        agree with the set, so a drain or undrain done by an app that did not
-        know all of them (or a Stoker added since) still holds.
-        """
-        from .control import mark_draining
-
-        for prefix, settings, names, client in self._drain_clients():
-            try:
-                drained = draining or bool(client.sismember(draining_key(prefix), self.hostname))
-                mark_draining(client, prefix, names, [self.hostname], draining=drained)
-                if draining:
-                    logger.info(
-                        "celery-stoker: %s starts draining: it will not lead", self.hostname
-                    )
-            except Exception as exc:
-                if draining:
-                    logger.error(
-                        "celery-stoker: could not mark %s as draining in %s (%s)",
-                        self.hostname,
-                        settings.masked_url,
-                        exc,
-                    )
-            finally:
-                client.close()
-
-    def _leave_draining_set(self) -> None:
-        """A clean stop ends this worker's drain: its name leaves the draining set.
-
-        A drain moves leadership off a worker for the rest of its run (a rolling
-        deploy, a Kubernetes ``preStop`` hook).  Kept past the stop, the mark made
-        a pod that came back under the same name (a StatefulSet) draining for
-        good -- after a rollout every pod, and the Stoker had no leader at all --
-        and with fresh pod names it grew the set by one name per pod.  Runs once
-        every election has stopped (none acquires from ``worker_shutting_down``
-        on), so this worker cannot lead on its way out.  A crash runs nothing:
-        its mark stays until ``undrain``, or until that name's next clean stop.
-        """
-        from .control import mark_draining
-
-        for prefix, settings, names, client in self._drain_clients(timeout=LEAVE_TIMEOUT):
-            try:
-                if client.sismember(draining_key(prefix), self.hostname):
-                    mark_draining(client, prefix, names, [self.hostname], draining=False)
-                    logger.info(
-                        "celery-stoker: %s leaves the draining set as it stops", self.hostname
-                    )
-            except Exception as exc:
-                logger.warning(
-                    "celery-stoker: could not take %s out of the draining set in %s (%s); "
-                    "a worker started under that name will not lead until "
-                    "`celery stoker undrain %s`",
-                    self.hostname,
-                    settings.masked_url,
-                    exc,
-                    self.hostname,
-                )
-            finally:
-                client.close()
-
-    def _drain_clients(
-        self, timeout: float | None = None
-    ) -> Iterator[tuple[str, StokerSettings, list[str], redis.Redis]]:
-        """Per key prefix: its settings, this worker's Stokers under it, and a client of its own.
-
-        ``timeout`` caps the client's socket timeout (a stopping worker waits less).
-        """
-        by_prefix: dict[str, tuple[StokerSettings, list[str]]] = {}
-        for name, settings in self.settings.items():
-            by_prefix.setdefault(settings.key_prefix, (settings, []))[1].append(name)
-        for prefix, (settings, names) in by_prefix.items():
-            client = redis_client(
-                settings.url,
-                transport_options=settings.transport_options,
-                socket_timeout=min(settings.socket_timeout, timeout or settings.socket_timeout),
-            )
-            yield prefix, settings, names, client
 
     def _listener(self, settings: StokerSettings) -> LeaseListener:
         key = (settings.url, settings.key_prefix)
@@ -545,7 +434,7 @@ class StokerStep(bootsteps.StartStopStep):
         for activator in list(self.activators.values()):
             activator.begin_stopping()
         self.balancer.begin_stopping()
-        if _green_spawn(self._request_stops):
+        if green_spawn(self._request_stops):
             return
         threading.Thread(
             target=self._request_stops, name="stoker-stop-request", daemon=True
@@ -582,7 +471,7 @@ class StokerStep(bootsteps.StartStopStep):
                 timeout,
             )
         if self.activators:
-            self._leave_draining_set()
+            leave_draining_set(self.hostname, self.settings)
         self.pump.stop()
         copies.close()
         for listener in self.listeners.values():
@@ -607,39 +496,6 @@ class StokerStep(bootsteps.StartStopStep):
             "activators": {name: a.snapshot() for name, a in self.activators.items()},
             "balance": self.balancer.snapshot(),
         }
-
-
-def pool_name(worker: Any) -> str:
-    """The worker's pool as ``-P`` names it: prefork, solo, threads, gevent or eventlet."""
-    module = type(getattr(worker, "pool", None)).__module__ or ""
-    if module.endswith(".prefork") or module.endswith(".asynpool"):
-        return "prefork"
-    if module.endswith(".thread"):
-        return "threads"
-    return module.rsplit(".", 1)[-1] or "prefork"
-
-
-def _green_spawn(fn: Any) -> bool:
-    """Run ``fn`` soon on the event loop if threads are green (gevent, eventlet); False if not."""
-    import sys
-
-    if "gevent" in sys.modules:
-        from gevent import monkey
-
-        if monkey.is_module_patched("threading"):
-            import gevent
-
-            gevent.get_hub().loop.run_callback(lambda: gevent.spawn(fn))
-            return True
-    if "eventlet" in sys.modules:
-        from eventlet import patcher
-
-        if patcher.is_monkey_patched("thread"):
-            import eventlet
-
-            eventlet.spawn_after(0, fn)
-            return True
-    return False
 
 
 from . import control as _control  # noqa: E402,F401  (registers `celery inspect stoker`)

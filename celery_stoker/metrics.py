@@ -51,6 +51,9 @@ OUTCOME_LABELS = ("ok", "error", "lost", "timeout")
 class MetricsHooks:
     """What the election and the activator report; this base records nothing (metrics off).
 
+    It is an ``election.ElectionObserver`` (the protocol the election owns, so the
+    election imports nothing of this module) plus the activator's event hooks.
+
     The hooks are called on the election's and the pump's threads, so they must
     be quick and never raise.
     """

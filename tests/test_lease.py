@@ -24,7 +24,7 @@ import redis
 from support.redis_stats import command_calls
 
 from celery_stoker import lease as lease_module
-from celery_stoker import scripts
+from celery_stoker import lease_wait, scripts
 from celery_stoker.connection import mask_url, redis_client
 from celery_stoker.keys import lease_channel, lease_key, token_key
 from celery_stoker.lease import (
@@ -919,7 +919,7 @@ def test_when_the_named_waiter_is_late_the_next_in_line_tries_not_the_queue(
     """The first waiter never tries (a paused or overloaded process): the others go one
     after another, each after its rank's head start, so the second takes the lease and
     the rest hear its new term instead of all trying at once."""
-    monkeypatch.setattr(lease_module, "HERD_DELAY", 0.3)  # wide steps: no race with the CPU
+    monkeypatch.setattr(lease_wait, "HERD_DELAY", 0.3)  # wide steps: no race with the CPU
     holder = leases.lease("holder", 10.0)
     term = must_acquire(holder)
     ghost = leases.lease("ghost", 10.0)
@@ -970,7 +970,7 @@ def test_renewals_wake_no_waiter_and_a_release_wakes_only_the_front_of_the_queue
     """A fleet of followers costs its workers nothing per renewal and a few wake-ups per
     release: waking every waiter's thread at every message is what made 2,000 activators
     take 100 ms to elect (bench/scale.py)."""
-    count = lease_module.NUDGE_RANKS + 4
+    count = lease_wait.NUDGE_RANKS + 4
     holder = leases.lease("holder", 10.0)
     term = must_acquire(holder)
     wakes: dict[str, _CountingEvent] = {}
@@ -1005,8 +1005,8 @@ def test_renewals_wake_no_waiter_and_a_release_wakes_only_the_front_of_the_queue
 
     assert holder.release(term)
     wait_for(lambda: winners, 5, what="a new holder")
-    near = queue[1 : lease_module.NUDGE_RANKS + 1]  # ranks 1 .. NUDGE_RANKS
-    far = queue[lease_module.NUDGE_RANKS + 1 :]
+    near = queue[1 : lease_wait.NUDGE_RANKS + 1]  # ranks 1 .. NUDGE_RANKS
+    far = queue[lease_wait.NUDGE_RANKS + 1 :]
     # The new term is announced after the release: once the far ones heard it, every
     # waiter heard the release.
     wait_for(lambda: all(f._acquired_until for f in far), 5, what="the new term heard")
@@ -1024,7 +1024,7 @@ def test_a_waiter_too_far_back_to_be_woken_still_takes_over_when_those_ahead_are
 ) -> None:
     """Nobody ahead ever tries: the waiter the release did not wake tries at the deadline
     it already had (the released lease's expiry), so the Stoker is back within one TTL."""
-    monkeypatch.setattr(lease_module, "NUDGE_RANKS", 0)
+    monkeypatch.setattr(lease_wait, "NUDGE_RANKS", 0)
     ttl = 1.0
     holder = leases.lease("holder", ttl)
     term = must_acquire(holder)
