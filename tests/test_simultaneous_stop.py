@@ -90,7 +90,7 @@ def test_a_stopping_worker_never_leads_on_an_acquire_sent_before_its_stop(
     """
     no_quarantine(redis_server)
     # TTL 10: a command may wait 1.3 s (the socket timeout) while the proxy holds it.
-    fleet = fleets("prefork", ttl=10)
+    fleet = fleets("prefork", ttl=10, STOKER_TEST_BALANCE="0")
     leader = fleet.start("ia0@%h")
     leads_after(records, leader, 0)
     with TcpProxy("127.0.0.1", redis_server.port) as proxy:
@@ -151,7 +151,7 @@ def test_a_term_whose_now_leader_never_started_ends_without_shutdown(
     no_quarantine(redis_server)
     # A short stop budget: the step-down waits only 0.25 s for the unstarted now_leader,
     # so it is still in flight (sent, never started) when the term ends.
-    fleet = fleets("prefork", ttl=3, STOKER_TEST_STOP_TIMEOUT="0.5")
+    fleet = fleets("prefork", ttl=3, STOKER_TEST_STOP_TIMEOUT="0.5", STOKER_TEST_BALANCE="0")
     leader = fleet.start("ib0@%h")
     leads_after(records, leader, 0)
     busy = fleet.start("ib1@%h", concurrency=1, extra_args=["-Q", "ib1-busy"])
@@ -214,7 +214,7 @@ def test_two_workers_stopped_together_never_hand_each_other_a_silent_term(
     fleets: Callable[..., Fleet], redis_server: RedisServer, records: Records
 ) -> None:
     no_quarantine(redis_server)
-    fleet = fleets("prefork", ttl=3, STOKER_TEST_TIMER="0.2")
+    fleet = fleets("prefork", ttl=3, STOKER_TEST_TIMER="0.2", STOKER_TEST_BALANCE="0")
     leader = fleet.start("r0a@%h")
     wait_for(lambda: records.of("now_leader"), 30, what="a first leader")
     for n in range(ROUNDS):
